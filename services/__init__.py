@@ -1,0 +1,1 @@
+"""Pregonero services: accounts, campaigns, dispatcher, gateway, and their shared runtime."""

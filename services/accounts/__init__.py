@@ -1,0 +1,1 @@
+"""Accounts: tenants, users, API keys, sessions, the credit ledger and notifications."""

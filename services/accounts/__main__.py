@@ -1,0 +1,4 @@
+from services.accounts.main import main
+from services.runtime.lifecycle import run
+
+run(main)

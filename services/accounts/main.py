@@ -1,0 +1,36 @@
+"""Wiring: settings → runtime → repository → domain → servicer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+
+from services.runtime.db import check_queries
+from services.runtime.lifecycle import Runtime, serve_grpc
+
+from .config import AccountsSettings
+from .domain import Accounts
+from .repo import AccountsRepo, Q
+from .server import AccountsServicer
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
+    assert rt.pool is not None
+    settings = rt.settings
+    assert isinstance(settings, AccountsSettings)
+    await check_queries(rt.pool, Q)
+    accounts = Accounts(AccountsRepo(rt.pool))
+    # The operator's default account always exists (work from account-less clients lands there).
+    await accounts.create(
+        account_id=settings.pregonero_default_account, account_name=settings.pregonero_default_account, exist_ok=True
+    )
+    accounts_pb2_grpc.add_AccountsServiceServicer_to_server(AccountsServicer(accounts), server)
+    return [accounts_pb2.DESCRIPTOR.services_by_name["AccountsService"].full_name]
+
+
+async def main() -> None:
+    await serve_grpc(AccountsSettings(), schema="accounts", migrations=MIGRATIONS, setup=setup)

@@ -1,0 +1,1 @@
+"""Campaigns: batches, their jobs (one per recipient), file ingestion and the feeder."""

@@ -1,0 +1,1 @@
+"""Dispatcher: senders, send attempts, provider adapters and the paced fan-out."""

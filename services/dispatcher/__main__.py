@@ -1,0 +1,4 @@
+from services.dispatcher.main import main
+from services.runtime.lifecycle import run
+
+run(main)

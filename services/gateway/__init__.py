@@ -1,0 +1,1 @@
+"""Gateway: FastAPI REST + WebSocket in front of the services; owns nothing durable."""

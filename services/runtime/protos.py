@@ -1,0 +1,28 @@
+"""Small conversions between protobuf well-known types and Python values."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+
+def to_timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC))
+    return ts
+
+
+def from_timestamp(ts: Timestamp, *, present: bool = True) -> datetime | None:
+    if not present or (ts.seconds == 0 and ts.nanos == 0):
+        return None
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 with a Z, the form every client reads."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -1,0 +1,114 @@
+"""gRPC plumbing shared by every service: the server interceptor (request id, caller identity,
+domain errors → status codes) and client channels that carry both onward."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from . import identity
+from .errors import ERROR_REASON_KEY, DomainError
+from .logs import REQUEST_ID_KEY, new_request_id, request_id_var
+
+log = logging.getLogger("pregonero.rpc")
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+    """Turn an exception raised by a handler into the status the caller sees."""
+    if isinstance(exc, DomainError):
+        reason = getattr(exc, "detail", "")
+        if reason:
+            context.set_trailing_metadata(((ERROR_REASON_KEY, reason),))
+        await context.abort(exc.code, exc.message)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        # A downstream service's answer passes through unchanged (NOT_FOUND stays NOT_FOUND).
+        await context.abort(exc.code(), exc.details() or "")
+    log.exception("unhandled error in handler", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def _bind_context(details: grpc.HandlerCallDetails) -> None:
+    md = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+    request_id_var.set(md.get(REQUEST_ID_KEY) or new_request_id())
+    identity.caller_var.set(identity.caller_from_metadata(md))
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every handler: binds the request context and maps errors to status codes."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+
+        if handler.unary_unary or handler.stream_unary:
+            inner = handler.unary_unary or handler.stream_unary
+
+            async def unary_reply(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                _bind_context(details)
+                try:
+                    return await inner(request_or_iterator, context)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status below
+                    await _abort_for(exc, context)
+
+            if handler.unary_unary:
+                return handler._replace(unary_unary=unary_reply)
+            return handler._replace(stream_unary=unary_reply)
+
+        inner_stream = handler.unary_stream or handler.stream_stream
+
+        async def stream_reply(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            _bind_context(details)
+            try:
+                result = inner_stream(request_or_iterator, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:  # handlers that stream with `await context.write(...)` (e.g. health Watch)
+                    await result
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await _abort_for(exc, context)
+
+        if handler.unary_stream:
+            return handler._replace(unary_stream=stream_reply)
+        return handler._replace(stream_stream=stream_reply)
+
+
+def outgoing_metadata(caller: identity.Caller | None = None) -> tuple[tuple[str, str], ...]:
+    """Metadata for a call made while serving another: same request id, given caller."""
+    md: list[tuple[str, str]] = [(REQUEST_ID_KEY, request_id_var.get() or new_request_id())]
+    who = caller if caller is not None else identity.caller_var.get()
+    if who is not None:
+        md.extend(who.metadata())
+    return tuple(md)
+
+
+# Large enough for upload chunks and big pages; keepalive so idle channels survive proxies.
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 32 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", 32 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)

@@ -1,0 +1,46 @@
+"""Settings base: environment only, built once at start and passed in."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that must never reach production: they are the development defaults.
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "dev-secret-change-me"})
+
+
+class BaseServiceSettings(BaseSettings):
+    """What every process reads; each service subclasses it with its own fields."""
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+
+    service_name: str = "pregonero"
+    environment: str = "development"  # development | test | production
+    log_level: str = "INFO"
+    database_url: str
+    nats_url: str = "nats://127.0.0.1:4222"
+    # Seconds in-flight RPCs get to finish after SIGTERM; the k8s grace period is longer.
+    shutdown_grace_seconds: float = 10.0
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+
+    @property
+    def is_development(self) -> bool:
+        return self.environment in ("development", "test")
+
+
+class GrpcServiceSettings(BaseServiceSettings):
+    grpc_port: int = 50051
+    grpc_host: str = "127.0.0.1"
+
+    @property
+    def grpc_listen(self) -> str:
+        return f"{self.grpc_host}:{self.grpc_port}"
+
+
+def reject_placeholders(settings: BaseServiceSettings, **secrets: str) -> None:
+    """Outside development a placeholder secret is a configuration error, not a default."""
+    if settings.is_development:
+        return
+    bad = [name for name, value in secrets.items() if value in PLACEHOLDER_SECRETS]
+    if bad:
+        raise ValueError(f"set real values for {', '.join(bad)} outside development")

