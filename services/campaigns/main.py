@@ -1,4 +1,4 @@
-"""Wiring: settings → runtime → repository → domain → servicer."""
+"""Wiring: settings → runtime → repository → domain → servicer, feeder and results loops."""
 
 from __future__ import annotations
 
@@ -6,21 +6,38 @@ from pathlib import Path
 
 import grpc
 from pregonero.campaigns.v1 import campaigns_pb2, campaigns_pb2_grpc
+from pregonero.dispatcher.v1 import dispatcher_pb2_grpc
 
+from services.runtime.bus import BATCH_STATE_BUCKET
 from services.runtime.db import check_queries
 from services.runtime.lifecycle import Runtime, serve_grpc
+from services.runtime.rpc import channel
 
+from .batches import Batches
 from .config import CampaignsSettings
+from .feeder import Feeder
+from .notify import Notifier
 from .repo import CampaignsRepo, Q
+from .results import ResultsApplier
 from .server import CampaignsServicer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
 async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
-    assert rt.pool is not None
+    assert rt.pool is not None and rt.js is not None and rt.nc is not None
+    settings = rt.settings
+    assert isinstance(settings, CampaignsSettings)
     await check_queries(rt.pool, Q)
-    campaigns_pb2_grpc.add_CampaignsServiceServicer_to_server(CampaignsServicer(CampaignsRepo(rt.pool)), server)
+    repo = CampaignsRepo(rt.pool)
+    notifier = Notifier(rt.nc, rt.js, await rt.js.key_value(BATCH_STATE_BUCKET))
+    batches = Batches(repo, notifier)
+    feeder = Feeder(repo, rt.js, notifier)
+    results = ResultsApplier(repo, rt.js, notifier, batches, on_applied=feeder.wake)
+    rt.spawn(feeder.run(), name="feeder")
+    rt.spawn(results.run(), name="results")
+    dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(channel(settings.dispatcher_addr))
+    campaigns_pb2_grpc.add_CampaignsServiceServicer_to_server(CampaignsServicer(batches, dispatcher), server)
     return [campaigns_pb2.DESCRIPTOR.services_by_name["CampaignsService"].full_name]
 
 

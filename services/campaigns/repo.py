@@ -1,14 +1,239 @@
-"""SQL of the campaigns service."""
+"""SQL of the campaigns service. `scope` is the caller's account, or '' for an admin (all)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
 import asyncpg
+
+JOB_COLUMNS = ("batch_id", "job_id", "phone", "vals")
 
 
 class Q:
-    COUNT_BATCHES = "SELECT count(*) FROM batches WHERE account_id = $1"
+    INSERT_BATCH = """
+        INSERT INTO batches (account_id, channel, name, status, message_template, devices_limit,
+                             sender_ids, window_size, file_name)
+        VALUES ($1, $2, $3, 'ingesting', $4, $5, $6, $7, $8)
+        RETURNING *"""
+    FINISH_INGEST = """
+        UPDATE batches SET total_jobs = $2, invalid_rows = $3, duplicate_rows = $4,
+               status = 'pending', updated_at = now()
+        WHERE batch_id = $1 RETURNING *"""
+    GET_BATCH = "SELECT * FROM batches WHERE batch_id = $1 AND ($2 = '' OR account_id = $2)"
+    LIST_BATCHES = """
+        SELECT * FROM batches
+        WHERE ($1 = '' OR account_id = $1) AND channel = $2 AND status <> 'ingesting'
+          AND ($3 = '' OR status = $3)
+        ORDER BY created_at DESC LIMIT $4 OFFSET $5"""
+    COUNT_BATCHES = """
+        SELECT count(*) FROM batches
+        WHERE ($1 = '' OR account_id = $1) AND channel = $2 AND status <> 'ingesting'
+          AND ($3 = '' OR status = $3)"""
+    RUNNABLE_BATCHES = """
+        SELECT batch_id FROM batches
+        WHERE status IN ('pending', 'processing') AND queued_jobs < window_size
+        ORDER BY created_at LIMIT 200"""
+    # SKIP LOCKED: two feeder replicas never release the same batch at once.
+    LOCK_FOR_RELEASE = """
+        SELECT * FROM batches
+        WHERE batch_id = $1 AND status IN ('pending', 'processing') FOR UPDATE SKIP LOCKED"""
+    REQUEUED_JOBS = """
+        SELECT job_id, phone, vals, attempts FROM jobs
+        WHERE batch_id = $1 AND status = 'requeue' ORDER BY job_id LIMIT $2"""
+    UNREQUEUE = "UPDATE jobs SET status = 'pending' WHERE batch_id = $1 AND job_id = ANY($2::bigint[])"
+    NEXT_JOBS = """
+        SELECT job_id, phone, vals, attempts FROM jobs
+        WHERE batch_id = $1 AND job_id > $2 AND status = 'pending' ORDER BY job_id LIMIT $3"""
+    # Serialises result batches of one batch with its cancel, so a cancel is seen by both.
+    LOCK_BATCH_STATUS = "SELECT status FROM batches WHERE batch_id = $1 FOR UPDATE"
+    NEXT_CHUNK_SEQ = "SELECT nextval('chunk_seq')"
+    MARK_RELEASED = """
+        UPDATE batches SET released_upto = greatest(released_upto, $2), queued_jobs = queued_jobs + $3,
+               status = 'processing', started_at = coalesce(started_at, now()), updated_at = now()
+        WHERE batch_id = $1"""
+    # One attempt's outcome applies once: the job must still be unresolved and at the
+    # attempt before this one, so a redelivered result changes nothing.
+    APPLY_OUTCOMES = """
+        WITH r AS (
+            SELECT * FROM unnest($2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::int[])
+                AS r(job_id, status, sender_id, error, attempt_no)),
+        upd AS (
+            UPDATE jobs j
+            SET status = CASE WHEN r.status = 'requeue' AND $7 THEN 'cancelled' ELSE r.status END,
+                attempts = CASE WHEN r.status = 'requeue' THEN j.attempts ELSE r.attempt_no END,
+                sender_id = nullif(r.sender_id, 0),
+                error = nullif(r.error, ''),
+                finished_at = CASE WHEN r.status = 'requeue' AND NOT $7 THEN NULL ELSE now() END
+            FROM r
+            WHERE j.batch_id = $1 AND j.job_id = r.job_id AND j.status = 'pending'
+              AND j.attempts = r.attempt_no - 1
+            RETURNING j.job_id, j.status)
+        SELECT job_id, status FROM upd"""
+    ADD_COUNTERS = """
+        UPDATE batches SET sent_jobs = sent_jobs + $2, failed_jobs = failed_jobs + $3,
+               cancelled_jobs = cancelled_jobs + $4, unknown_jobs = unknown_jobs + $5,
+               queued_jobs = greatest(queued_jobs - $6, 0),
+               devices_used = greatest(devices_used, $7), updated_at = now()
+        WHERE batch_id = $1 RETURNING *"""
+    # A batch is done when every job is resolved; a cancelled one once nothing is in flight.
+    FINISH_IF_DONE = """
+        UPDATE batches SET status = CASE WHEN status = 'cancelled' THEN 'cancelled' ELSE 'completed' END,
+               finished_at = now(), updated_at = now()
+        WHERE batch_id = $1 AND finished_at IS NULL AND status IN ('processing', 'pending', 'cancelled')
+          AND sent_jobs + failed_jobs + cancelled_jobs + unknown_jobs >= total_jobs
+          AND queued_jobs = 0
+        RETURNING *"""
+    SET_STATUS = """
+        UPDATE batches SET status = $3, updated_at = now()
+        WHERE batch_id = $1 AND ($2 = '' OR account_id = $2) AND status = ANY($4::text[])
+        RETURNING *"""
+    CANCEL_BATCH = """
+        UPDATE batches SET status = 'cancelled', error = $3, updated_at = now()
+        WHERE batch_id = $1 AND ($2 = '' OR account_id = $2)
+          AND status IN ('pending', 'processing', 'paused')
+        RETURNING *"""
+    # Jobs never released, or handed back, are cancelled at once; released ones resolve as
+    # their dispatcher hands them back.
+    CANCEL_JOBS = """
+        UPDATE jobs SET status = 'cancelled', finished_at = now()
+        WHERE batch_id = $1 AND (status = 'requeue' OR (status = 'pending' AND job_id > $2))"""
+    ADD_CANCELLED = """
+        UPDATE batches SET cancelled_jobs = cancelled_jobs + $2, updated_at = now()
+        WHERE batch_id = $1 RETURNING *"""
+    REQUEUE_FAILED = """
+        UPDATE jobs SET status = 'requeue', error = NULL, finished_at = NULL
+        WHERE batch_id = $1 AND status = 'failed'"""
+    REOPEN_FOR_RETRY = """
+        UPDATE batches SET failed_jobs = failed_jobs - $2, status = 'processing', finished_at = NULL,
+               updated_at = now()
+        WHERE batch_id = $1 RETURNING *"""
+    LIST_RESULTS = """
+        SELECT job_id, phone, status, sender_id, error, attempts, finished_at FROM jobs
+        WHERE batch_id = $1 AND job_id > $2 AND ($3 = '' OR status = $3)
+        ORDER BY job_id LIMIT $4"""
 
 
 class CampaignsRepo:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+
+    async def insert_batch(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        account_id: str,
+        channel: str,
+        name: str,
+        template: str,
+        devices_limit: int,
+        sender_ids: Sequence[int],
+        window_size: int,
+        file_name: str,
+    ) -> asyncpg.Record:
+        return await conn.fetchrow(
+            Q.INSERT_BATCH, account_id, channel, name, template, devices_limit, list(sender_ids), window_size, file_name
+        )
+
+    async def copy_jobs(self, conn: asyncpg.Connection, *, records: Sequence[tuple[Any, ...]]) -> None:
+        await conn.copy_records_to_table("jobs", records=records, columns=JOB_COLUMNS)
+
+    async def finish_ingest(
+        self, conn: asyncpg.Connection, *, batch_id: UUID, total: int, invalid: int, duplicates: int
+    ) -> asyncpg.Record:
+        return await conn.fetchrow(Q.FINISH_INGEST, batch_id, total, invalid, duplicates)
+
+    async def get_batch(self, *, batch_id: UUID, scope: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(Q.GET_BATCH, batch_id, scope)
+
+    async def list_batches(
+        self, *, scope: str, channel: str, status: str, limit: int, skip: int
+    ) -> tuple[list[asyncpg.Record], int]:
+        rows = await self.pool.fetch(Q.LIST_BATCHES, scope, channel, status, limit, skip)
+        total = await self.pool.fetchval(Q.COUNT_BATCHES, scope, channel, status)
+        return rows, int(total)
+
+    async def runnable_batches(self) -> list[UUID]:
+        return [r["batch_id"] for r in await self.pool.fetch(Q.RUNNABLE_BATCHES)]
+
+    async def set_status(
+        self, *, batch_id: UUID, scope: str, status: str, from_statuses: Sequence[str]
+    ) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(Q.SET_STATUS, batch_id, scope, status, list(from_statuses))
+
+    async def cancel(self, *, batch_id: UUID, scope: str, reason: str) -> asyncpg.Record | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(Q.CANCEL_BATCH, batch_id, scope, reason)
+            if row is None:
+                return None
+            done = await conn.execute(Q.CANCEL_JOBS, batch_id, row["released_upto"])
+            count = int(done.split()[-1])
+            row = await conn.fetchrow(Q.ADD_CANCELLED, batch_id, count)
+            return await conn.fetchrow(Q.FINISH_IF_DONE, batch_id) or row
+
+    async def retry_failed(self, *, batch_id: UUID) -> asyncpg.Record:
+        async with self.pool.acquire() as conn, conn.transaction():
+            done = await conn.execute(Q.REQUEUE_FAILED, batch_id)
+            return await conn.fetchrow(Q.REOPEN_FOR_RETRY, batch_id, int(done.split()[-1]))
+
+    async def list_results(self, *, batch_id: UUID, after: int, status: str, limit: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(Q.LIST_RESULTS, batch_id, after, status, limit)
+
+    # --- feeder and results: called inside the caller's transaction ---
+
+    async def lock_for_release(self, conn: asyncpg.Connection, *, batch_id: UUID) -> asyncpg.Record | None:
+        return await conn.fetchrow(Q.LOCK_FOR_RELEASE, batch_id)
+
+    async def requeued_jobs(self, conn: asyncpg.Connection, *, batch_id: UUID, limit: int) -> list[asyncpg.Record]:
+        rows = await conn.fetch(Q.REQUEUED_JOBS, batch_id, limit)
+        if rows:
+            await conn.execute(Q.UNREQUEUE, batch_id, [r["job_id"] for r in rows])
+        return rows
+
+    async def next_jobs(
+        self, conn: asyncpg.Connection, *, batch_id: UUID, after: int, limit: int
+    ) -> list[asyncpg.Record]:
+        return await conn.fetch(Q.NEXT_JOBS, batch_id, after, limit)
+
+    async def next_chunk_seq(self, conn: asyncpg.Connection) -> int:
+        return int(await conn.fetchval(Q.NEXT_CHUNK_SEQ))
+
+    async def mark_released(self, conn: asyncpg.Connection, *, batch_id: UUID, upto: int, count: int) -> None:
+        await conn.execute(Q.MARK_RELEASED, batch_id, upto, count)
+
+    async def apply_outcomes(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        batch_id: UUID,
+        job_ids: list[int],
+        statuses: list[str],
+        sender_ids: list[int],
+        errors: list[str],
+        attempt_nos: list[int],
+        cancelled: bool,
+    ) -> list[asyncpg.Record]:
+        return await conn.fetch(
+            Q.APPLY_OUTCOMES, batch_id, job_ids, statuses, sender_ids, errors, attempt_nos, cancelled
+        )
+
+    async def add_counters(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        batch_id: UUID,
+        sent: int,
+        failed: int,
+        cancelled: int,
+        unknown: int,
+        resolved: int,
+        devices_used: int,
+    ) -> asyncpg.Record:
+        return await conn.fetchrow(Q.ADD_COUNTERS, batch_id, sent, failed, cancelled, unknown, resolved, devices_used)
+
+    async def finish_if_done(self, conn: asyncpg.Connection, *, batch_id: UUID) -> asyncpg.Record | None:
+        return await conn.fetchrow(Q.FINISH_IF_DONE, batch_id)
+
+    async def lock_status(self, conn: asyncpg.Connection, *, batch_id: UUID) -> str | None:
+        return await conn.fetchval(Q.LOCK_BATCH_STATUS, batch_id)

@@ -1,7 +1,24 @@
-from services.runtime.settings import GrpcServiceSettings
+from typing import Self
+
+from pydantic import SecretStr, model_validator
+
+from services.runtime.settings import GrpcServiceSettings, reject_placeholders
 
 
 class DispatcherSettings(GrpcServiceSettings):
     service_name: str = "dispatcher"
     accounts_addr: str = "127.0.0.1:50051"
     campaigns_addr: str = "127.0.0.1:50052"
+    # Encrypts sender secrets at rest. Any string works (a Fernet key is derived from it);
+    # changing it makes the stored secrets unreadable, so it is set once per deployment.
+    pregonero_secret_key: SecretStr = SecretStr("dev-secret-change-me")
+    # Where the `simulated` provider runs: empty = in this process; a URL = its own server
+    # (`python -m services.dispatcher.providers.sim_server`), whose record outlives us.
+    simulated_provider_url: str = ""
+    # Sends held at once (queued in lanes or at a provider): the free-slot count for fetching.
+    max_in_flight: int = 20_000
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> Self:
+        reject_placeholders(self, PREGONERO_SECRET_KEY=self.pregonero_secret_key.get_secret_value())
+        return self

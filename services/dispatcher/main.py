@@ -1,4 +1,4 @@
-"""Wiring: settings → runtime → repository → domain → servicer."""
+"""Wiring: settings → runtime → repository → domain → servicer, and the dispatch engine."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ from pathlib import Path
 import grpc
 from pregonero.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
+from services.runtime.bus import BATCH_STATE_BUCKET
 from services.runtime.db import check_queries
 from services.runtime.lifecycle import Runtime, serve_grpc
 
 from .config import DispatcherSettings
-from .repo import DispatcherRepo, Q
+from .crypto import SecretBox
+from .engine import Engine, SenderCache
+from .providers.simulated import make_simulated
+from .repo import AttemptQ, AttemptsRepo, SenderQ, SendersRepo
+from .runstate import RunStates
+from .senders import Senders
 from .server import DispatcherServicer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -19,8 +25,24 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 
 async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     assert rt.pool is not None
-    await check_queries(rt.pool, Q)
-    dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server(DispatcherServicer(DispatcherRepo(rt.pool)), server)
+    settings = rt.settings
+    assert isinstance(settings, DispatcherSettings)
+    await check_queries(rt.pool, SenderQ)
+    await check_queries(rt.pool, AttemptQ)
+    assert rt.js is not None
+    senders = Senders(SendersRepo(rt.pool), SecretBox(settings.pregonero_secret_key.get_secret_value()))
+    runstates = RunStates(await rt.js.key_value(BATCH_STATE_BUCKET))
+    engine = Engine(
+        js=rt.js,
+        attempts=AttemptsRepo(rt.pool),
+        load_senders=SenderCache(senders.load_for_dispatch).get,
+        providers={"simulated": make_simulated(settings.simulated_provider_url or None)},
+        runstates=runstates,
+        max_in_flight=settings.max_in_flight,
+    )
+    rt.spawn(runstates.run(), name="runstates")
+    rt.spawn(engine.run(), name="engine")
+    dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server(DispatcherServicer(senders), server)
     return [dispatcher_pb2.DESCRIPTOR.services_by_name["DispatcherService"].full_name]
 
 

@@ -2,13 +2,224 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
 import asyncpg
 
 
-class Q:
-    COUNT_ACTIVE = "SELECT count(*) FROM senders WHERE account_id = $1 AND status = 'active'"
+class SenderQ:
+    # Every query but LOAD_FOR_DISPATCH leaves secret_enc out: the ciphertext is read only
+    # where it is decrypted to send.
+    INSERT_SENDER = """
+        INSERT INTO senders (account_id, channel, provider, device_name, token, secret_enc, secret_hint,
+                             is_receiver, phone, rate_per_minute, jitter_ms, concurrency, provider_config, status)
+        VALUES ($1, $2, $3,
+                -- Unnamed devices become "Device <n>"; counting deleted ones too keeps n from
+                -- repeating a name still shown on past attempts.
+                COALESCE(NULLIF($4, ''), 'Device ' || (SELECT count(*) + 1 FROM senders WHERE account_id = $1)),
+                $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14)
+        RETURNING id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
+                  rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at"""
+    GET_SENDER = """
+        SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
+               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at
+        FROM senders
+        WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL"""
+    # Row lock for read-merge-write updates: a concurrent patch of the provider cannot slip
+    # between validating a provider_config and writing it.
+    GET_SENDER_FOR_UPDATE = """
+        SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
+               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at
+        FROM senders
+        WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
+        FOR UPDATE"""
+    # An empty channel means every channel.
+    LIST_SENDERS = """
+        SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
+               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at
+        FROM senders
+        WHERE account_id = $1 AND ($2 = '' OR channel = $2) AND deleted_at IS NULL
+        ORDER BY id"""
+    LIST_ACTIVE = """
+        SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
+               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at
+        FROM senders
+        WHERE account_id = $1 AND ($2 = '' OR channel = $2) AND status = 'active' AND deleted_at IS NULL
+        ORDER BY id"""
+    # A NULL secret keeps the stored one (and its hint).
+    UPDATE_SENDER = """
+        UPDATE senders
+        SET provider = $3, device_name = $4, token = $5,
+            secret_enc = COALESCE($6, secret_enc), secret_hint = COALESCE($7, secret_hint),
+            status = $8, is_receiver = $9, phone = $10, rate_per_minute = $11, jitter_ms = $12,
+            concurrency = $13, provider_config = $14::jsonb, updated_at = now()
+        WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
+        RETURNING id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
+                  rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at"""
+    SOFT_DELETE_SENDER = """
+        UPDATE senders SET deleted_at = now(), updated_at = now()
+        WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
+        RETURNING id"""
+    # Internal, not account-scoped: the dispatch engine resolves senders named in its work.
+    LOAD_FOR_DISPATCH = """
+        SELECT id, account_id, provider, token, secret_enc, phone, rate_per_minute, jitter_ms, concurrency,
+               provider_config
+        FROM senders
+        WHERE id = ANY($1::bigint[]) AND status = 'active' AND deleted_at IS NULL"""
 
 
-class DispatcherRepo:
+class SendersRepo:
+    """Sender rows. Works on the pool, or on one connection inside `transaction()`."""
+
+    def __init__(self, db: asyncpg.Pool | asyncpg.Connection) -> None:
+        self.db = db
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SendersRepo]:
+        if isinstance(self.db, asyncpg.Pool):
+            async with self.db.acquire() as conn, conn.transaction():
+                yield SendersRepo(conn)
+        else:
+            async with self.db.transaction():
+                yield self
+
+    async def insert(
+        self,
+        *,
+        account_id: str,
+        channel: str,
+        provider: str,
+        device_name: str,
+        token: str,
+        secret_enc: bytes | None,
+        secret_hint: str,
+        is_receiver: bool,
+        phone: str,
+        rate_per_minute: int,
+        jitter_ms: int,
+        concurrency: int,
+        provider_config_json: str,
+        status: str,
+    ) -> asyncpg.Record:
+        """An empty device_name gets the next "Device <n>" of the account."""
+        row = await self.db.fetchrow(
+            SenderQ.INSERT_SENDER,
+            account_id,
+            channel,
+            provider,
+            device_name,
+            token,
+            secret_enc,
+            secret_hint,
+            is_receiver,
+            phone,
+            rate_per_minute,
+            jitter_ms,
+            concurrency,
+            provider_config_json,
+            status,
+        )
+        assert row is not None
+        return row
+
+    async def get(self, *, sender_id: int, account_id: str, for_update: bool = False) -> asyncpg.Record | None:
+        query = SenderQ.GET_SENDER_FOR_UPDATE if for_update else SenderQ.GET_SENDER
+        return await self.db.fetchrow(query, sender_id, account_id)
+
+    async def list_all(self, *, account_id: str, channel: str = "") -> list[asyncpg.Record]:
+        return await self.db.fetch(SenderQ.LIST_SENDERS, account_id, channel)
+
+    async def list_active(self, *, account_id: str, channel: str = "") -> list[asyncpg.Record]:
+        return await self.db.fetch(SenderQ.LIST_ACTIVE, account_id, channel)
+
+    async def update(
+        self,
+        *,
+        sender_id: int,
+        account_id: str,
+        provider: str,
+        device_name: str,
+        token: str,
+        secret_enc: bytes | None,
+        secret_hint: str | None,
+        status: str,
+        is_receiver: bool,
+        phone: str,
+        rate_per_minute: int,
+        jitter_ms: int,
+        concurrency: int,
+        provider_config_json: str,
+    ) -> asyncpg.Record | None:
+        """Writes every mutable column; secret_enc/secret_hint None keep the stored secret."""
+        return await self.db.fetchrow(
+            SenderQ.UPDATE_SENDER,
+            sender_id,
+            account_id,
+            provider,
+            device_name,
+            token,
+            secret_enc,
+            secret_hint,
+            status,
+            is_receiver,
+            phone,
+            rate_per_minute,
+            jitter_ms,
+            concurrency,
+            provider_config_json,
+        )
+
+    async def soft_delete(self, *, sender_id: int, account_id: str) -> bool:
+        return await self.db.fetchval(SenderQ.SOFT_DELETE_SENDER, sender_id, account_id) is not None
+
+    async def load_for_dispatch(self, *, ids: Sequence[int]) -> list[asyncpg.Record]:
+        return await self.db.fetch(SenderQ.LOAD_FOR_DISPATCH, list(ids))
+
+
+class AttemptQ:
+    # DO NOTHING on conflict: the ids returned are the attempts this delivery owns; the
+    # others were recorded by an earlier delivery of the same chunk.
+    CLAIM = """
+        INSERT INTO attempts (attempt_id, batch_id, job_id, sender_id)
+        SELECT a, $1::uuid, j, $4 FROM unnest($2::text[], $3::bigint[]) AS t(a, j)
+        ON CONFLICT (attempt_id) DO NOTHING
+        RETURNING attempt_id"""
+    EXISTING = """
+        SELECT attempt_id, status, sender_id, provider_message_id, error FROM attempts
+        WHERE attempt_id = ANY($1::text[])"""
+    FINISH = """
+        UPDATE attempts a SET status = r.status, provider_message_id = nullif(r.pmid, ''),
+               error = nullif(r.error, ''), sender_id = r.sender_id, finished_at = now()
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
+             AS r(attempt_id, status, pmid, error, sender_id)
+        WHERE a.attempt_id = r.attempt_id"""
+    # Handed back unsent (pause, cancel): forget the attempt so its next release sends it.
+    RELEASE = "DELETE FROM attempts WHERE attempt_id = ANY($1::text[]) AND status = 'sending'"
+
+
+class AttemptsRepo:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+
+    async def claim(self, *, batch_id: str, items: Sequence[tuple[str, int]], sender_id: int) -> list[str]:
+        rows = await self.pool.fetch(AttemptQ.CLAIM, batch_id, [a for a, _ in items], [j for _, j in items], sender_id)
+        return [r["attempt_id"] for r in rows]
+
+    async def existing(self, *, attempt_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
+        rows = await self.pool.fetch(AttemptQ.EXISTING, list(attempt_ids))
+        return {r["attempt_id"]: r for r in rows}
+
+    async def finish(self, *, rows: Sequence[tuple[str, str, str, str, int]]) -> None:
+        """rows: (attempt_id, status, provider_message_id, error, sender_id)."""
+        await self.pool.execute(
+            AttemptQ.FINISH,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+            [r[4] for r in rows],
+        )
+
+    async def release(self, *, attempt_ids: Sequence[str]) -> None:
+        await self.pool.execute(AttemptQ.RELEASE, list(attempt_ids))

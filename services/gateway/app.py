@@ -17,7 +17,8 @@ from . import errors
 from .auth import Authenticator
 from .clients import Backends
 from .config import GatewaySettings
-from .routes import system
+from .live import LiveHub
+from .routes import bulk, devices, system, ws
 
 log = logging.getLogger("pregonero.gateway.access")
 
@@ -29,9 +30,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await rt.open(schema=None, migrations=None)
         app.state.runtime = rt
         app.state.backends = Backends(settings)
+        app.state.live = LiveHub()
+        await app.state.live.start(rt.nc)
         try:
             yield
         finally:
+            await app.state.live.stop()
             await app.state.backends.close()
             await rt.close()
 
@@ -73,4 +77,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return response
 
     app.include_router(system.router)
+    app.include_router(devices.router)
+    app.include_router(bulk.router)
+    app.include_router(ws.router)
     return app

@@ -53,6 +53,8 @@ async def connect(url: str, *, name: str) -> NATS:
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
+        # Shutdown drains; a subscription that cannot drain must not hold the exit for long.
+        drain_timeout=5,
     )
 
 

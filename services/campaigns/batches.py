@@ -1,0 +1,211 @@
+"""Batch rules: ingest a bulk file into jobs, and pause / resume / cancel / retry."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+
+from services.runtime.errors import Conflict, InvalidArgument, NotFound
+from services.runtime.identity import Caller
+
+from .bulkfile import BulkFileParser
+from .notify import Notifier
+from .repo import CampaignsRepo
+from .template import compile_template
+
+log = logging.getLogger("pregonero.campaigns")
+
+COPY_BATCH_ROWS = 20_000
+MAX_RECIPIENTS = 1_000_000
+# In flight per batch when its senders have no rate limit: large enough to keep every
+# dispatcher busy, small enough that a pause hands back little.
+UNLIMITED_WINDOW = 20_000
+# Seconds of sending the window holds for rate-limited senders.
+WINDOW_SECONDS = 4
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class SenderChoice:
+    id: int
+    rate_per_minute: int
+
+
+def window_for(senders: list[SenderChoice]) -> int:
+    if any(s.rate_per_minute == 0 for s in senders):
+        return UNLIMITED_WINDOW
+    per_second = sum(s.rate_per_minute for s in senders) / 60
+    return max(10, min(UNLIMITED_WINDOW, int(per_second * WINDOW_SECONDS)))
+
+
+def scope_of(caller: Caller) -> str:
+    """Admins see every account's batches; members their own."""
+    return "" if caller.is_admin else caller.account_id
+
+
+def parse_batch_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError as exc:
+        raise NotFound(f"job {text} not found") from exc
+
+
+class Batches:
+    def __init__(self, repo: CampaignsRepo, notifier: Notifier) -> None:
+        self.repo = repo
+        self.notifier = notifier
+
+    async def ingest_bulk_file(
+        self,
+        *,
+        account_id: str,
+        file_name: str,
+        template: str,
+        devices_limit: int,
+        senders: list[SenderChoice],
+        chunks: AsyncIterator[bytes],
+    ) -> asyncpg.Record:
+        """Parse while reading and COPY jobs as they come, all in one transaction: a bad file
+        (or a dropped upload) leaves nothing behind."""
+        if not template.strip():
+            raise InvalidArgument("message is empty: give the text to send (it may use @valor1 ... @valorN)")
+        if devices_limit < 1:
+            raise InvalidArgument("devices_limit must be at least 1")
+        if not senders:
+            raise InvalidArgument("no active device: add or activate a device before sending")
+        compile_template(template)
+        chosen = senders[: min(devices_limit, len(senders))]
+        parser = BulkFileParser(max_recipients=MAX_RECIPIENTS)
+        async with self.repo.pool.acquire() as conn, conn.transaction():
+            batch = await self.repo.insert_batch(
+                conn,
+                account_id=account_id,
+                channel="whatsapp",
+                name=file_name or "bulk send",
+                template=template,
+                devices_limit=devices_limit,
+                sender_ids=[s.id for s in chosen],
+                window_size=window_for(chosen),
+                file_name=file_name,
+            )
+            batch_id = batch["batch_id"]
+            pending: list[tuple[object, ...]] = []
+            job_id = 0
+
+            async def flush() -> None:
+                if pending:
+                    await self.repo.copy_jobs(conn, records=pending)
+                    pending.clear()
+
+            def take(rows: list) -> None:  # type: ignore[type-arg]
+                nonlocal job_id
+                for row in rows:
+                    job_id += 1
+                    pending.append((batch_id, job_id, row.phone, row.values))
+
+            async for chunk in chunks:
+                take(parser.feed(chunk))
+                if len(pending) >= COPY_BATCH_ROWS:
+                    await flush()
+            take(parser.finish())
+            await flush()
+            batch = await self.repo.finish_ingest(
+                conn, batch_id=batch_id, total=job_id, invalid=parser.invalid, duplicates=parser.duplicates
+            )
+        await self.notifier.run_state(batch_id, "active")
+        log.info(
+            "ingested bulk file",
+            extra={"fields": {"batch_id": str(batch_id), "jobs": job_id, "invalid": parser.invalid}},
+        )
+        return batch
+
+    async def get(self, caller: Caller, batch_id: str) -> asyncpg.Record:
+        row = await self.repo.get_batch(batch_id=parse_batch_id(batch_id), scope=scope_of(caller))
+        if row is None or row["status"] == "ingesting":
+            raise NotFound(f"job {batch_id} not found")
+        return row
+
+    async def list(
+        self, caller: Caller, *, channel: str, status: str, limit: int, skip: int
+    ) -> tuple[list[asyncpg.Record], int]:
+        if not 1 <= limit <= 1000:
+            raise InvalidArgument("limit must be between 1 and 1000")
+        if skip < 0:
+            raise InvalidArgument("skip must not be negative")
+        return await self.repo.list_batches(
+            scope=scope_of(caller), channel=channel, status=status, limit=limit, skip=skip
+        )
+
+    async def pause(self, caller: Caller, batch_id: str) -> asyncpg.Record:
+        current = await self.get(caller, batch_id)
+        if current["status"] == "paused":
+            return current
+        row = await self.repo.set_status(
+            batch_id=current["batch_id"],
+            scope=scope_of(caller),
+            status="paused",
+            from_statuses=("pending", "processing"),
+        )
+        if row is None:
+            raise Conflict(f"job {batch_id} is {current['status']} and cannot be paused")
+        await self.notifier.run_state(row["batch_id"], "paused")
+        await self.notifier.publish(self.notifier.event(row, "paused", message="Envío pausado"))
+        return row
+
+    async def resume(self, caller: Caller, batch_id: str) -> asyncpg.Record:
+        current = await self.get(caller, batch_id)
+        if current["status"] in ("pending", "processing"):
+            return current
+        row = await self.repo.set_status(
+            batch_id=current["batch_id"], scope=scope_of(caller), status="processing", from_statuses=("paused",)
+        )
+        if row is None:
+            raise Conflict(f"job {batch_id} is {current['status']} and cannot be resumed")
+        await self.notifier.run_state(row["batch_id"], "active")
+        await self.notifier.publish(self.notifier.event(row, "resumed", message="Envío reanudado"))
+        return row
+
+    async def cancel(self, caller: Caller, batch_id: str, reason: str) -> asyncpg.Record:
+        current = await self.get(caller, batch_id)
+        if current["status"] == "cancelled":
+            return current
+        # Dispatchers see the state first, so nothing new starts while jobs are cancelled.
+        await self.notifier.run_state(current["batch_id"], "cancelled")
+        row = await self.repo.cancel(
+            batch_id=current["batch_id"], scope=scope_of(caller), reason=reason or "cancelled by user"
+        )
+        if row is None:
+            await self.notifier.run_state(current["batch_id"], "active" if current["status"] != "paused" else "paused")
+            raise Conflict(f"job {batch_id} is {current['status']} and cannot be cancelled")
+        await self.notifier.publish(self.notifier.event(row, "cancelled", message="Envío cancelado"))
+        if row["finished_at"] is not None:
+            await self.publish_finished(row)
+        return row
+
+    async def retry_failed(self, caller: Caller, batch_id: str) -> asyncpg.Record:
+        current = await self.get(caller, batch_id)
+        if current["status"] not in ("completed", "processing"):
+            raise Conflict(f"job {batch_id} is {current['status']}; only running or completed jobs retry")
+        if current["failed_jobs"] == 0:
+            return current
+        row = await self.repo.retry_failed(batch_id=current["batch_id"])
+        await self.notifier.run_state(row["batch_id"], "active")
+        return row
+
+    async def results(
+        self, caller: Caller, batch_id: str, *, status: str, limit: int, after: int
+    ) -> list[asyncpg.Record]:
+        batch = await self.get(caller, batch_id)
+        if status and status not in ("pending", "sent", "failed", "cancelled", "unknown", "requeue"):
+            raise InvalidArgument("status must be one of pending, sent, failed, cancelled, unknown")
+        if not 1 <= limit <= 10_000:
+            raise InvalidArgument("limit must be between 1 and 10000")
+        return await self.repo.list_results(batch_id=batch["batch_id"], after=max(after, 0), status=status, limit=limit)
+
+    async def publish_finished(self, row: asyncpg.Record) -> None:
+        event = self.notifier.event(row, "job_completed")
+        await self.notifier.publish(event, durable_id=f"{row['batch_id']}:finished:{row['finished_at'].timestamp()}")

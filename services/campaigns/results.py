@@ -1,0 +1,114 @@
+"""Applies the dispatchers' results in batches: job states, batch counters, completion."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from uuid import UUID
+
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from pregonero.events.v1 import events_pb2
+
+from services.runtime.bus import EVENTS_STREAM
+
+from .batches import Batches
+from .notify import Notifier
+from .repo import CampaignsRepo
+
+log = logging.getLogger("pregonero.campaigns.results")
+
+DURABLE = "campaigns-results"
+FETCH = 64
+
+
+class ResultsApplier:
+    def __init__(
+        self,
+        repo: CampaignsRepo,
+        js: JetStreamContext,
+        notifier: Notifier,
+        batches: Batches,
+        on_applied: Callable[[], None],
+    ) -> None:
+        self.repo, self.js, self.notifier, self.batches = repo, js, notifier, batches
+        self.on_applied = on_applied
+
+    async def run(self) -> None:
+        sub = await self.js.pull_subscribe(
+            "events.job.>",
+            durable=DURABLE,
+            stream=EVENTS_STREAM,
+            config=js_api.ConsumerConfig(
+                ack_policy=js_api.AckPolicy.EXPLICIT,
+                ack_wait=30,
+                max_ack_pending=4096,
+                deliver_policy=js_api.DeliverPolicy.ALL,
+            ),
+        )
+        try:
+            await self._consume(sub)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(FETCH, timeout=1)
+            except (TimeoutError, NatsTimeout):
+                continue
+            groups: dict[str, list[events_pb2.JobOutcome]] = defaultdict(list)
+            for msg in msgs:
+                chunk = events_pb2.ResultChunk.FromString(msg.data)
+                groups[chunk.batch_id].extend(chunk.outcomes)
+            try:
+                for batch_id, outcomes in groups.items():
+                    await self.apply(UUID(batch_id), outcomes)
+            except Exception:  # noqa: BLE001 - not acked: redelivered and applied idempotently
+                log.exception("applying results failed")
+                await asyncio.sleep(1)
+                continue
+            await asyncio.gather(*(m.ack() for m in msgs))
+            self.on_applied()
+
+    async def apply(self, batch_id: UUID, outcomes: list[events_pb2.JobOutcome]) -> None:
+        async with self.repo.pool.acquire() as conn, conn.transaction():
+            status = await self.repo.lock_status(conn, batch_id=batch_id)
+            if status is None:
+                return  # the batch was deleted; its results have nowhere to go
+            applied = await self.repo.apply_outcomes(
+                conn,
+                batch_id=batch_id,
+                job_ids=[o.job_id for o in outcomes],
+                statuses=[o.status for o in outcomes],
+                sender_ids=[o.sender_id for o in outcomes],
+                errors=[o.error for o in outcomes],
+                attempt_nos=[int(o.attempt_id.rsplit(":", 1)[1]) for o in outcomes],
+                cancelled=status == "cancelled",
+            )
+            counts: dict[str, int] = defaultdict(int)
+            for r in applied:
+                counts[r["status"]] += 1
+            used = {o.sender_id for o in outcomes if o.sender_id}
+            row = await self.repo.add_counters(
+                conn,
+                batch_id=batch_id,
+                sent=counts["sent"],
+                failed=counts["failed"],
+                cancelled=counts["cancelled"],
+                unknown=counts["unknown"],
+                resolved=len(applied),
+                devices_used=len(used),
+            )
+            finished = await self.repo.finish_if_done(conn, batch_id=batch_id)
+        if applied:
+            ids = {r["job_id"] for r in applied if r["status"] in ("sent", "failed")}
+            shown = [o for o in outcomes if o.job_id in ids]
+            await self.notifier.publish(self.notifier.event(finished or row, "progress", outcomes=shown))
+        if finished is not None:
+            await self.batches.publish_finished(finished)

@@ -1,0 +1,377 @@
+"""The fan-out: pull work chunks from DISPATCH only as fast as there are free send slots, pace
+each sender to its own rate, record every attempt before the provider sees it, and publish
+the outcomes in chunks to EVENTS.
+
+Backpressure: a slow provider keeps items in the lanes, the free-slot count stays low, the
+fetch waits, the batch's window stays full and the feeder stops releasing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from pregonero.events.v1 import events_pb2
+
+from services.runtime import bus
+from services.runtime.bus import DISPATCH_STREAM
+
+from .providers.base import Provider, SenderConfig, SendRequest
+from .repo import AttemptsRepo
+from .runstate import RunStates
+
+log = logging.getLogger("pregonero.dispatcher.engine")
+
+FLUSH_EVERY_S = 0.25
+FLUSH_AT = 500
+RATE_LIMIT_RETRIES = 5
+IN_PROGRESS_EVERY_S = 10.0
+
+LoadSenders = Callable[[Sequence[int]], Awaitable[dict[int, SenderConfig]]]
+
+
+class SenderCache:
+    """Sender configurations for a few seconds: a chunk every few milliseconds must not each
+    read the database, and an edited device takes effect within the TTL."""
+
+    def __init__(self, load: LoadSenders, ttl: float = 2.0) -> None:
+        self.load = load
+        self.ttl = ttl
+        self.cache: dict[tuple[int, ...], tuple[float, dict[int, SenderConfig]]] = {}
+
+    async def get(self, ids: Sequence[int]) -> dict[int, SenderConfig]:
+        key = tuple(sorted(ids))
+        hit = self.cache.get(key)
+        now = time.monotonic()
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        if len(self.cache) > 1000:
+            self.cache.clear()
+        value = await self.load(key)
+        self.cache[key] = (now, value)
+        return value
+
+
+@dataclass
+class Chunk:
+    """One DISPATCH message being worked: its outcomes are flushed as they come, and it is
+    acked only when every item has one."""
+
+    msg: Msg
+    data: events_pb2.DispatchChunk
+    remaining: int
+    outcomes: list[events_pb2.JobOutcome] = field(default_factory=list)
+    sent_attempts: list[tuple[str, str, str, str, int]] = field(default_factory=list)
+    handed_back: list[str] = field(default_factory=list)
+    last_ping: float = field(default_factory=time.monotonic)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    broken: bool = False  # a flush failed: never ack, let JetStream redeliver
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+class Lane:
+    """A sender's queue, its workers and its pace: send starts are at least 60/rate seconds
+    apart (plus random jitter), however many workers it has."""
+
+    def __init__(self, sender: SenderConfig) -> None:
+        self.sender = sender
+        self.interval = 60.0 / sender.rate_per_minute if sender.rate_per_minute > 0 else 0.0
+        self.jitter = sender.jitter_ms / 1000.0
+        self.next_at = 0.0
+        self.pace_lock = asyncio.Lock()
+        self.queue: asyncio.Queue[tuple[Chunk, events_pb2.WorkItem]] = asyncio.Queue()
+        self.workers: list[asyncio.Task[None]] = []
+
+    async def pace(self) -> None:
+        if not self.interval and not self.jitter:
+            return
+        async with self.pace_lock:
+            loop = asyncio.get_running_loop()
+            wait = self.next_at - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            # Spacing counts from the real start, so a late send never bunches with the next.
+            self.next_at = loop.time() + self.interval + (random.uniform(0, self.jitter) if self.jitter else 0.0)
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        js: JetStreamContext,
+        attempts: AttemptsRepo,
+        load_senders: LoadSenders,
+        providers: dict[str, Provider],
+        runstates: RunStates,
+        channel: str = "whatsapp",
+        max_in_flight: int = 20_000,
+    ) -> None:
+        self.js = js
+        self.attempts = attempts
+        self.load_senders = load_senders
+        self.providers = providers
+        self.runstates = runstates
+        self.channel = channel
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.room = asyncio.Event()
+        self.room.set()
+        self.lanes: dict[int, Lane] = {}
+        self.chunks: set[Chunk] = set()
+        self._rr = 0
+
+    # --- intake ---
+
+    async def run(self) -> None:
+        sub = await self.js.pull_subscribe(
+            f"dispatch.{self.channel}.>",
+            durable=f"dispatch-{self.channel}",
+            stream=DISPATCH_STREAM,
+            config=js_api.ConsumerConfig(
+                ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=60, max_ack_pending=1000, max_deliver=-1
+            ),
+        )
+        flusher = asyncio.create_task(self._flush_loop(), name="flusher")
+        try:
+            while True:
+                free = self.max_in_flight - self.in_flight
+                if free <= 0:
+                    self.room.clear()
+                    await self.room.wait()
+                    continue
+                try:
+                    msgs = await sub.fetch(max(1, min(8, free // 500)), timeout=1)
+                except (TimeoutError, NatsTimeout):
+                    continue
+                for msg in msgs:
+                    await self._start_chunk(msg)
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _start_chunk(self, msg: Msg) -> None:
+        data = events_pb2.DispatchChunk.FromString(msg.data)
+        chunk = Chunk(msg=msg, data=data, remaining=len(data.items))
+        self.chunks.add(chunk)
+        self.in_flight += chunk.remaining
+        if not self.runstates.active(data.batch_id):
+            for item in data.items:
+                self._resolve(chunk, item, "requeue")
+            return
+        senders = await self.load_senders(list(data.sender_ids))
+        if not senders:
+            for item in data.items:
+                self._resolve(chunk, item, "failed", error="no active device for this job")
+            return
+        # Record first, then send: an attempt already on record was sent (or is being
+        # resolved) by an earlier delivery of this chunk.
+        new = set(
+            await self.attempts.claim(
+                batch_id=data.batch_id, items=[(i.attempt_id, i.job_id) for i in data.items], sender_id=0
+            )
+        )
+        redelivered = [i for i in data.items if i.attempt_id not in new]
+        known = await self.attempts.existing(attempt_ids=[i.attempt_id for i in redelivered]) if redelivered else {}
+        lanes = [self._lane(s) for s in senders.values()]
+        for item in data.items:
+            if item.attempt_id in new:
+                self._enqueue(chunk, item, lanes)
+                continue
+            row = known.get(item.attempt_id)
+            if row is not None and row["status"] in ("sent", "failed", "unknown"):
+                self._resolve(
+                    chunk,
+                    item,
+                    row["status"],
+                    sender_id=row["sender_id"],
+                    error=row["error"] or "",
+                    provider_message_id=row["provider_message_id"] or "",
+                    record=False,
+                )
+            else:
+                asyncio.create_task(self._recover(chunk, item, senders, lanes))
+
+    async def _recover(
+        self, chunk: Chunk, item: events_pb2.WorkItem, senders: dict[int, SenderConfig], lanes: list[Lane]
+    ) -> None:
+        """An attempt recorded but never resolved: the process that sent it died. Ask the
+        provider; send only if the provider never accepted it."""
+        try:
+            for sender in senders.values():
+                found = await self.providers[sender.provider].lookup(item.attempt_id, sender)
+                if found is not None:
+                    self._resolve(
+                        chunk,
+                        item,
+                        "sent" if found.status == "sent" else "failed",
+                        sender_id=sender.id,
+                        provider_message_id=found.provider_message_id,
+                        error=found.error,
+                    )
+                    return
+        except Exception as exc:  # noqa: BLE001 - the outcome cannot be known: say so, never re-send
+            log.warning("could not resolve attempt %s: %s", item.attempt_id, exc)
+            self._resolve(chunk, item, "unknown", error="outcome unknown after a restart")
+            return
+        self._enqueue(chunk, item, lanes)
+
+    # --- sending ---
+
+    def _lane(self, sender: SenderConfig) -> Lane:
+        lane = self.lanes.get(sender.id)
+        if lane is None or lane.sender != sender:
+            if lane is not None:  # configuration changed: new pace, old workers finish their items
+                for w in lane.workers:
+                    w.cancel()
+            lane = self.lanes[sender.id] = Lane(sender)
+            lane.workers = [
+                asyncio.create_task(self._worker(lane), name=f"lane-{sender.id}")
+                for _ in range(max(1, sender.concurrency))
+            ]
+        return lane
+
+    def _enqueue(self, chunk: Chunk, item: events_pb2.WorkItem, lanes: list[Lane]) -> None:
+        # The least-loaded lane in send time; round robin among equals.
+        self._rr += 1
+        best = min(
+            range(len(lanes)),
+            key=lambda i: (lanes[i].queue.qsize() * max(lanes[i].interval, 1e-6), (i - self._rr) % len(lanes)),
+        )
+        lanes[best].queue.put_nowait((chunk, item))
+
+    async def _worker(self, lane: Lane) -> None:
+        provider = self.providers[lane.sender.provider]
+        while True:
+            chunk, item = await lane.queue.get()
+            try:
+                await self._send(lane, provider, chunk, item)
+            except asyncio.CancelledError:
+                self._resolve(chunk, item, "requeue")
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad send must not kill the lane
+                log.exception("send failed unexpectedly")
+                self._resolve(chunk, item, "failed", sender_id=lane.sender.id, error=type(exc).__name__)
+
+    async def _send(self, lane: Lane, provider: Provider, chunk: Chunk, item: events_pb2.WorkItem) -> None:
+        batch_id = chunk.data.batch_id
+        if not self.runstates.active(batch_id):
+            self._resolve(chunk, item, "requeue")
+            return
+        request = SendRequest(attempt_id=item.attempt_id, sender=lane.sender, to=item.to, text=item.text)
+        for _ in range(RATE_LIMIT_RETRIES):
+            await lane.pace()
+            # Checked again after the wait: a pause must stop sends within the second.
+            if not self.runstates.active(batch_id):
+                self._resolve(chunk, item, "requeue")
+                return
+            result = await provider.send(request)
+            if result.status != "rate_limited":
+                break
+            await asyncio.sleep(result.retry_after or 1.0)
+        else:
+            self._resolve(chunk, item, "failed", sender_id=lane.sender.id, error="rate limited by provider")
+            return
+        self._resolve(
+            chunk,
+            item,
+            result.status if result.status == "sent" else "failed",
+            sender_id=lane.sender.id,
+            error=result.error,
+            provider_message_id=result.provider_message_id,
+        )
+
+    # --- outcomes ---
+
+    def _resolve(
+        self,
+        chunk: Chunk,
+        item: events_pb2.WorkItem,
+        status: str,
+        *,
+        sender_id: int = 0,
+        error: str = "",
+        provider_message_id: str = "",
+        record: bool = True,
+    ) -> None:
+        chunk.outcomes.append(
+            events_pb2.JobOutcome(
+                job_id=item.job_id,
+                attempt_id=item.attempt_id,
+                status=status,
+                sender_id=sender_id,
+                to=item.to,
+                error=error,
+                provider_message_id=provider_message_id,
+            )
+        )
+        if status == "requeue":
+            chunk.handed_back.append(item.attempt_id)
+        elif record:
+            chunk.sent_attempts.append((item.attempt_id, status, provider_message_id, error, sender_id))
+        chunk.remaining -= 1
+        self.in_flight -= 1
+        if self.in_flight < self.max_in_flight:
+            self.room.set()
+        if len(chunk.outcomes) >= FLUSH_AT or chunk.remaining == 0:
+            asyncio.create_task(self._flush(chunk))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            now = time.monotonic()
+            for chunk in list(self.chunks):
+                if chunk.outcomes:
+                    await self._flush(chunk)
+                if chunk.remaining and now - chunk.last_ping > IN_PROGRESS_EVERY_S:
+                    chunk.last_ping = now
+                    await chunk.msg.in_progress()
+
+    async def _flush(self, chunk: Chunk) -> None:
+        """Record outcomes, then publish them; ack the chunk once it is fully resolved. A
+        crash in between is safe: the redelivered chunk finds the attempts on record."""
+        async with chunk.lock:
+            outcomes, chunk.outcomes = chunk.outcomes, []
+            finished, chunk.sent_attempts = chunk.sent_attempts, []
+            handed_back, chunk.handed_back = chunk.handed_back, []
+            done = chunk.remaining == 0 and chunk in self.chunks
+            if done:
+                self.chunks.discard(chunk)
+            if outcomes and not chunk.broken:
+                try:
+                    if finished:
+                        await self.attempts.finish(rows=finished)
+                    if handed_back:
+                        await self.attempts.release(attempt_ids=handed_back)
+                    digest = hashlib.sha1("|".join(f"{o.attempt_id}={o.status}" for o in outcomes).encode())
+                    result = events_pb2.ResultChunk(
+                        batch_id=chunk.data.batch_id,
+                        account_id=chunk.data.account_id,
+                        chunk_key=str(chunk.data.chunk_seq),
+                        outcomes=outcomes,
+                    )
+                    await bus.publish(
+                        self.js,
+                        f"events.job.{chunk.data.batch_id}",
+                        result,
+                        msg_id=f"{chunk.data.batch_id}:r:{digest.hexdigest()}",
+                    )
+                except Exception:  # noqa: BLE001 - unacked, the chunk is redelivered and resolved again
+                    log.exception("flushing outcomes failed; chunk %s will be redelivered", chunk.data.chunk_seq)
+                    chunk.broken = True
+            if done and not chunk.broken:
+                await chunk.msg.ack()

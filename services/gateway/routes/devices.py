@@ -1,0 +1,171 @@
+"""WhatsApp devices of the bulk sender (senders owned by the dispatcher), in the shapes the
+deployed React client reads (API_COMPAT.md, "WhatsApp bulk sender")."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Request
+from pregonero.dispatcher.v1 import dispatcher_pb2
+from pydantic import BaseModel, Field
+
+from services.runtime.identity import Caller
+from services.runtime.protos import from_timestamp, iso
+from services.runtime.rpc import outgoing_metadata
+
+from ..auth import caller_or_anonymous
+
+router = APIRouter(tags=["devices"])
+
+CHANNEL = "whatsapp"
+RPC_TIMEOUT_S = 10.0
+# Wire limits of the proto fields, so an oversized number is a 422 rather than an encoding
+# crash; the real ranges are the dispatcher's to check.
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+DeviceId = Annotated[int, Path(ge=1, le=2**63 - 1, description="Device id")]
+CallerDep = Annotated[Caller, Depends(caller_or_anonymous)]
+
+
+class DeviceCreate(BaseModel):
+    token: str
+    secret: str
+    device_name: str | None = None
+    is_receiver: bool | None = None
+    phone: str | None = None
+    rate_per_minute: Int32 | None = Field(None, description="Sends per minute; 0 means no limit (default 60)")
+    jitter_ms: Int32 | None = None
+    provider: str | None = None
+    provider_config: dict[str, Any] | None = None
+    status: str | None = None
+
+
+class DeviceUpdate(BaseModel):
+    """Any subset of the fields. Read-only fields a client echoes back (id, secret_masked,
+    timestamps) are ignored, and an empty or null secret keeps the stored one."""
+
+    token: str | None = None
+    secret: str | None = None
+    device_name: str | None = None
+    is_receiver: bool | None = None
+    phone: str | None = None
+    rate_per_minute: Int32 | None = None
+    jitter_ms: Int32 | None = None
+    concurrency: Int32 | None = None
+    provider: str | None = None
+    provider_config: dict[str, Any] | None = None
+    status: str | None = None
+
+
+class Device(BaseModel):
+    id: int
+    token: str
+    secret_masked: str
+    device_name: str
+    status: str
+    is_receiver: bool
+    phone: str
+    rate_per_minute: int
+    jitter_ms: int
+    provider: str
+    created_at: str | None
+    updated_at: str | None
+
+
+class DeviceList(BaseModel):
+    total: int
+    devices: list[Device]
+
+
+class DeviceReply(BaseModel):
+    status: str
+    message: str
+    device: Device | None
+
+
+def device_json(sender: dispatcher_pb2.Sender) -> dict[str, Any]:
+    return {
+        "id": sender.id,
+        "token": sender.token,
+        "secret_masked": sender.secret_masked,
+        "device_name": sender.device_name,
+        "status": sender.status,
+        "is_receiver": sender.is_receiver,
+        "phone": sender.phone,
+        "rate_per_minute": sender.rate_per_minute,
+        "jitter_ms": sender.jitter_ms,
+        "provider": sender.provider,
+        "created_at": iso(from_timestamp(sender.created_at, present=sender.HasField("created_at"))),
+        "updated_at": iso(from_timestamp(sender.updated_at, present=sender.HasField("updated_at"))),
+    }
+
+
+@router.get("/devices", summary="The caller's WhatsApp devices", response_model=DeviceList)
+async def list_devices(request: Request, caller: CallerDep) -> dict[str, Any]:
+    reply = await request.app.state.backends.dispatcher.ListSenders(
+        dispatcher_pb2.ListSendersRequest(channel=CHANNEL),
+        metadata=outgoing_metadata(caller),
+        timeout=RPC_TIMEOUT_S,
+    )
+    return {"total": reply.total, "devices": [device_json(s) for s in reply.senders]}
+
+
+@router.get("/devices/{device_id}", summary="One device", response_model=Device)
+async def get_device(request: Request, caller: CallerDep, device_id: DeviceId) -> dict[str, Any]:
+    sender = await request.app.state.backends.dispatcher.GetSender(
+        dispatcher_pb2.SenderRef(id=device_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
+    )
+    return device_json(sender)
+
+
+@router.post("/devices", summary="Add a device", response_model=DeviceReply)
+async def create_device(request: Request, caller: CallerDep, body: DeviceCreate) -> dict[str, Any]:
+    stub = request.app.state.backends.dispatcher
+    metadata = outgoing_metadata(caller)
+    sender = await stub.CreateSender(
+        dispatcher_pb2.CreateSenderRequest(
+            channel=CHANNEL,
+            provider=body.provider or "",
+            device_name=body.device_name or "",
+            token=body.token,
+            secret=body.secret,
+            is_receiver=bool(body.is_receiver),
+            phone=body.phone or "",
+            rate_per_minute=body.rate_per_minute or 0,
+            jitter_ms=body.jitter_ms or 0,
+            provider_config_json=json.dumps(body.provider_config or {}),
+            status=body.status or "",
+        ),
+        metadata=metadata,
+        timeout=RPC_TIMEOUT_S,
+    )
+    if body.rate_per_minute == 0:
+        # CreateSender reads 0 as "default" (proto3 has no presence); an explicit "no limit"
+        # is applied by a patch, which can say it.
+        sender = await stub.UpdateSender(
+            dispatcher_pb2.UpdateSenderRequest(id=sender.id, patch_json=json.dumps({"rate_per_minute": 0})),
+            metadata=metadata,
+            timeout=RPC_TIMEOUT_S,
+        )
+    return {"status": "success", "message": "Device created successfully", "device": device_json(sender)}
+
+
+@router.put("/devices/{device_id}", summary="Change some fields of a device", response_model=DeviceReply)
+async def update_device(request: Request, caller: CallerDep, device_id: DeviceId, body: DeviceUpdate) -> dict[str, Any]:
+    patch = {k: v for k, v in body.model_dump(exclude_unset=True).items() if v is not None}
+    if patch.get("secret") == "":
+        del patch["secret"]  # edit forms send the secret field empty when it is not changed
+    sender = await request.app.state.backends.dispatcher.UpdateSender(
+        dispatcher_pb2.UpdateSenderRequest(id=device_id, patch_json=json.dumps(patch)),
+        metadata=outgoing_metadata(caller),
+        timeout=RPC_TIMEOUT_S,
+    )
+    return {"status": "success", "message": "Device updated successfully", "device": device_json(sender)}
+
+
+@router.delete("/devices/{device_id}", summary="Remove a device", response_model=DeviceReply)
+async def delete_device(request: Request, caller: CallerDep, device_id: DeviceId) -> dict[str, Any]:
+    await request.app.state.backends.dispatcher.DeleteSender(
+        dispatcher_pb2.SenderRef(id=device_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
+    )
+    return {"status": "success", "message": "Device deleted successfully", "device": None}
