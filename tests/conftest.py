@@ -68,6 +68,8 @@ def suite(infra: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
         {
             "PREGONERO_STATIC_TOKENS": f"{ADMIN_TOKEN}=admin,{MEMBER_TOKEN}=account:acme",
             "LOG_LEVEL": os.environ.get("TEST_SERVICE_LOG_LEVEL", "WARNING"),
+            # A killed dispatcher's chunks come back within seconds, not the production 15.
+            "DISPATCH_ACK_WAIT_SECONDS": "4",
         }
     )
     try:

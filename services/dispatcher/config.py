@@ -17,6 +17,7 @@ class DispatcherSettings(GrpcServiceSettings):
     simulated_provider_url: str = ""
     # Sends held at once (queued in lanes or at a provider): the free-slot count for fetching.
     max_in_flight: int = 20_000
+    dispatch_ack_wait_seconds: float = 15.0
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Self:

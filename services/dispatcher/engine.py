@@ -34,7 +34,6 @@ log = logging.getLogger("pregonero.dispatcher.engine")
 FLUSH_EVERY_S = 0.25
 FLUSH_AT = 500
 RATE_LIMIT_RETRIES = 5
-IN_PROGRESS_EVERY_S = 10.0
 
 LoadSenders = Callable[[Sequence[int]], Awaitable[dict[int, SenderConfig]]]
 
@@ -119,6 +118,7 @@ class Engine:
         runstates: RunStates,
         channel: str = "whatsapp",
         max_in_flight: int = 20_000,
+        ack_wait: float = 15.0,
     ) -> None:
         self.js = js
         self.attempts = attempts
@@ -127,11 +127,17 @@ class Engine:
         self.runstates = runstates
         self.channel = channel
         self.max_in_flight = max_in_flight
+        # A chunk whose dispatcher died is redelivered after this; live ones say "in
+        # progress" three times per period so slow sends are never taken for dead.
+        self.ack_wait = ack_wait
         self.in_flight = 0
         self.room = asyncio.Event()
         self.room.set()
         self.lanes: dict[int, Lane] = {}
         self.chunks: set[Chunk] = set()
+        self.by_seq: dict[int, Chunk] = {}
+        # Provider look-ups after a crash come in thousands at once; a few at a time is faster.
+        self.recovering = asyncio.Semaphore(32)
         self._rr = 0
 
     # --- intake ---
@@ -142,7 +148,7 @@ class Engine:
             durable=f"dispatch-{self.channel}",
             stream=DISPATCH_STREAM,
             config=js_api.ConsumerConfig(
-                ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=60, max_ack_pending=1000, max_deliver=-1
+                ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=self.ack_wait, max_ack_pending=1000, max_deliver=-1
             ),
         )
         flusher = asyncio.create_task(self._flush_loop(), name="flusher")
@@ -165,9 +171,17 @@ class Engine:
                 await sub.unsubscribe()
 
     async def _start_chunk(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        working = self.by_seq.get(seq)
+        if working is not None:
+            # JetStream gave up waiting for our ack and sent it again while we still work on
+            # it: keep working the first copy and ack through the newest delivery.
+            working.msg = msg
+            return
         data = events_pb2.DispatchChunk.FromString(msg.data)
         chunk = Chunk(msg=msg, data=data, remaining=len(data.items))
         self.chunks.add(chunk)
+        self.by_seq[seq] = chunk
         self.in_flight += chunk.remaining
         if not self.runstates.active(data.batch_id):
             for item in data.items:
@@ -213,7 +227,8 @@ class Engine:
         provider; send only if the provider never accepted it."""
         try:
             for sender in senders.values():
-                found = await self.providers[sender.provider].lookup(item.attempt_id, sender)
+                async with self.recovering:
+                    found = await self.providers[sender.provider].lookup(item.attempt_id, sender)
                 if found is not None:
                     self._resolve(
                         chunk,
@@ -334,12 +349,14 @@ class Engine:
         while True:
             await asyncio.sleep(FLUSH_EVERY_S)
             now = time.monotonic()
+            # Pings first and together: a slow flush must not let another chunk's ack wait run out.
+            due = [c for c in self.chunks if c.remaining and now - c.last_ping > self.ack_wait / 4]
+            for chunk in due:
+                chunk.last_ping = now
+            await asyncio.gather(*(c.msg.in_progress() for c in due), return_exceptions=True)
             for chunk in list(self.chunks):
                 if chunk.outcomes:
                     await self._flush(chunk)
-                if chunk.remaining and now - chunk.last_ping > IN_PROGRESS_EVERY_S:
-                    chunk.last_ping = now
-                    await chunk.msg.in_progress()
 
     async def _flush(self, chunk: Chunk) -> None:
         """Record outcomes, then publish them; ack the chunk once it is fully resolved. A
@@ -351,6 +368,7 @@ class Engine:
             done = chunk.remaining == 0 and chunk in self.chunks
             if done:
                 self.chunks.discard(chunk)
+                self.by_seq.pop(chunk.msg.metadata.sequence.stream, None)
             if outcomes and not chunk.broken:
                 try:
                     if finished:
@@ -373,5 +391,7 @@ class Engine:
                 except Exception:  # noqa: BLE001 - unacked, the chunk is redelivered and resolved again
                     log.exception("flushing outcomes failed; chunk %s will be redelivered", chunk.data.chunk_seq)
                     chunk.broken = True
+                    self.chunks.discard(chunk)
+                    self.by_seq.pop(chunk.msg.metadata.sequence.stream, None)
             if done and not chunk.broken:
                 await chunk.msg.ack()

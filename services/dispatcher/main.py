@@ -39,6 +39,7 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
         providers={"simulated": make_simulated(settings.simulated_provider_url or None)},
         runstates=runstates,
         max_in_flight=settings.max_in_flight,
+        ack_wait=settings.dispatch_ack_wait_seconds,
     )
     rt.spawn(runstates.run(), name="runstates")
     rt.spawn(engine.run(), name="engine")

@@ -278,6 +278,10 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     service_procs: dict[str, Proc] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Run the simulated provider as its own server, so its record of sends can be read and
+    # outlives a dispatcher that is killed. Off: the dispatcher simulates in process.
+    simulator: bool = True
+    simulator_url: str = ""
 
     def start_infra(self, *, pg_port: int = 0, nats_port: int = 0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -323,7 +327,24 @@ class Stack:
         self.addrs.setdefault(name, addr)
         return proc
 
+    def start_simulator(self) -> Proc:
+        port = free_port()
+        proc = spawn(
+            "simulator",
+            [sys.executable, "-m", "services.dispatcher.providers.sim_server", "--port", str(port)],
+            env=self.service_env("simulator"),
+            echo=self.echo,
+            cwd=REPO,
+        )
+        self.simulator_url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_ok(f"{self.simulator_url}/health"), timeout=30, what="simulator", proc=proc)
+        self.extra_env["SIMULATED_PROVIDER_URL"] = self.simulator_url
+        self.procs.append(proc)
+        return proc
+
     def start_services(self, *, http_port: int = 0, listen_host: str = "127.0.0.1") -> None:
+        if self.simulator and not self.simulator_url:
+            self.start_simulator()
         ports = {name: free_port() for name in GRPC_SERVICES}
         self.addrs.update({name: f"127.0.0.1:{p}" for name, p in ports.items()})
         for name in GRPC_SERVICES:  # all at once: each waits for nothing but infra
@@ -407,6 +428,7 @@ def main() -> int:
             f"      curl -H 'Authorization: Bearer {token}' {base}/health\n"
             f"    Postgres   {stack.database_url}\n"
             f"    NATS       {stack.nats_url}\n"
+            f"    Simulated provider record  {stack.simulator_url}/v1/record\n"
             f"    Data       {data_dir}\n"
             "  Ctrl-C stops everything.\n",
             flush=True,

@@ -54,6 +54,9 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # Per-request access lines come from our own middleware, with the request id.
     logging.getLogger("uvicorn.access").disabled = True
+    # One line per provider request would drown the logs (and cost CPU) at thousands per second.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
 def log_fields(**fields: object) -> dict[str, object]:

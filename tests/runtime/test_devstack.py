@@ -54,6 +54,7 @@ def test_full_stack_starts_and_stops_without_leftovers(tmp_path: Path) -> None:
             "dispatcher",
             "gateway",
             "envoy",
+            "simulator",
         }
         r = httpx.get(f"http://127.0.0.1:{stack.http_port}/health", headers={"Authorization": "Bearer t"})
         assert r.status_code == 200 and r.json()["status"] == "healthy"

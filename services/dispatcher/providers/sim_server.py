@@ -83,6 +83,7 @@ def create_app(record: SimulationRecord | None = None) -> FastAPI:
             {
                 "message_id": found.message_id,
                 "to": entry.to,
+                "text": entry.text,
                 "sender_id": entry.sender_id,
                 "accepted_at": entry.accepted_at,
             }
