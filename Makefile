@@ -34,10 +34,10 @@ bench: $(GEN_STAMP)
 	$(PY) -m bench
 
 lint: $(GEN_STAMP)
-	$(PY) -m ruff check services tests
+	$(PY) -m ruff check services tests bench
 
 fmt: $(STAMP)
-	$(PY) -m ruff format services tests
+	$(PY) -m ruff format services tests bench
 
 clean:
 	rm -rf gen .pytest_cache

@@ -207,5 +207,6 @@ class Batches:
         return await self.repo.list_results(batch_id=batch["batch_id"], after=max(after, 0), status=status, limit=limit)
 
     async def publish_finished(self, row: asyncpg.Record) -> None:
+        await self.notifier.forget(row["batch_id"])
         event = self.notifier.event(row, "job_completed")
         await self.notifier.publish(event, durable_id=f"{row['batch_id']}:finished:{row['finished_at'].timestamp()}")

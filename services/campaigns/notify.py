@@ -30,6 +30,11 @@ class Notifier:
         )
         await self.kv.put(state_key(batch_id), value.SerializeToString())
 
+    async def forget(self, batch_id: object) -> None:
+        """A finished batch has nothing in flight: drop its state so the bucket (and every
+        dispatcher's copy) holds running batches only."""
+        await self.kv.delete(state_key(batch_id))
+
     def event(
         self, row: asyncpg.Record, kind: str, *, outcomes: Iterable[events_pb2.JobOutcome] = (), **fields: object
     ) -> events_pb2.BatchEvent:

@@ -40,9 +40,11 @@ class Q:
         SELECT * FROM batches
         WHERE batch_id = $1 AND status IN ('pending', 'processing') FOR UPDATE SKIP LOCKED"""
     REQUEUED_JOBS = """
-        SELECT job_id, phone, vals, attempts FROM jobs
-        WHERE batch_id = $1 AND status = 'requeue' ORDER BY job_id LIMIT $2"""
-    UNREQUEUE = "UPDATE jobs SET status = 'pending' WHERE batch_id = $1 AND job_id = ANY($2::bigint[])"
+        SELECT j.job_id, j.phone, j.vals, j.attempts FROM requeued r JOIN jobs j USING (batch_id, job_id)
+        WHERE r.batch_id = $1 ORDER BY r.job_id LIMIT $2"""
+    UNREQUEUE = """
+        WITH gone AS (DELETE FROM requeued WHERE batch_id = $1 AND job_id = ANY($2::bigint[]) RETURNING job_id)
+        UPDATE jobs SET status = 'pending' FROM gone WHERE jobs.batch_id = $1 AND jobs.job_id = gone.job_id"""
     NEXT_JOBS = """
         SELECT job_id, phone, vals, attempts FROM jobs
         WHERE batch_id = $1 AND job_id > $2 AND status = 'pending' ORDER BY job_id LIMIT $3"""
@@ -69,7 +71,10 @@ class Q:
             FROM r
             WHERE j.batch_id = $1 AND j.job_id = r.job_id AND j.status = 'pending'
               AND j.attempts = r.attempt_no - 1
-            RETURNING j.job_id, j.status)
+            RETURNING j.job_id, j.status),
+        parked AS (
+            INSERT INTO requeued (batch_id, job_id) SELECT $1, job_id FROM upd WHERE status = 'requeue'
+            ON CONFLICT DO NOTHING)
         SELECT job_id, status FROM upd"""
     ADD_COUNTERS = """
         UPDATE batches SET sent_jobs = sent_jobs + $2, failed_jobs = failed_jobs + $3,
@@ -99,12 +104,15 @@ class Q:
     CANCEL_JOBS = """
         UPDATE jobs SET status = 'cancelled', finished_at = now()
         WHERE batch_id = $1 AND (status = 'requeue' OR (status = 'pending' AND job_id > $2))"""
+    CANCEL_REQUEUED = "DELETE FROM requeued WHERE batch_id = $1"
     ADD_CANCELLED = """
         UPDATE batches SET cancelled_jobs = cancelled_jobs + $2, updated_at = now()
         WHERE batch_id = $1 RETURNING *"""
     REQUEUE_FAILED = """
-        UPDATE jobs SET status = 'requeue', error = NULL, finished_at = NULL
-        WHERE batch_id = $1 AND status = 'failed'"""
+        WITH f AS (
+            UPDATE jobs SET status = 'requeue', error = NULL, finished_at = NULL
+            WHERE batch_id = $1 AND status = 'failed' RETURNING job_id)
+        INSERT INTO requeued (batch_id, job_id) SELECT $1, job_id FROM f ON CONFLICT DO NOTHING"""
     REOPEN_FOR_RETRY = """
         UPDATE batches SET failed_jobs = failed_jobs - $2, status = 'processing', finished_at = NULL,
                updated_at = now()
@@ -169,6 +177,7 @@ class CampaignsRepo:
                 return None
             done = await conn.execute(Q.CANCEL_JOBS, batch_id, row["released_upto"])
             count = int(done.split()[-1])
+            await conn.execute(Q.CANCEL_REQUEUED, batch_id)
             row = await conn.fetchrow(Q.ADD_CANCELLED, batch_id, count)
             return await conn.fetchrow(Q.FINISH_IF_DONE, batch_id) or row
 

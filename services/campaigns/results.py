@@ -106,9 +106,14 @@ class ResultsApplier:
                 devices_used=len(used),
             )
             finished = await self.repo.finish_if_done(conn, batch_id=batch_id)
-        if applied:
-            ids = {r["job_id"] for r in applied if r["status"] in ("sent", "failed")}
-            shown = [o for o in outcomes if o.job_id in ids]
-            await self.notifier.publish(self.notifier.event(finished or row, "progress", outcomes=shown))
-        if finished is not None:
-            await self.batches.publish_finished(finished)
+        # Committed: what follows only informs. A failure here must not fail the results
+        # (they are applied; a late socket reads the state from the snapshot instead).
+        try:
+            if applied:
+                ids = {r["job_id"] for r in applied if r["status"] in ("sent", "failed")}
+                shown = [o for o in outcomes if o.job_id in ids]
+                await self.notifier.publish(self.notifier.event(finished or row, "progress", outcomes=shown))
+            if finished is not None:
+                await self.batches.publish_finished(finished)
+        except Exception:  # noqa: BLE001
+            log.exception("publishing progress of batch %s failed", batch_id)

@@ -425,3 +425,16 @@ async def test_http_replies_without_a_json_error_and_failed_lookups() -> None:
         assert not client.is_closed  # a client handed in belongs to the caller
     finally:
         await client.aclose()
+
+
+def test_bounded_record_keeps_the_newest_sends_with_stable_ids() -> None:
+    record = SimulationRecord(capacity=10)
+    ids = [record.accept(f"a{i}", 1, f"+5690000{i:04d}", "hi") for i in range(25)]
+    assert record.count() == 25
+    assert len(record.entries()) <= 10
+    assert record.lookup("a0") is None  # dropped, not remembered
+    newest = record.lookup("a24")
+    assert newest is not None and newest.message_id == ids[24] and newest.entry.to == "+56900000024"
+    assert record.accept("a24", 1, "+56900000024", "hi") == ids[24]
+    assert record.duplicate_attempts == 1
+    assert [e.attempt_id for e in record.entries(since=23)] == ["a23", "a24"]

@@ -108,9 +108,14 @@ class SimulationRecord:
     """Every send the provider accepted, once per attempt id (providers dedup on
     idempotency keys); refused sends are only counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, capacity: int | None = None) -> None:
+        # capacity: keep only about the newest `capacity` sends (older halves are dropped),
+        # so a long-running in-process simulator does not grow without end; positions and
+        # message ids stay stable, and duplicates are caught within what is kept.
+        self._capacity = capacity
+        self._base = 0  # position of _entries[0]
         self._entries: list[RecordEntry] = []
-        self._index: dict[str, int] = {}  # attempt_id -> position in _entries
+        self._index: dict[str, int] = {}  # attempt_id -> position
         self._prefix = secrets.token_hex(4)
         self.duplicate_attempts = 0
         self.rejected = 0
@@ -126,7 +131,13 @@ class SimulationRecord:
         if position is not None:
             self.duplicate_attempts += 1
             return self._message_id(position)
-        position = len(self._entries)
+        if self._capacity is not None and len(self._entries) >= self._capacity:
+            drop = len(self._entries) // 2
+            for old in self._entries[:drop]:
+                del self._index[old.attempt_id]
+            self._entries = self._entries[drop:]
+            self._base += drop
+        position = self._base + len(self._entries)
         self._entries.append(RecordEntry(attempt_id, sender_id, to, text, time.time()))
         self._index[attempt_id] = position
         return self._message_id(position)
@@ -141,25 +152,30 @@ class SimulationRecord:
         position = self._index.get(attempt_id)
         if position is None:
             return None
-        return AcceptedSend(self._message_id(position), self._entries[position])
+        return AcceptedSend(self._message_id(position), self._entries[position - self._base])
 
     def entries(self, since: int = 0, limit: int | None = None) -> list[RecordEntry]:
-        end = None if limit is None else since + limit
-        return self._entries[since:end]
+        """From position `since` on (positions before what is kept are skipped)."""
+        start = max(since - self._base, 0)
+        end = None if limit is None else start + limit
+        return self._entries[start:end]
 
     def count(self) -> int:
-        return len(self._entries)
+        """Accepted sends since the start (or the last reset), kept or not."""
+        return self._base + len(self._entries)
 
     def reset(self) -> None:
         self._entries = []
         self._index = {}
+        self._base = 0
         # New ids after a reset, so an old message id never names a new send.
         self._prefix = secrets.token_hex(4)
         self.duplicate_attempts = 0
         self.rejected = 0
 
 
-DEFAULT_RECORD = SimulationRecord()
+# In process the record only backs duplicate checks and look-ups: bounded, for long runs.
+DEFAULT_RECORD = SimulationRecord(capacity=200_000)
 
 
 class _SenderState:

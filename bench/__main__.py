@@ -1,0 +1,225 @@
+"""`make bench`: the figures issues name, measured on this machine against the real stack.
+
+Writes bench/results/latest.json and appends a line to bench/results/history.jsonl.
+`python -m bench [scenario ...]` runs some; default: upload, fanout. `crash` is extra (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from services.runtime.devstack import Stack
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TOKEN = "bench-admin-token"
+H = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class RssSampler:
+    """Peak RSS per process of the stack (a postgres backend counts as its own process)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.peaks: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for proc in list(self.stack.procs):
+                try:
+                    root = psutil.Process(proc.popen.pid)
+                    members = [(proc.name, root)] + [(f"{proc.name}-child", c) for c in root.children(recursive=True)]
+                    for name, p in members:
+                        mb = p.memory_info().rss / 2**20
+                        self.peaks[name] = max(self.peaks.get(name, 0.0), mb)
+                    times = [p.cpu_times() for _, p in members]
+                    self.cpu[proc.name] = sum(t.user + t.system for t in times)
+                except psutil.Error:
+                    continue
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in sorted(self.peaks.items())}
+
+
+def bulk_file(n: int) -> bytes:
+    lines = ["phone|@valor1|@valor2"]
+    lines += [f"+569{i:08d}|Cliente {i}|{i * 7 % 100000}" for i in range(n)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def start(simulator: bool, data_dir: Path) -> Stack:
+    stack = Stack(data_dir=data_dir, simulator=simulator)
+    stack.extra_env.update({"PREGONERO_STATIC_TOKENS": f"{TOKEN}=admin", "LOG_LEVEL": "WARNING"})
+    for key in ("DATABASE_URL", "NATS_URL"):
+        os.environ.pop(key, None)
+    stack.start_infra()
+    stack.start_services()
+    return stack
+
+
+def add_devices(base: str, n: int, **fields: Any) -> None:
+    for i in range(n):
+        r = httpx.post(f"{base}/devices", headers=H, json={"token": f"bench-{i}", "secret": "bench-secret", **fields})
+        r.raise_for_status()
+
+
+def wait_done(base: str, job_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{base}/jobs/{job_id}", headers=H, timeout=30).json()
+        if job["status"] in ("completed", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} not done after {timeout}s")
+
+
+def upload_and_fanout(rows: int) -> dict[str, Any]:
+    """Upload a bulk file through Envoy, then let it go out on zero-latency devices."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start(simulator=False, data_dir=Path(tmp))
+        try:
+            base = f"http://127.0.0.1:{stack.http_port}"
+            add_devices(base, 5, rate_per_minute=0)
+            data = bulk_file(rows)
+            with RssSampler(stack) as rss:
+                started = time.perf_counter()
+                r = httpx.post(
+                    f"{base}/messages/send-bulk-file",
+                    headers=H,
+                    timeout=600,
+                    files={"file": ("bench.csv", data, "text/csv")},
+                    data={"message": "Hola @valor1, su código es @valor2", "devices_limit": "5"},
+                )
+                answered = time.perf_counter() - started
+                r.raise_for_status()
+                job = r.json()["job"]
+                upload_rss = dict(rss.peaks)
+                done = wait_done(base, job["id"], timeout=1800)
+            first = datetime.fromisoformat(done["started_at"].replace("Z", "+00:00"))
+            last = datetime.fromisoformat(done["finished_at"].replace("Z", "+00:00"))
+            seconds = (last - first).total_seconds()
+            p = done["progress"]
+            return {
+                "rows": rows,
+                "file_mb": round(len(data) / 2**20, 1),
+                "upload_answered_s": round(answered, 2),
+                "ingest_rows_per_s": round(rows / answered),
+                "upload_peak_rss_mb": {k: round(v, 1) for k, v in sorted(upload_rss.items())},
+                "fanout_messages": p["sent"] + p["failed"],
+                "fanout_sent": p["sent"],
+                "fanout_seconds": round(seconds, 2),
+                "fanout_messages_per_s": round((p["sent"] + p["failed"]) / seconds) if seconds else None,
+                "peak_rss_mb": rss.report(),
+                "cpu_seconds": {k: round(v, 1) for k, v in sorted(rss.cpu.items())},
+            }
+        finally:
+            stack.stop()
+
+
+def crash(rows: int) -> dict[str, Any]:
+    """SIGKILL the dispatcher mid-job; the provider's own record decides lost and doubled."""
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start(simulator=True, data_dir=Path(tmp))
+        try:
+            base = f"http://127.0.0.1:{stack.http_port}"
+            add_devices(base, 4, rate_per_minute=0)
+            r = httpx.post(
+                f"{base}/messages/send-bulk-file",
+                headers=H,
+                timeout=600,
+                files={"file": ("crash.csv", bulk_file(rows))},
+                data={"message": "Hola @valor1"},
+            )
+            job_id = r.json()["job"]["id"]
+            while httpx.get(f"{base}/jobs/{job_id}", headers=H).json()["progress"]["sent"] < rows // 3:
+                time.sleep(0.2)
+            old = stack.service_procs["dispatcher"]
+            old.popen.send_signal(signal.SIGKILL)
+            old.popen.wait(10)
+            killed_at = httpx.get(f"{base}/jobs/{job_id}", headers=H).json()["progress"]
+            port = int(stack.addrs["dispatcher"].rsplit(":", 1)[1])
+            stack.procs.append(stack.start_service("dispatcher", port=port))
+            done = wait_done(base, job_id, timeout=1800)
+            entries: list[list[Any]] = []
+            since = 0
+            while True:
+                page = httpx.get(f"{stack.simulator_url}/v1/record", params={"since": since, "limit": 10_000}).json()
+                entries.extend(page["entries"])
+                if page["next"] >= page["count"]:
+                    break
+                since = page["next"]
+            per_phone = Counter(e[2] for e in entries)
+            return {
+                "rows": rows,
+                "sent_when_killed": killed_at["sent"],
+                "final_status": done["status"],
+                "sent": done["progress"]["sent"],
+                "failed": done["progress"]["failed"],
+                "provider_accepted": len(entries),
+                "recipients_lost": rows - len(per_phone),
+                "recipients_sent_twice": sum(1 for c in per_phone.values() if c > 1),
+                "duplicate_attempts_at_provider": page["duplicate_attempts"],
+            }
+        finally:
+            stack.stop()
+
+
+SCENARIOS = {
+    "fanout": lambda: upload_and_fanout(int(os.environ.get("BENCH_ROWS", "1000000"))),
+    "crash": lambda: crash(int(os.environ.get("BENCH_CRASH_ROWS", "50000"))),
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or ["fanout"]
+    results: dict[str, Any] = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30),
+            "python": platform.python_version(),
+        },
+    }
+    for name in names:
+        print(f"bench: {name} ...", flush=True)
+        started = time.perf_counter()
+        results[name] = SCENARIOS[name]()
+        results[name]["wall_s"] = round(time.perf_counter() - started, 1)
+        print(json.dumps({name: results[name]}, indent=2), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    latest = RESULTS / "latest.json"
+    merged = json.loads(latest.read_text()) if latest.exists() else {}
+    merged.update(results)
+    latest.write_text(json.dumps(merged, indent=2) + "\n")
+    with (RESULTS / "history.jsonl").open("a") as f:
+        f.write(json.dumps(results) + "\n")
+    print(f"bench: results in {latest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
