@@ -228,7 +228,7 @@ def test_rate_limits_hold_per_device_and_overall(base_url: str, suite: Stack) ->
             assert i - j + 1 <= 10, f"{i - j + 1} sends within one second"
     all_times = sorted(at for _, _, _, at in sent)
     per_minute = (len(all_times) - 1) / (all_times[-1] - all_times[0]) * 60
-    assert 1620 <= per_minute <= 1980, per_minute
+    assert 1620 <= per_minute <= 1980, per_minute  # within 10% of 3 × 600/minute
 
 
 def test_pause_stops_within_a_second_and_resume_finishes(base_url: str, suite: Stack) -> None:
