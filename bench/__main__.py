@@ -1,10 +1,12 @@
 """`make bench`: the figures issues name, measured on this machine against the real stack.
 
 Writes bench/results/latest.json and appends a line to bench/results/history.jsonl.
-`python -m bench [scenario ...]` runs some; default: upload, fanout. `crash` is extra (slow)."""
+`python -m bench [scenario ...]` runs some; default: fanout (upload and fan-out), ledger.
+`crash` is extra (slow)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -18,10 +20,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import psutil
+from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
 from services.runtime.devstack import Stack
+from services.runtime.identity import ADMIN, Caller
+from services.runtime.rpc import channel
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKEN = "bench-admin-token"
@@ -188,14 +194,129 @@ def crash(rows: int) -> dict[str, Any]:
             stack.stop()
 
 
+# Accounts whose cached balance, reservation or usage differs from the sum of their entries.
+LEDGER_DRIFT = """
+    WITH sums AS (
+        SELECT account_id, sum(amount) AS amount, sum(held_change) AS held, sum(used_change) AS used
+        FROM accounts.ledger_entries WHERE unit = 'credits' GROUP BY account_id)
+    SELECT count(*) FROM accounts.accounts a LEFT JOIN sums s USING (account_id)
+    WHERE (a.credit_balance, a.credit_reserved, a.credit_used)
+          IS DISTINCT FROM (coalesce(s.amount, 0), coalesce(s.held, 0), coalesce(s.used, 0))"""
+
+
+async def ledger_load(
+    addr: str, *, accounts: int, workers: int, seconds: float, batch: int, batches: int
+) -> dict[str, Any]:
+    """Each worker, over and over: hold a window of `batch * batches` attempts on a random
+    account, capture them `batch` at a time (as result batches arrive), release the rest."""
+    md = Caller(role=ADMIN, account_id="default", user_id="bench").metadata()
+    ch = channel(addr)
+    stub = accounts_pb2_grpc.AccountsServiceStub(ch)
+    counts = Counter[str]()
+    try:
+        deadline = time.perf_counter() + seconds
+
+        async def worker(n: int) -> None:
+            i = 0
+            while time.perf_counter() < deadline:
+                account = f"bench-{(n * 7919 + i) % accounts}"
+                hold_id = f"w{n}:{i}:{batch}"
+                window = batch * batches
+                await stub.Hold(
+                    accounts_pb2.HoldRequest(account_id=account, hold_id=hold_id, amount=f"{window * 0.5:.4f}"),
+                    metadata=md,
+                )
+                for b in range(batches):
+                    items = [
+                        accounts_pb2.CaptureItem(attempt_id=f"{hold_id}:{b}:{k}", hold_id=hold_id, amount="0.4700")
+                        for k in range(batch)
+                    ]
+                    await stub.Capture(accounts_pb2.CaptureRequest(account_id=account, items=items), metadata=md)
+                await stub.Release(accounts_pb2.ReleaseRequest(account_id=account, hold_id=hold_id), metadata=md)
+                counts.update(holds=1, captures=window, releases=1, rpcs=2 + batches)
+                i += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(n) for n in range(workers)))
+        elapsed = time.perf_counter() - started
+    finally:
+        await ch.close()
+    return {
+        "capture_batch": batch,
+        "seconds": round(elapsed, 1),
+        "holds": counts["holds"],
+        "captures": counts["captures"],
+        "releases": counts["releases"],
+        "ops_per_s": round((counts["holds"] + counts["captures"]) / elapsed),
+        "rpcs_per_s": round(counts["rpcs"] / elapsed),
+    }
+
+
+def ledger() -> dict[str, Any]:
+    """Holds + captures per second through gRPC against the accounts service alone (durable
+    PostgreSQL, fsync on), then the drift between entries and cached balances."""
+    accounts, workers, seconds = 100, 32, float(os.environ.get("BENCH_LEDGER_SECONDS", "10"))
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(data_dir=Path(tmp), simulator=False)
+        stack.extra_env["LOG_LEVEL"] = "WARNING"
+        for key in ("DATABASE_URL", "NATS_URL"):
+            os.environ.pop(key, None)
+        stack.start_infra()
+        try:
+            stack.procs.append(stack.start_service("accounts"))
+            addr = stack.addrs["accounts"]
+
+            async def run() -> dict[str, Any]:
+                md = Caller(role=ADMIN, account_id="default", user_id="bench").metadata()
+                ch = channel(addr)
+                stub = accounts_pb2_grpc.AccountsServiceStub(ch)
+                for a in range(accounts):
+                    await stub.CreateAccount(
+                        accounts_pb2.CreateAccountRequest(account_id=f"bench-{a}", initial_credits="1000000000"),
+                        metadata=md,
+                    )
+                await ch.close()
+                with RssSampler(stack) as rss:
+                    # Result batches as the results consumer captures them, and the worst
+                    # case: one attempt per Capture call.
+                    batched = await ledger_load(
+                        addr, accounts=accounts, workers=workers, seconds=seconds, batch=20, batches=2
+                    )
+                    single = await ledger_load(
+                        addr, accounts=accounts, workers=workers, seconds=seconds / 2, batch=1, batches=2
+                    )
+                conn = await asyncpg.connect(stack.database_url)
+                try:
+                    drift = await conn.fetchval(LEDGER_DRIFT)
+                    entries = await conn.fetchval("SELECT count(*) FROM accounts.ledger_entries")
+                finally:
+                    await conn.close()
+                return {
+                    "accounts": accounts,
+                    "clients": workers,
+                    "ops_per_s": batched["ops_per_s"],
+                    "floor_ops_per_s": 2000,
+                    "batched": batched,
+                    "one_capture_per_call": single,
+                    "ledger_entries": entries,
+                    "accounts_with_drift": drift,
+                    "cpu_seconds": {k: round(v, 1) for k, v in sorted(rss.cpu.items())},
+                }
+
+            return asyncio.run(run())
+        finally:
+            stack.stop()
+
+
 SCENARIOS = {
     "fanout": lambda: upload_and_fanout(int(os.environ.get("BENCH_ROWS", "1000000"))),
     "crash": lambda: crash(int(os.environ.get("BENCH_CRASH_ROWS", "50000"))),
+    "ledger": ledger,
 }
 
 
 def main(argv: list[str]) -> int:
-    names = argv or ["fanout"]
+    names = argv or ["fanout", "ledger"]
     results: dict[str, Any] = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {

@@ -5,14 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc, auth_pb2, auth_pb2_grpc
 
 from services.runtime.db import check_queries
 from services.runtime.lifecycle import Runtime, serve_grpc
 
+from . import auth_repo
+from .auth import build_auth
+from .auth_server import AuthServicer
 from .config import AccountsSettings
 from .domain import Accounts
-from .repo import AccountsRepo, Q
+from .ledger import Ledger
+from .repo import AccountsRepo, LedgerRepo, Q
 from .server import AccountsServicer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -28,8 +32,18 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     await accounts.create(
         account_id=settings.pregonero_default_account, account_name=settings.pregonero_default_account, exist_ok=True
     )
-    accounts_pb2_grpc.add_AccountsServiceServicer_to_server(AccountsServicer(accounts), server)
-    return [accounts_pb2.DESCRIPTOR.services_by_name["AccountsService"].full_name]
+    servicer = AccountsServicer(accounts, Ledger(LedgerRepo(rt.pool)))
+    accounts_pb2_grpc.add_AccountsServiceServicer_to_server(servicer, server)
+    await check_queries(rt.pool, auth_repo.Q)
+    auth = build_auth(rt.pool, settings)
+    if settings.pregonero_admin_email and settings.pregonero_admin_password:
+        await auth.ensure_admin(email=settings.pregonero_admin_email, password=settings.pregonero_admin_password)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth), server)
+    rt.spawn(auth.purge_forever(), name="auth-purge")
+    return [
+        accounts_pb2.DESCRIPTOR.services_by_name["AccountsService"].full_name,
+        auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
+    ]
 
 
 async def main() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import grpc
@@ -13,12 +15,38 @@ from services.runtime.identity import current_caller
 from services.runtime.protos import to_timestamp
 
 from .domain import Accounts
+from .ledger import Balance, CaptureItem, Entry, Ledger, LedgerResult
+
+
+def dec(value: Decimal | None) -> str:
+    """Amounts cross the wire as decimal strings with the ledger's 4 places."""
+    return "" if value is None else f"{value:.4f}"
+
+
+def balance_pb(b: Balance) -> accounts_pb2.Balance:
+    return accounts_pb2.Balance(
+        account_id=b.account_id,
+        plan_type=b.plan_type,
+        credit_balance=dec(b.credit_balance),
+        credit_reserved=dec(b.credit_reserved),
+        credit_available=dec(b.credit_available),
+        credit_used=dec(b.credit_used),
+        minutes_purchased=dec(b.minutes_purchased),
+        minutes_used=dec(b.minutes_used),
+        minutes_reserved=dec(b.minutes_reserved),
+        minutes_available=dec(b.minutes_available),
+    )
+
+
+def _jsonb(value: Any) -> dict[str, Any]:
+    return json.loads(value) if isinstance(value, str) else dict(value)
 
 
 def account_pb(row: asyncpg.Record) -> accounts_pb2.Account:
-    features = json.loads(row["features"]) if isinstance(row["features"], str) else row["features"]
+    features = _jsonb(row["features"])
     return accounts_pb2.Account(
         account_id=row["account_id"],
+        object_id=row["object_id"],
         account_name=row["account_name"],
         status=row["status"],
         plan_type=row["plan_type"],
@@ -28,23 +56,82 @@ def account_pb(row: asyncpg.Record) -> accounts_pb2.Account:
         contact_name=row["contact_name"],
         contact_email=row["contact_email"],
         contact_phone=row["contact_phone"],
+        balance=balance_pb(Balance.of(row)),
         features_json=json.dumps(features),
-        settings_json=row["settings"] if isinstance(row["settings"], str) else json.dumps(row["settings"]),
+        settings_json=json.dumps(_jsonb(row["settings"])),
         is_active=row["status"] == "active",
         suspension_reason=row["suspension_reason"],
+        cost_per_minute=dec(row["cost_per_minute"]),
+        cost_per_call_setup=dec(row["cost_per_call_setup"]),
+        cost_per_whatsapp_message=dec(row["cost_per_whatsapp_message"]),
         created_at=to_timestamp(row["created_at"]),
         updated_at=to_timestamp(row["updated_at"]),
     )
 
 
+def reply_pb(r: LedgerResult) -> accounts_pb2.LedgerReply:
+    return accounts_pb2.LedgerReply(
+        balance=balance_pb(r.balance),
+        entry_id="" if r.entry_id is None else str(r.entry_id),
+        replayed=r.replayed,
+        amount=dec(r.amount),
+        unit=r.unit,
+        balance_after=dec(r.balance_after),
+        captures=[
+            accounts_pb2.CaptureOutcome(
+                attempt_id=c.attempt_id,
+                hold_id=c.hold_id,
+                requested=dec(c.requested),
+                charged=dec(c.charged),
+                status=c.status,
+                entry_id="" if c.entry_id is None else str(c.entry_id),
+            )
+            for c in r.captures
+        ],
+    )
+
+
+def transaction_pb(e: Entry) -> accounts_pb2.Transaction:
+    return accounts_pb2.Transaction(
+        entry_id=str(e.id),
+        account_id=e.account_id,
+        kind=e.kind,
+        amount=dec(e.amount),
+        cause=e.cause,
+        balance_after=dec(e.balance_after),
+        created_at=to_timestamp(e.created_at),
+        unit=e.unit,
+        held_change=dec(e.held_change),
+        used_change=dec(e.used_change),
+        held_after=dec(e.held_after),
+        hold_id=e.hold_id,
+        requested=dec(e.requested),
+        note=e.note,
+    )
+
+
 class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
-    def __init__(self, accounts: Accounts) -> None:
+    def __init__(self, accounts: Accounts, ledger: Ledger) -> None:
         self.accounts = accounts
+        self.ledger = ledger
 
     async def GetAccount(
         self, request: accounts_pb2.GetAccountRequest, context: grpc.aio.ServicerContext
     ) -> accounts_pb2.Account:
         return account_pb(await self.accounts.get(current_caller(), request.account_id))
+
+    async def ListAccounts(
+        self, request: accounts_pb2.ListAccountsRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.ListAccountsResponse:
+        rows, total = await self.accounts.list(
+            current_caller(), status=request.status, limit=request.limit or 50, skip=request.skip
+        )
+        return accounts_pb2.ListAccountsResponse(accounts=[account_pb(r) for r in rows], total=total)
+
+    async def UpdateAccount(
+        self, request: accounts_pb2.UpdateAccountRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.Account:
+        return account_pb(await self.accounts.update(current_caller(), request.account_id, request.patch_json))
 
     async def _create(self, request: accounts_pb2.CreateAccountRequest, *, exist_ok: bool) -> accounts_pb2.Account:
         if not current_caller().is_admin:
@@ -60,6 +147,13 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
             contact_phone=request.contact_phone,
             features_json=request.features_json,
             settings_json=request.settings_json,
+            initial_credits=request.initial_credits,
+            initial_minutes=request.initial_minutes,
+            prices={
+                "cost_per_minute": request.cost_per_minute,
+                "cost_per_call_setup": request.cost_per_call_setup,
+                "cost_per_whatsapp_message": request.cost_per_whatsapp_message,
+            },
             exist_ok=exist_ok,
         )
         return account_pb(row)
@@ -73,3 +167,87 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
         self, request: accounts_pb2.CreateAccountRequest, context: grpc.aio.ServicerContext
     ) -> accounts_pb2.Account:
         return await self._create(request, exist_ok=True)
+
+    async def GetBalance(
+        self, request: accounts_pb2.GetBalanceRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.Balance:
+        return balance_pb(await self.ledger.balance(current_caller(), request.account_id))
+
+    async def TopUp(
+        self, request: accounts_pb2.TopUpRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.LedgerReply:
+        return reply_pb(
+            await self.ledger.top_up(
+                current_caller(),
+                account_id=request.account_id,
+                credits=request.credits,
+                minutes=request.minutes,
+                key=request.idempotency_key,
+                fingerprint=request.fingerprint,
+                reason=request.reason,
+            )
+        )
+
+    async def Refund(
+        self, request: accounts_pb2.RefundRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.LedgerReply:
+        return reply_pb(
+            await self.ledger.refund(
+                current_caller(),
+                account_id=request.account_id,
+                credits=request.credits,
+                minutes=request.minutes,
+                key=request.idempotency_key,
+                fingerprint=request.fingerprint,
+                reason=request.reason,
+            )
+        )
+
+    async def Adjust(
+        self, request: accounts_pb2.AdjustRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.LedgerReply:
+        return reply_pb(
+            await self.ledger.adjust(
+                current_caller(),
+                account_id=request.account_id,
+                credits=request.credits,
+                minutes=request.minutes,
+                key=request.idempotency_key,
+                fingerprint=request.fingerprint,
+                reason=request.reason,
+            )
+        )
+
+    async def Hold(
+        self, request: accounts_pb2.HoldRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.LedgerReply:
+        return reply_pb(
+            await self.ledger.hold(
+                current_caller(),
+                account_id=request.account_id,
+                hold_id=request.hold_id,
+                amount=request.amount,
+                partial=request.partial,
+            )
+        )
+
+    async def Capture(
+        self, request: accounts_pb2.CaptureRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.LedgerReply:
+        items = [CaptureItem(i.attempt_id, i.hold_id, i.amount) for i in request.items]
+        return reply_pb(await self.ledger.capture(current_caller(), account_id=request.account_id, items=items))
+
+    async def Release(
+        self, request: accounts_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.LedgerReply:
+        return reply_pb(
+            await self.ledger.release(current_caller(), account_id=request.account_id, hold_id=request.hold_id)
+        )
+
+    async def ListTransactions(
+        self, request: accounts_pb2.ListTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.ListTransactionsResponse:
+        entries, total = await self.ledger.transactions(
+            current_caller(), account_id=request.account_id, limit=request.limit or 50, skip=request.skip
+        )
+        return accounts_pb2.ListTransactionsResponse(transactions=[transaction_pb(e) for e in entries], total=total)

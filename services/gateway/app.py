@@ -9,16 +9,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
+from pregonero.accounts.v1 import auth_pb2_grpc
 
 from services.runtime.lifecycle import Runtime
 from services.runtime.logs import REQUEST_ID_KEY, new_request_id, request_id_var
 
 from . import errors
-from .auth import Authenticator
+from .auth import Authenticator, GrpcDirectory
 from .clients import Backends
 from .config import GatewaySettings
 from .live import LiveHub
-from .routes import bulk, devices, system, ws
+from .routes import accounts, auth, bulk, devices, system, ws
 
 log = logging.getLogger("pregonero.gateway.access")
 
@@ -30,6 +31,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         await rt.open(schema=None, migrations=None)
         app.state.runtime = rt
         app.state.backends = Backends(settings)
+        app.state.auth_rpc = auth_pb2_grpc.AuthServiceStub(app.state.backends.channels["accounts"])
+        app.state.auth.attach(GrpcDirectory(app.state.auth_rpc))
         app.state.live = LiveHub()
         await app.state.live.start(rt.nc)
         try:
@@ -77,7 +80,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return response
 
     app.include_router(system.router)
+    app.include_router(auth.router)
     app.include_router(devices.router)
     app.include_router(bulk.router)
+    app.include_router(accounts.router)
     app.include_router(ws.router)
     return app

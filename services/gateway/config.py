@@ -1,3 +1,5 @@
+from pydantic import Field
+
 from services.runtime.settings import BaseServiceSettings
 
 
@@ -17,6 +19,14 @@ class GatewaySettings(BaseServiceSettings):
     # Off by default; set on private-network deployments whose clients send no token.
     pregonero_anonymous_account: str = ""
     db_pool_max: int = 2
+    # JWTs are checked against the accounts service's public key (fetched from it) and issuer.
+    pregonero_jwt_issuer: str = "pregonero"
+    # How long a session or API key check is reused. This bounds how late a logout, a
+    # replayed refresh token or a revoked key takes effect on another gateway replica.
+    pregonero_auth_cache_seconds: float = Field(5.0, ge=0, le=5)
+    # Proxies (addresses or CIDRs) whose X-Forwarded-For is believed: Envoy. The login limit
+    # counts per client address, which only they can tell.
+    pregonero_trusted_proxies: str = "127.0.0.1,::1"
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

@@ -1,16 +1,121 @@
-"""Static operator tokens: parsing and resolution."""
+"""Authentication in the gateway: static operator tokens, JWT verification, revocation within
+the cache bound, API keys, and the client address the login limit counts."""
 
 from __future__ import annotations
 
-import pytest
+import base64
+import hashlib
+import hmac
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
-from services.gateway.auth import Authenticator, parse_static_tokens
+import grpc
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from pydantic import ValidationError
+
+from services.accounts.auth import AccessTokens, signing_key_from_pem
+from services.gateway.auth import (
+    API_KEY,
+    JWT,
+    STATIC,
+    Authenticator,
+    KeyOwner,
+    client_address,
+    parse_networks,
+    parse_static_tokens,
+)
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import ApiError
 
+ISSUER = "pregonero"
 
-def settings(**kw: str) -> GatewaySettings:
+
+def settings(**kw: Any) -> GatewaySettings:
     return GatewaySettings(database_url="postgresql://x/y", **kw)
+
+
+def new_tokens(issuer: str = ISSUER, clock: Any = time.time, ttl: int = 900) -> AccessTokens:
+    pem = (
+        ed25519.Ed25519PrivateKey.generate()
+        .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        .decode()
+    )
+    return AccessTokens(signing_key_from_pem(pem), issuer=issuer, ttl_seconds=ttl, clock=clock)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class FakeDirectory:
+    """The accounts service as authentication sees it."""
+
+    tokens: AccessTokens
+    revoked: set[str] = field(default_factory=set)
+    keys: dict[str, KeyOwner] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=lambda: {"jwks": 0, "session": 0, "key": 0})
+    down: bool = False
+
+    def _check(self, what: str) -> None:
+        self.calls[what] += 1
+        if self.down:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
+
+    async def jwks(self) -> dict[str, Any]:
+        self._check("jwks")
+        return self.tokens.jwks()
+
+    async def session_active(self, session_id: str) -> bool:
+        self._check("session")
+        return session_id not in self.revoked
+
+    async def api_key(self, secret: str) -> KeyOwner | None:
+        self._check("key")
+        return self.keys.get(secret)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def directory() -> FakeDirectory:
+    return FakeDirectory(new_tokens())
+
+
+@pytest.fixture
+def auth(directory: FakeDirectory, clock: Clock) -> Authenticator:
+    return Authenticator(
+        settings(pregonero_static_tokens="good=admin", pregonero_default_account="house"),
+        directory=directory,
+        clock=clock,
+    )
+
+
+def bearer(token: str) -> str:
+    return f"Bearer {token}"
+
+
+def member_token(tokens: AccessTokens, session: str = "s-1") -> str:
+    return tokens.issue(user_id="usr-1", role="member", account_id="acme", session_id=session)
+
+
+def b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+# static operator tokens
 
 
 def test_tokens_map_to_admin_or_one_account() -> None:
@@ -25,20 +130,224 @@ def test_malformed_token_lists_are_refused(spec: str) -> None:
         parse_static_tokens(spec, default_account="default")
 
 
-def test_unknown_missing_and_malformed_headers_are_401() -> None:
+async def test_unknown_missing_and_malformed_headers_are_401() -> None:
     auth = Authenticator(settings(pregonero_static_tokens="good=admin"))
-    assert auth.resolve("Bearer good").is_admin
-    for header in (None, "", "Bearer", "Bearer bad", "Basic good", "good"):
+    assert (await auth.resolve("Bearer good")).is_admin
+    for header in (None, "", "Bearer", "Bearer bad", "Basic good", "good", "Bearer a.b.c"):
         with pytest.raises(ApiError) as info:
-            auth.resolve(header)
+            await auth.resolve(header)
         assert info.value.status == 401
 
 
-def test_anonymous_callers_only_where_the_operator_allows() -> None:
+async def test_anonymous_callers_only_where_the_operator_allows() -> None:
     closed = Authenticator(settings())
     with pytest.raises(ApiError):
-        closed.resolve(None, allow_anonymous=True)
+        await closed.resolve(None, allow_anonymous=True)
     opened = Authenticator(settings(pregonero_anonymous_account="lan"))
-    assert opened.resolve(None, allow_anonymous=True).account_id == "lan"
+    assert (await opened.resolve(None, allow_anonymous=True)).account_id == "lan"
     with pytest.raises(ApiError):
-        opened.resolve(None)  # the dashboards' routes never accept anonymous callers
+        await opened.resolve(None)  # the dashboards' routes never accept anonymous callers
+
+
+async def test_static_tokens_need_no_accounts_service(auth: Authenticator, directory: FakeDirectory) -> None:
+    principal = await auth.authenticate("Bearer good")
+    assert principal.kind == STATIC and principal.caller.user_id == "operator"
+    assert directory.calls == {"jwks": 0, "session": 0, "key": 0}
+
+
+# JWT access tokens
+
+
+async def test_a_jwt_resolves_to_its_user_account_and_session(auth: Authenticator, directory: FakeDirectory) -> None:
+    principal = await auth.authenticate(bearer(member_token(directory.tokens, "s-42")))
+    assert principal.kind == JWT and principal.session_id == "s-42"
+    assert (principal.caller.role, principal.caller.account_id, principal.caller.user_id) == ("member", "acme", "usr-1")
+    admin = directory.tokens.issue(user_id="usr-0", role="admin", account_id="", session_id="s-0")
+    caller = await auth.resolve(bearer(admin))
+    assert caller.is_admin and caller.account_id == "house"  # like the operator's admin tokens
+    assert directory.calls["jwks"] == 1  # the key set is fetched once
+
+
+def hs256(claims: dict[str, Any], secret: bytes, kid: str) -> str:
+    signing_input = f"{b64({'alg': 'HS256', 'typ': 'JWT', 'kid': kid})}.{b64(claims)}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
+
+
+def forgeries(good: AccessTokens) -> dict[str, str]:
+    now = int(time.time())
+    kid = good.key.kid
+    claims = {"iss": ISSUER, "sub": "usr-1", "role": "member", "account_id": "acme", "sid": "s-1"}
+    claims |= {"iat": now, "exp": now + 900}
+    other = ed25519.Ed25519PrivateKey.generate()
+
+    def signed(payload: dict[str, Any], key: Any = good.key.private_key, header_kid: str = kid) -> str:
+        return jwt.encode(payload, key, algorithm="EdDSA", headers={"kid": header_kid})
+
+    header, _, signature = signed(claims).split(".")
+    public_pem = good.key.private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return {
+        "expired": signed({**claims, "iat": now - 3600, "exp": now - 60}),
+        "forged signature": signed(claims, key=other),  # the published kid, another private key
+        "tampered claims": ".".join([header, b64({**claims, "account_id": "globex"}), signature]),
+        "wrong issuer": signed({**claims, "iss": "someone-else"}),
+        "alg none": ".".join([b64({"alg": "none", "typ": "JWT", "kid": kid}), b64(claims), ""]),
+        # The classic confusion: HMAC keyed with the public key, which anyone can read.
+        "hs256 keyed with the public key": hs256(claims, public_pem, kid),
+        "unknown kid": signed(claims, key=other, header_kid="not-ours"),
+        "no session claim": signed({k: v for k, v in claims.items() if k != "sid"}),
+        "no expiry": signed({k: v for k, v in claims.items() if k != "exp"}),
+        "unknown role": signed({**claims, "role": "root"}),
+        "member without account": signed({**claims, "account_id": ""}),
+        "garbage": "a.b.c",
+    }
+
+
+FORGERIES = list(forgeries(new_tokens()))
+
+
+@pytest.mark.parametrize("case", FORGERIES)
+async def test_expired_forged_and_unsigned_tokens_are_401(
+    auth: Authenticator, directory: FakeDirectory, case: str
+) -> None:
+    token = forgeries(directory.tokens)[case]
+    with pytest.raises(ApiError) as info:
+        await auth.resolve(bearer(token))
+    assert info.value.status == 401 and info.value.code == "unauthorized"
+    if case == "expired":
+        assert "expired" in info.value.message
+    assert directory.calls["session"] == 0  # refused before the session is even looked at
+
+
+async def test_a_rotated_signing_key_is_fetched_again_but_not_for_every_forgery(
+    auth: Authenticator, directory: FakeDirectory, clock: Clock
+) -> None:
+    await auth.resolve(bearer(member_token(directory.tokens)))
+    old = directory.tokens
+    directory.tokens = new_tokens()  # accounts restarted with a new key
+    with pytest.raises(ApiError):  # within the refetch pause the new kid is still unknown
+        await auth.resolve(bearer(member_token(directory.tokens)))
+    assert directory.calls["jwks"] == 1
+    clock.now += 31
+    assert (await auth.resolve(bearer(member_token(directory.tokens)))).account_id == "acme"
+    assert directory.calls["jwks"] == 2
+    with pytest.raises(ApiError):
+        await auth.resolve(bearer(member_token(old)))  # the old key is no longer published
+
+
+# revocation
+
+
+async def test_a_revoked_session_is_refused_within_the_cache_bound(
+    auth: Authenticator, directory: FakeDirectory, clock: Clock
+) -> None:
+    token = bearer(member_token(directory.tokens, "s-7"))
+    await auth.resolve(token)
+    directory.revoked.add("s-7")  # logged out through another gateway replica
+    clock.now += 4.9
+    await auth.resolve(token)  # still inside the cache bound: the earlier answer holds
+    clock.now += 0.1
+    with pytest.raises(ApiError) as info:
+        await auth.resolve(token)  # 5 s after the check: asked again, and refused
+    assert info.value.status == 401 and "session" in info.value.message
+    asked = directory.calls["session"]
+    for _ in range(3):
+        with pytest.raises(ApiError):
+            await auth.resolve(token)
+    assert directory.calls["session"] == asked  # a revoked session is remembered, not asked again
+
+
+async def test_the_replica_that_ends_a_session_refuses_it_at_once(
+    auth: Authenticator, directory: FakeDirectory
+) -> None:
+    token = bearer(member_token(directory.tokens, "s-8"))
+    await auth.resolve(token)
+    auth.forget_session("s-8")
+    with pytest.raises(ApiError):
+        await auth.resolve(token)
+
+
+def test_the_cache_bound_cannot_exceed_five_seconds() -> None:
+    assert settings().pregonero_auth_cache_seconds == 5.0
+    with pytest.raises(ValidationError):
+        settings(pregonero_auth_cache_seconds=6)
+
+
+async def test_logout_still_names_the_session_of_an_expired_token(
+    auth: Authenticator, directory: FakeDirectory
+) -> None:
+    expired = bearer(forgeries(directory.tokens)["expired"])
+    with pytest.raises(ApiError):
+        await auth.resolve(expired)
+    principal = await auth.logout_principal(expired)
+    assert principal.kind == JWT and principal.session_id == "s-1"
+    with pytest.raises(ApiError):
+        await auth.logout_principal(bearer(forgeries(directory.tokens)["forged signature"]))
+    assert (await auth.logout_principal("Bearer good")).kind == STATIC
+
+
+async def test_an_unreachable_accounts_service_is_503_not_a_free_pass(
+    auth: Authenticator, directory: FakeDirectory
+) -> None:
+    directory.down = True
+    for token in (member_token(directory.tokens), "pk_whatever"):
+        with pytest.raises(ApiError) as info:
+            await auth.resolve(bearer(token))
+        assert info.value.status == 503
+    assert (await auth.resolve("Bearer good")).is_admin  # operator tokens keep working
+
+
+# API keys
+
+
+async def test_an_api_key_is_a_member_of_its_account_until_revoked(
+    auth: Authenticator, directory: FakeDirectory, clock: Clock
+) -> None:
+    directory.keys["pk_live"] = KeyOwner(key_id="key-1", account_id="acme")
+    principal = await auth.authenticate(bearer("pk_live"))
+    assert principal.kind == API_KEY and principal.key_id == "key-1"
+    assert (principal.caller.role, principal.caller.account_id, principal.caller.user_id) == (
+        "member",
+        "acme",
+        "key:key-1",
+    )
+    await auth.resolve(bearer("pk_live"))
+    assert directory.calls["key"] == 1  # cached
+
+    del directory.keys["pk_live"]  # revoked through another replica
+    clock.now += 5
+    with pytest.raises(ApiError) as info:
+        await auth.resolve(bearer("pk_live"))
+    assert info.value.status == 401
+
+    directory.keys["pk_other"] = KeyOwner(key_id="key-2", account_id="globex")
+    await auth.resolve(bearer("pk_other"))
+    auth.forget_api_key("key-2")  # revoked through this replica: refused at once
+    del directory.keys["pk_other"]
+    with pytest.raises(ApiError):
+        await auth.resolve(bearer("pk_other"))
+
+
+# the client address the login limit counts
+
+
+TRUSTED = parse_networks("127.0.0.1,::1,10.0.0.0/8")
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded", "expected"),
+    [
+        ("127.0.0.1", "203.0.113.9", "203.0.113.9"),  # Envoy appended the client it saw
+        ("127.0.0.1", "1.1.1.1, 203.0.113.9", "203.0.113.9"),  # the client's own header is not believed
+        ("127.0.0.1", "203.0.113.9, 10.1.2.3", "203.0.113.9"),  # past our own proxies
+        ("10.1.2.3", "10.9.9.9", "10.9.9.9"),  # only proxies in the chain: the first hop
+        ("198.51.100.7", "1.1.1.1", "198.51.100.7"),  # not through a trusted proxy: its peer
+        ("198.51.100.7", "", "198.51.100.7"),
+        ("127.0.0.1", "", "127.0.0.1"),
+        ("", "", "unknown"),
+    ],
+)
+def test_client_address(peer: str, forwarded: str, expected: str) -> None:
+    assert client_address(peer, forwarded, TRUSTED) == expected

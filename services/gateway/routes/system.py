@@ -1,17 +1,12 @@
-"""Health and identity."""
+"""Health. (Identity, `/api/auth/me`, lives with the other auth routes.)"""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-
-from services.runtime.identity import Caller
-
-from ..auth import require_caller
 
 router = APIRouter()
 
@@ -37,8 +32,3 @@ async def health(request: Request) -> JSONResponse:
         "services": services,
     }
     return JSONResponse(body, status_code=200 if healthy else 503)
-
-
-@router.get("/api/auth/me", tags=["auth"], summary="The caller behind the bearer token")
-async def me(caller: Annotated[Caller, Depends(require_caller)]) -> dict[str, str]:
-    return {"role": caller.role, "account_id": caller.account_id, "user_id": caller.user_id}

@@ -91,7 +91,7 @@ async def job_updates(
     authorization = websocket.headers.get("authorization") or (f"Bearer {token}" if token else None)
     auth: Authenticator = websocket.app.state.auth
     try:
-        caller = auth.resolve(authorization, allow_anonymous=True)
+        caller = await auth.resolve(authorization, allow_anonymous=True)
     except ApiError as exc:
         await _refuse(websocket, 4401, "unauthorized", exc.message)
         return
