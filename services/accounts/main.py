@@ -5,19 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc, auth_pb2, auth_pb2_grpc
+from pregonero.accounts.v1 import (
+    accounts_pb2,
+    accounts_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
+    notifications_pb2,
+    notifications_pb2_grpc,
+)
 
 from services.runtime.db import check_queries
 from services.runtime.lifecycle import Runtime, serve_grpc
 
-from . import auth_repo
+from . import auth_repo, notify_repo
+from .audit import Audit
 from .auth import build_auth
-from .auth_server import AuthServicer
 from .config import AccountsSettings
 from .domain import Accounts
 from .ledger import Ledger
+from .notifications import Notifications, consume_batch_events
+from .notify_server import AuditedAccountsServicer, AuditedAuthServicer, NotificationsServicer, nats_publisher
 from .repo import AccountsRepo, LedgerRepo, Q
-from .server import AccountsServicer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -32,17 +40,27 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     await accounts.create(
         account_id=settings.pregonero_default_account, account_name=settings.pregonero_default_account, exist_ok=True
     )
-    servicer = AccountsServicer(accounts, Ledger(LedgerRepo(rt.pool)))
+    await check_queries(rt.pool, notify_repo.Q)
+    assert rt.nc is not None and rt.js is not None
+    notes_repo = notify_repo.NotifyRepo(rt.pool)
+    notifications = Notifications(notes_repo, on_created=nats_publisher(rt.nc))
+    audit = Audit(notes_repo)
+    notifications_pb2_grpc.add_NotificationsServiceServicer_to_server(
+        NotificationsServicer(notifications, audit), server
+    )
+    rt.spawn(consume_batch_events(rt.js, notifications), name="notifications-batches")
+    servicer = AuditedAccountsServicer(accounts, Ledger(LedgerRepo(rt.pool)), audit=audit, notifications=notifications)
     accounts_pb2_grpc.add_AccountsServiceServicer_to_server(servicer, server)
     await check_queries(rt.pool, auth_repo.Q)
     auth = build_auth(rt.pool, settings)
     if settings.pregonero_admin_email and settings.pregonero_admin_password:
         await auth.ensure_admin(email=settings.pregonero_admin_email, password=settings.pregonero_admin_password)
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(auth), server)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(AuditedAuthServicer(auth, audit=audit), server)
     rt.spawn(auth.purge_forever(), name="auth-purge")
     return [
         accounts_pb2.DESCRIPTOR.services_by_name["AccountsService"].full_name,
         auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
+        notifications_pb2.DESCRIPTOR.services_by_name["NotificationsService"].full_name,
     ]
 
 

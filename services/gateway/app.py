@@ -19,7 +19,8 @@ from .auth import Authenticator, GrpcDirectory
 from .clients import Backends
 from .config import GatewaySettings
 from .live import LiveHub
-from .routes import accounts, auth, bulk, devices, system, ws
+from .notify_live import NotificationHub
+from .routes import accounts, auth, bulk, devices, notifications, system, ws
 
 log = logging.getLogger("pregonero.gateway.access")
 
@@ -35,9 +36,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.auth.attach(GrpcDirectory(app.state.auth_rpc))
         app.state.live = LiveHub()
         await app.state.live.start(rt.nc)
+        app.state.notifications = NotificationHub()
+        await app.state.notifications.start(rt.nc)
         try:
             yield
         finally:
+            await app.state.notifications.stop()
             await app.state.live.stop()
             await app.state.backends.close()
             await rt.close()
@@ -85,4 +89,5 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(bulk.router)
     app.include_router(accounts.router)
     app.include_router(ws.router)
+    app.include_router(notifications.router)
     return app

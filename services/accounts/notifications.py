@@ -1,0 +1,231 @@
+"""Notifications: made from events (batch finished or failed, credit low or exhausted,
+account suspended), one per source event, read within the caller's account."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from pregonero.events.v1 import events_pb2
+
+from services.runtime.bus import EVENTS_STREAM
+from services.runtime.errors import InvalidArgument, NotFound
+from services.runtime.identity import Caller
+
+from .notify_repo import NotifyRepo
+
+log = logging.getLogger("pregonero.accounts.notifications")
+
+# Below this many credits (or minutes) available an account is told its credit is low.
+LOW_CREDIT = Decimal(10)
+BATCH_DURABLE = "accounts-notifications"
+FETCH = 256
+
+Published = Callable[[asyncpg.Record], Awaitable[None]]
+
+
+def _today() -> str:
+    return datetime.now(UTC).date().isoformat()
+
+
+class Notifications:
+    def __init__(self, repo: NotifyRepo, *, on_created: Published | None = None) -> None:
+        self.repo = repo
+        self.on_created = on_created
+        # Credit-level keys already written: a capture on a low account costs no query.
+        self._done: set[str] = set()
+
+    async def create(
+        self,
+        *,
+        account_id: str,
+        kind: str,
+        level: str,
+        title: str,
+        message: str,
+        source_key: str,
+        data: dict[str, Any] | None = None,
+        user_id: str | None = None,
+    ) -> asyncpg.Record | None:
+        """The new notification, or None when its source event already made one."""
+        if not await self.repo.account_exists(account_id=account_id):
+            return None  # an event of an account that is gone: nobody to tell
+        row = await self.repo.insert_notification(
+            account_id=account_id,
+            user_id=user_id,
+            kind=kind,
+            level=level,
+            title=title,
+            message=message,
+            data=data or {},
+            source_key=source_key,
+        )
+        if row is not None and self.on_created is not None:
+            try:
+                await self.on_created(row)
+            except Exception:  # noqa: BLE001 - the row is kept; only the live push is lost
+                log.warning("publishing notification %s failed", row["id"], exc_info=True)
+        return row
+
+    # --- from events --------------------------------------------------------------------
+
+    async def batch_event(self, event: events_pb2.BatchEvent) -> asyncpg.Record | None:
+        if event.type not in ("job_completed", "job_failed") or not event.account_id:
+            return None
+        data = {"job_id": event.batch_id, "sent": event.sent, "failed": event.failed, "total": event.total}
+        key = f"batch:{event.batch_id}:{event.type}"
+        if event.type == "job_failed":
+            return await self.create(
+                account_id=event.account_id,
+                kind="batch_failed",
+                level="error",
+                title="Envío masivo fallido",
+                message=event.message or event.error or f"El envío masivo {event.batch_id} falló",
+                source_key=key,
+                data={**data, "error": event.error},
+            )
+        cancelled = event.status == "cancelled"
+        return await self.create(
+            account_id=event.account_id,
+            kind="batch_cancelled" if cancelled else "batch_completed",
+            level="info" if cancelled else "success",
+            title="Envío masivo cancelado" if cancelled else "Envío masivo completado",
+            message=f"{event.sent} enviados, {event.failed} fallidos de {event.total}",
+            source_key=key,
+            data=data,
+        )
+
+    async def credit_level(self, *, account_id: str, plan_type: str, available: Decimal) -> asyncpg.Record | None:
+        """Credit low / exhausted, at most once a day per account and kind."""
+        if plan_type == "unlimited" or available >= LOW_CREDIT:
+            return None
+        unit = "minutos" if plan_type == "minutes_based" else "créditos"
+        if available <= 0:
+            kind, level, title = "credit_exhausted", "error", "Saldo agotado"
+            message = f"La cuenta no tiene {unit} disponibles"
+        else:
+            kind, level, title = "credit_low", "warning", "Saldo bajo"
+            message = f"Quedan {available:.2f} {unit} disponibles"
+        key = f"{kind}:{account_id}:{_today()}"
+        if key in self._done:
+            return None
+        row = await self.create(
+            account_id=account_id,
+            kind=kind,
+            level=level,
+            title=title,
+            message=message,
+            source_key=key,
+            data={"available": str(available)},
+        )
+        if len(self._done) > 10_000:
+            self._done.clear()
+        self._done.add(key)
+        return row
+
+    async def suspended(self, *, account_id: str, reason: str, changed_at: datetime) -> asyncpg.Record | None:
+        return await self.create(
+            account_id=account_id,
+            kind="account_suspended",
+            level="error",
+            title="Cuenta suspendida",
+            message=reason or "La cuenta fue suspendida",
+            source_key=f"suspended:{account_id}:{changed_at.isoformat()}",
+            data={"reason": reason},
+        )
+
+    # --- reading ------------------------------------------------------------------------
+
+    @staticmethod
+    def _scope(caller: Caller, account_id: str) -> tuple[str, str]:
+        """(account, user) filters: a member sees its account's and its own; an admin all."""
+        account = caller.account_scope(account_id) if not caller.is_admin else account_id
+        return account, "" if caller.is_admin else caller.user_id
+
+    async def list(
+        self, caller: Caller, *, account_id: str = "", unread_only: bool = False, limit: int = 50
+    ) -> list[asyncpg.Record]:
+        if not 1 <= limit <= 500:
+            raise InvalidArgument("limit must be between 1 and 500")
+        account, user = self._scope(caller, account_id)
+        return await self.repo.list_notifications(
+            account_id=account, user_id=user, unread_only=unread_only, limit=limit
+        )
+
+    async def unread_count(self, caller: Caller, *, account_id: str = "") -> int:
+        account, user = self._scope(caller, account_id)
+        return await self.repo.unread_count(account_id=account, user_id=user)
+
+    async def mark_read(self, caller: Caller, notification_id: str) -> asyncpg.Record:
+        account, user = self._scope(caller, "")
+        row = await self.repo.mark_read(account_id=account, user_id=user, notification_id=_id(notification_id))
+        if row is None:
+            raise NotFound(f"notification {notification_id} not found")
+        return row
+
+    async def mark_all_read(self, caller: Caller, *, account_id: str = "") -> int:
+        account, user = self._scope(caller, account_id)
+        return await self.repo.mark_all_read(account_id=account, user_id=user)
+
+    async def delete(self, caller: Caller, notification_id: str) -> None:
+        account, user = self._scope(caller, "")
+        if not await self.repo.delete_notification(
+            account_id=account, user_id=user, notification_id=_id(notification_id)
+        ):
+            raise NotFound(f"notification {notification_id} not found")
+
+
+def _id(text: str) -> int:
+    # A malformed id names nothing: 'not found', like another account's.
+    if not text.isdigit() or len(text) > 18:
+        raise NotFound(f"notification {text} not found")
+    return int(text)
+
+
+async def consume_batch_events(js: JetStreamContext, notifications: Notifications) -> None:
+    """Durable pull consumer of the batch lifecycle events: a notification per finished batch.
+    Acked after the row is written; a failure is redelivered and deduplicated by source key."""
+    sub = await js.pull_subscribe(
+        "events.batch.>",
+        durable=BATCH_DURABLE,
+        stream=EVENTS_STREAM,
+        config=js_api.ConsumerConfig(
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_ack_pending=4096,
+            # Older events were never notified; a first start does not flood accounts with them.
+            deliver_policy=js_api.DeliverPolicy.NEW,
+        ),
+    )
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(FETCH, timeout=1)
+            except (TimeoutError, NatsTimeout):
+                continue
+            for msg in msgs:
+                try:
+                    event = events_pb2.BatchEvent.FromString(msg.data)
+                except Exception:  # noqa: BLE001 - undecodable: it will never decode
+                    await msg.term()
+                    continue
+                try:
+                    await notifications.batch_event(event)
+                except (asyncpg.PostgresError, OSError):
+                    log.warning("notification for batch %s failed", event.batch_id, exc_info=True)
+                    await msg.nak(delay=2)
+                    continue
+                await msg.ack()
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        await asyncio.sleep(0)

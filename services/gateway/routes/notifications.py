@@ -1,0 +1,202 @@
+"""Notifications (`/api/notifications`, the seed's shapes), their live push on
+`ws /ws/{user_id}`, and the audit log for admins (`/api/v1/audit`). The accounts service
+decides what a caller may see; this module only maps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, WebSocket
+from pregonero.accounts.v1 import notifications_pb2, notifications_pb2_grpc
+
+from services.runtime.identity import Caller
+from services.runtime.logs import REQUEST_ID_KEY, new_request_id, request_id_var
+from services.runtime.protos import from_timestamp, iso
+from services.runtime.rpc import outgoing_metadata
+
+from ..auth import Authenticator, require_caller
+from ..errors import ApiError
+from ..notify_live import NotificationHub, notification_json
+
+log = logging.getLogger("pregonero.gateway.notifications")
+
+router = APIRouter(tags=["notifications"])
+
+RPC_TIMEOUT_S = 10.0
+AUTH_TIMEOUT_S = 10.0
+CallerDep = Annotated[Caller, Depends(require_caller)]
+NotificationId = Annotated[str, Path(min_length=1, max_length=20)]
+AccountFilter = Annotated[str | None, Query(max_length=64, description="admins: one account's only")]
+
+
+def stub(request: Request | WebSocket) -> notifications_pb2_grpc.NotificationsServiceStub:
+    return notifications_pb2_grpc.NotificationsServiceStub(request.app.state.backends.channels["accounts"])
+
+
+@router.get("/api/notifications", summary="Notifications, newest first")
+async def list_notifications(
+    request: Request,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    unread_only: bool = False,
+    account_id: AccountFilter = None,
+) -> list[dict[str, Any]]:
+    reply = await stub(request).ListNotifications(
+        notifications_pb2.ListNotificationsRequest(account_id=account_id or "", unread_only=unread_only, limit=limit),
+        metadata=outgoing_metadata(caller),
+        timeout=RPC_TIMEOUT_S,
+    )
+    return [notification_json(n) for n in reply.notifications]
+
+
+@router.get("/api/notifications/unread-count", summary="How many are unread")
+async def unread_count(request: Request, caller: CallerDep, account_id: AccountFilter = None) -> dict[str, int]:
+    reply = await stub(request).UnreadCount(
+        notifications_pb2.UnreadCountRequest(account_id=account_id or ""),
+        metadata=outgoing_metadata(caller),
+        timeout=RPC_TIMEOUT_S,
+    )
+    return {"count": reply.count}
+
+
+@router.put("/api/notifications/read-all", summary="Mark every notification read")
+async def mark_all_read(request: Request, caller: CallerDep, account_id: AccountFilter = None) -> dict[str, Any]:
+    reply = await stub(request).MarkAllRead(
+        notifications_pb2.MarkAllReadRequest(account_id=account_id or ""),
+        metadata=outgoing_metadata(caller),
+        timeout=RPC_TIMEOUT_S,
+    )
+    return {"success": True, "updated": reply.updated}
+
+
+async def _mark_read(request: Request, caller: Caller, notification_id: str) -> dict[str, Any]:
+    reply = await stub(request).MarkRead(
+        notifications_pb2.NotificationRef(id=notification_id),
+        metadata=outgoing_metadata(caller),
+        timeout=RPC_TIMEOUT_S,
+    )
+    return {"success": True, "notification": notification_json(reply)}
+
+
+@router.put("/api/notifications/{notification_id}/read", summary="Mark one read")
+async def mark_read(request: Request, caller: CallerDep, notification_id: NotificationId) -> dict[str, Any]:
+    return await _mark_read(request, caller, notification_id)
+
+
+@router.post("/api/notifications/mark-read/{notification_id}", summary="Mark one read (seed form)")
+async def mark_read_seed(request: Request, caller: CallerDep, notification_id: NotificationId) -> dict[str, Any]:
+    return await _mark_read(request, caller, notification_id)
+
+
+@router.delete("/api/notifications/{notification_id}", summary="Delete one")
+async def delete_notification(request: Request, caller: CallerDep, notification_id: NotificationId) -> dict[str, Any]:
+    await stub(request).DeleteNotification(
+        notifications_pb2.NotificationRef(id=notification_id),
+        metadata=outgoing_metadata(caller),
+        timeout=RPC_TIMEOUT_S,
+    )
+    return {"success": True, "id": notification_id}
+
+
+@router.get("/api/v1/audit", tags=["audit"], summary="Audit log of critical actions (admin)")
+async def list_audit(
+    request: Request,
+    response: Response,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    skip: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    action: Annotated[str | None, Query(max_length=64)] = None,
+    account_id: AccountFilter = None,
+) -> list[dict[str, Any]]:
+    reply = await stub(request).ListAudit(
+        notifications_pb2.ListAuditRequest(action=action or "", account_id=account_id or "", limit=limit, skip=skip),
+        metadata=outgoing_metadata(caller),
+        timeout=RPC_TIMEOUT_S,
+    )
+    response.headers["X-Total-Count"] = str(reply.total)
+    return [
+        {
+            "id": e.id,
+            "action": e.action,
+            "target": e.target,
+            "account_id": e.account_id or None,
+            "actor": {"user_id": e.actor_user_id, "role": e.actor_role, "account_id": e.actor_account or None},
+            "details": json.loads(e.details_json) if e.details_json else {},
+            "at": iso(from_timestamp(e.at)),
+        }
+        for e in reply.entries
+    ]
+
+
+async def _refuse(websocket: WebSocket, code: int, error: str, message: str) -> None:
+    with contextlib.suppress(Exception):
+        await websocket.send_json({"type": "error", "error": error, "message": message})
+        await websocket.close(code)
+
+
+async def _first_message_token(websocket: WebSocket) -> str:
+    """`{"type": "auth", "token": ...}` as the first message, for clients without headers."""
+    async with asyncio.timeout(AUTH_TIMEOUT_S):
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return ""
+            try:
+                data = json.loads(message.get("text") or (message.get("bytes") or b"").decode("utf-8", "replace"))
+            except ValueError:
+                continue
+            if isinstance(data, dict) and data.get("type") == "auth":
+                return str(data.get("token") or "")
+            if isinstance(data, dict) and data.get("type") == "ping":
+                await websocket.send_json({"type": "pong", "timestamp": data.get("timestamp")})
+
+
+@router.websocket("/ws/{user_id}")
+async def user_notifications(websocket: WebSocket, user_id: str, token: str | None = None) -> None:
+    request_id_var.set(websocket.headers.get(REQUEST_ID_KEY) or new_request_id())
+    await websocket.accept()
+    authorization = websocket.headers.get("authorization") or (f"Bearer {token}" if token else None)
+    if not authorization:
+        try:
+            first = await _first_message_token(websocket)
+        except TimeoutError:
+            first = ""
+        if not first:
+            await _refuse(websocket, 4401, "unauthorized", 'send {"type": "auth", "token": ...} first')
+            return
+        authorization = f"Bearer {first}"
+    auth: Authenticator = websocket.app.state.auth
+    try:
+        caller = await auth.resolve(authorization)
+    except ApiError as exc:
+        await _refuse(websocket, 4401, "unauthorized", exc.message)
+        return
+    # A user's socket is its own; operator tokens and API keys name no user of the path.
+    if not caller.is_admin and caller.user_id.startswith("usr-") and caller.user_id != user_id:
+        await _refuse(websocket, 4403, "forbidden", "not your notifications")
+        return
+
+    hub: NotificationHub = websocket.app.state.notifications
+    sock = hub.subscribe(caller, websocket)
+    sock.offer({"type": "authenticated", "user_id": user_id, "account_id": caller.account_id or None})
+    sock.start()
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            try:
+                data = json.loads(message.get("text") or (message.get("bytes") or b"").decode("utf-8", "replace"))
+            except ValueError:
+                continue
+            if isinstance(data, dict) and data.get("type") == "ping":
+                sock.offer({"type": "pong", "timestamp": data.get("timestamp")})
+    except Exception:  # noqa: BLE001 - the client went away
+        return
+    finally:
+        hub.unsubscribe(sock)
+        await sock.stop()

@@ -1,0 +1,417 @@
+"""Isolation between accounts, walked over the whole OpenAPI document (issue 4).
+
+The admin creates one of each resource the API has in other accounts ("default" and
+"iso-other"); the member of "acme" then calls every operation of `/openapi.json` with those
+ids. Whatever names another account's resource must answer 404 (never the data, never a 403
+that tells the resource exists, never a 500); lists must hold only the member's own items.
+Each operation is classified in ROUTES below, so the intent is reviewable; a route the
+document gains and the table does not classify fails `test_every_route_is_classified`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_TOKEN, MEMBER_TOKEN
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+MEMBER = {"Authorization": f"Bearer {MEMBER_TOKEN}"}  # a member of account "acme"
+MEMBER_ACCOUNT = "acme"
+OTHER_ACCOUNT = "iso-other"
+TIMEOUT = httpx.Timeout(15.0)
+
+# Operations anyone may call, and the document itself: nothing of an account's to reach.
+PUBLIC = {
+    ("GET", "/health"),
+    ("GET", "/docs"),
+    ("GET", "/redoc"),
+    ("GET", "/openapi.json"),
+    ("GET", "/.well-known/jwks.json"),
+    ("POST", "/api/auth/login"),
+    ("POST", "/api/auth/refresh"),
+}
+
+RESOURCE = "resource"  # the path names a resource of another account: 404 for a member
+LIST = "list"  # a listing: only the member's own items (a foreign ?account_id= is 404)
+OWN = "own"  # creates in the caller's own account (a foreign account_id in the body is 404)
+ADMIN_ONLY = "admin-only"  # not about one resource of another account: 403 for a member
+SELF = "self"  # about the caller itself (its session, identity, counters); a foreign ?account_id= is 404
+
+ROUTES: dict[tuple[str, str], str] = {
+    # auth
+    ("POST", "/api/auth/logout"): SELF,
+    ("GET", "/api/auth/me"): SELF,
+    ("POST", "/api/auth/users"): ADMIN_ONLY,
+    ("POST", "/api/auth/api-keys"): OWN,
+    ("GET", "/api/auth/api-keys"): LIST,
+    ("DELETE", "/api/auth/api-keys/{key_id}"): RESOURCE,
+    # WhatsApp devices
+    ("GET", "/devices"): LIST,
+    ("POST", "/devices"): OWN,
+    ("GET", "/devices/{device_id}"): RESOURCE,
+    ("PUT", "/devices/{device_id}"): RESOURCE,
+    ("DELETE", "/devices/{device_id}"): RESOURCE,
+    # WhatsApp bulk jobs
+    ("POST", "/messages/send-bulk-file"): OWN,
+    ("GET", "/jobs"): LIST,
+    ("GET", "/jobs/{job_id}"): RESOURCE,
+    ("POST", "/jobs/{job_id}/pause"): RESOURCE,
+    ("POST", "/jobs/{job_id}/resume"): RESOURCE,
+    ("POST", "/jobs/{job_id}/cancel"): RESOURCE,
+    ("POST", "/jobs/{job_id}/retry-failed"): RESOURCE,
+    ("GET", "/jobs/{job_id}/results"): RESOURCE,
+    # SpeechAI accounts and their ledger
+    ("POST", "/api/v1/accounts"): ADMIN_ONLY,
+    ("GET", "/api/v1/accounts"): LIST,
+    ("GET", "/api/v1/accounts/{account_id}"): RESOURCE,
+    ("PATCH", "/api/v1/accounts/{account_id}"): RESOURCE,
+    ("PUT", "/api/v1/accounts/{account_id}/suspend"): RESOURCE,
+    ("PUT", "/api/v1/accounts/{account_id}/activate"): RESOURCE,
+    ("GET", "/api/v1/accounts/{account_id}/balance"): RESOURCE,
+    ("POST", "/api/v1/accounts/{account_id}/topup"): RESOURCE,
+    ("POST", "/api/v1/accounts/{account_id}/refund"): RESOURCE,
+    ("POST", "/api/v1/accounts/{account_id}/adjust"): RESOURCE,
+    ("GET", "/api/v1/accounts/{account_id}/transactions"): RESOURCE,
+    ("GET", "/api/v1/accounts/{account_id}/batches"): RESOURCE,
+    # notifications (per account) and the audit log
+    ("GET", "/api/notifications"): LIST,
+    ("GET", "/api/notifications/unread-count"): SELF,
+    ("PUT", "/api/notifications/read-all"): SELF,
+    ("PUT", "/api/notifications/{notification_id}/read"): RESOURCE,
+    ("POST", "/api/notifications/mark-read/{notification_id}"): RESOURCE,
+    ("DELETE", "/api/notifications/{notification_id}"): RESOURCE,
+    ("GET", "/api/v1/audit"): ADMIN_ONLY,
+}
+
+# Known isolation bugs: (method, path) -> reason. Such cases run as strict xfails, so the
+# fix turns them red until the entry goes.
+KNOWN_BUGS: dict[tuple[str, str], str] = {}
+
+# Bodies the schema alone cannot make valid (a validator beyond the schema), by schema name.
+BODIES: dict[str, dict[str, Any]] = {
+    "Credit": {"credits": 1, "reason": "isolation"},
+    "Adjustment": {"credits": 1, "reason": "isolation"},
+    "AccountPatch": {"account_name": "taken over"},
+    "DeviceUpdate": {"device_name": "taken over"},
+    "StatusChange": {"reason": "isolation"},
+}
+
+
+@dataclass
+class World:
+    doc: dict[str, Any]
+    ids: dict[str, list[str]]  # path parameter name -> the admin's ids of that kind
+    secrets: list[str]  # strings only the admin's resources hold; a member must never read them
+
+
+def _client(base_url: str, headers: dict[str, str]) -> httpx.Client:
+    return httpx.Client(base_url=base_url, headers=headers, timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def world(base_url: str) -> Iterator[World]:
+    """As admin: a device, a finished bulk job, an account, API keys, all outside "acme"."""
+    with _client(base_url, ADMIN) as admin:
+        for account_id, name in ((MEMBER_ACCOUNT, "Acme"), (OTHER_ACCOUNT, "Isolation other")):
+            r = admin.post("/api/v1/accounts", json={"account_id": account_id, "account_name": name})
+            assert r.status_code in (200, 409), r.text
+
+        token = f"iso-tok-{uuid.uuid4().hex[:8]}"
+        r = admin.post("/devices", json={"token": token, "secret": "iso-secret-value", "rate_per_minute": 0})
+        assert r.status_code == 200, r.text
+        device_id = str(r.json()["device"]["id"])
+        file_name = f"iso-{uuid.uuid4().hex[:8]}.csv"
+        r = admin.post(
+            "/messages/send-bulk-file",
+            files={"file": (file_name, b"phone|@valor1\n+56990000001|x\n", "text/csv")},
+            data={"message": "Hola @valor1", "devices_limit": "1"},
+        )
+        assert r.status_code == 200, r.text
+        job_id = r.json()["job"]["id"]
+
+        keys = []
+        for account_id in ("default", OTHER_ACCOUNT):
+            r = admin.post("/api/auth/api-keys", json={"name": "iso", "account_id": account_id})
+            assert r.status_code == 201, r.text
+            keys.append(r.json()["id"])
+
+        # The finished job notifies the admin's account.
+        notification_id = ""
+        deadline = time.monotonic() + 20
+        while not notification_id and time.monotonic() < deadline:
+            for n in admin.get("/api/notifications", params={"limit": 500}).json():
+                if str(n.get("data", {}).get("job_id")) == job_id:
+                    notification_id = str(n["id"])
+                    break
+            else:
+                time.sleep(0.2)
+        assert notification_id, f"no notification for job {job_id}"
+
+        doc = admin.get("/openapi.json").json()
+        try:
+            yield World(
+                doc=doc,
+                ids={
+                    "device_id": [device_id],
+                    "job_id": [job_id],
+                    "account_id": ["default", OTHER_ACCOUNT],
+                    "key_id": keys,
+                    "notification_id": [notification_id],
+                },
+                secrets=[token, file_name],
+            )
+        finally:
+            admin.put(f"/devices/{device_id}", json={"status": "inactive"})
+            for key_id in keys:
+                admin.delete(f"/api/auth/api-keys/{key_id}")
+
+
+# --- the document ----------------------------------------------------------------------
+
+
+def operations(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    methods = {"get", "put", "post", "delete", "patch", "head", "options"}
+    return {
+        (method.upper(), path): op
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+        if method in methods
+    }
+
+
+def resolve(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        schema = doc["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            options = [s for s in schema[key] if s.get("type") != "null"]
+            return resolve(doc, options[0]) if options else {"type": "null"}
+    return schema
+
+
+def sample(doc: dict[str, Any], schema: dict[str, Any], name: str = "") -> Any:
+    """A plausible value: required fields filled, the rest left out."""
+    schema = resolve(doc, schema)
+    if schema.get("title") in BODIES:
+        return dict(BODIES[schema["title"]])
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "default" in schema:
+        return schema["default"]
+    kind = schema.get("type")
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties", {})
+        return {field: sample(doc, props[field], field) for field in schema.get("required", [])}
+    if kind == "array":
+        return []
+    if kind in ("integer", "number"):
+        return max(1, schema.get("minimum", 1))
+    if kind == "boolean":
+        return False
+    if name == "email":
+        return f"iso-{uuid.uuid4().hex[:8]}@example.com"
+    return "isolation-value-long-enough"
+
+
+def body_schema(doc: dict[str, Any], op: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    content = op.get("requestBody", {}).get("content", {})
+    for media, spec in content.items():
+        return media, resolve(doc, spec.get("schema", {}))
+    return None
+
+
+def request_kwargs(doc: dict[str, Any], op: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    """Required query and header parameters, and a minimal valid body."""
+    kwargs: dict[str, Any] = {"params": {}, "headers": {}}
+    for p in op.get("parameters", []):
+        if p["in"] == "query" and p.get("required"):
+            kwargs["params"][p["name"]] = sample(doc, p.get("schema", {}), p["name"])
+        if p["in"] == "header" and p["name"].lower() == "idempotency-key":
+            kwargs["headers"][p["name"]] = f"iso-{uuid.uuid4().hex}"
+    spec = body_schema(doc, op)
+    if spec is not None:
+        media, schema = spec
+        body = sample(doc, schema)
+        if isinstance(body, dict):
+            body.update(overrides)
+        if media == "application/json":
+            kwargs["json"] = body
+        else:
+            kwargs["data"] = {k: str(v) for k, v in body.items()}
+    return kwargs
+
+
+def path_params(op: dict[str, Any]) -> list[str]:
+    return [p["name"] for p in op.get("parameters", []) if p["in"] == "path"]
+
+
+def query_params(op: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {p["name"]: p.get("schema", {}) for p in op.get("parameters", []) if p["in"] == "query"}
+
+
+def items(body: Any) -> list[dict[str, Any]]:
+    if isinstance(body, list):
+        return body
+    lists = [v for v in body.values() if isinstance(v, list)] if isinstance(body, dict) else []
+    assert len(lists) == 1, f"cannot find the items of {body!r}"
+    return lists[0]
+
+
+def identifiers(item: dict[str, Any]) -> set[str]:
+    return {str(item[k]) for k in ("id", "_id", "job_id", "batch_id", "account_id", "key_id") if k in item}
+
+
+def assert_hidden(r: httpx.Response, world: World, what: str) -> None:
+    assert r.status_code == 404, f"{what}: {r.status_code} {r.text[:300]}"
+    for secret in world.secrets:
+        assert secret not in r.text, f"{what} leaks {secret}: {r.text[:300]}"
+
+
+# --- the walk ---------------------------------------------------------------------------
+
+
+def test_every_route_is_classified(world: World) -> None:
+    walked = set(operations(world.doc)) - PUBLIC
+    unclassified = sorted(walked - set(ROUTES))
+    assert not unclassified, f"routes missing from ROUTES in {__name__} (classify them): {unclassified}"
+    assert len(walked) >= 25, sorted(walked)
+
+
+def _case(route: tuple[str, str]) -> Any:
+    marks = [pytest.mark.xfail(reason=KNOWN_BUGS[route], strict=True)] if route in KNOWN_BUGS else []
+    return pytest.param(route, id=f"{route[0]} {route[1]}", marks=marks)
+
+
+@pytest.mark.parametrize("route", [_case(r) for r in ROUTES])
+def test_member_reaches_nothing_of_another_account(base_url: str, world: World, route: tuple[str, str]) -> None:
+    ops = operations(world.doc)
+    if route not in ops:
+        pytest.skip(f"{route} is no longer in the OpenAPI document")
+    op = ops[route]
+    method, path = route
+    kind = ROUTES[route]
+    with _client(base_url, MEMBER) as member, _client(base_url, ADMIN) as admin:
+        if kind == RESOURCE:
+            walk_resource(member, admin, world, method, path, op)
+        elif kind == LIST:
+            walk_list(member, admin, world, method, path, op)
+        elif kind == OWN:
+            walk_own(member, admin, world, method, path, op)
+        elif kind == ADMIN_ONLY:
+            body = {"account_id": OTHER_ACCOUNT}
+            r = member.request(method, path, **request_kwargs(world.doc, op, **body))
+            assert r.status_code == 403, f"{method} {path}: {r.status_code} {r.text[:300]}"
+        elif kind == SELF:
+            r = member.request(method, path, **request_kwargs(world.doc, op))
+            assert 200 <= r.status_code < 300, f"{method} {path}: {r.status_code} {r.text[:300]}"
+            if r.content and isinstance(r.json(), dict) and "account_id" in r.json():
+                assert r.json()["account_id"] == MEMBER_ACCOUNT, r.json()
+            if "account_id" in query_params(op):
+                for account_id in world.ids["account_id"]:
+                    kwargs = request_kwargs(world.doc, op)
+                    other = member.request(method, path, **{**kwargs, "params": {"account_id": account_id}})
+                    assert_hidden(other, world, f"{method} {path}?account_id={account_id}")
+        else:  # pragma: no cover - a typo in ROUTES
+            raise AssertionError(f"unknown kind {kind!r}")
+
+
+def walk_resource(
+    member: httpx.Client, admin: httpx.Client, world: World, method: str, path: str, op: dict[str, Any]
+) -> None:
+    names = path_params(op)
+    missing = [n for n in names if n not in world.ids]
+    assert not missing, f"{method} {path}: no foreign ids for {missing}; create such a resource in `world`"
+    choices = []
+    for name in names:
+        ids = world.ids[name]
+        # Never let a changing call on "default" through should isolation fail: the rest of
+        # the suite works in that account. "iso-other" stands for it.
+        if name == "account_id" and method != "GET":
+            ids = [OTHER_ACCOUNT]
+        choices.append(ids)
+    for values in itertools.product(*choices):
+        url = path
+        for name, value in zip(names, values, strict=True):
+            url = url.replace("{" + name + "}", str(value))
+        if method == "GET":  # not vacuous: the resource is there, for its own side
+            seen = admin.get(url)
+            assert seen.status_code == 200, f"admin {method} {url}: {seen.status_code} {seen.text[:300]}"
+        r = member.request(method, url, **request_kwargs(world.doc, op))
+        assert_hidden(r, world, f"{method} {url}")
+
+
+def walk_list(
+    member: httpx.Client, admin: httpx.Client, world: World, method: str, path: str, op: dict[str, Any]
+) -> None:
+    # The kind of item listed: the path parameter of the list's one-item sibling route.
+    kinds = [n for (_, p), o in operations(world.doc).items() for n in path_params(o) if p == f"{path}/{{{n}}}"]
+    kinds = sorted(set(kinds))
+    assert len(kinds) == 1, f"{path}: cannot tell what it lists ({kinds})"
+    foreign = set(world.ids[kinds[0]])
+    params: dict[str, Any] = {}
+    query = query_params(op)
+    if "limit" in query:
+        params["limit"] = resolve(world.doc, query["limit"]).get("maximum", 100)
+    # Not vacuous: the admin's listing holds some of the admin's resources.
+    seen = admin.request(method, path, params=params)
+    assert seen.status_code == 200, seen.text
+    assert {i for item in items(seen.json()) for i in identifiers(item)} & foreign, (
+        f"admin's {path} shows none of {foreign}"
+    )
+    r = member.request(method, path, params=params)
+    assert r.status_code == 200, f"{method} {path}: {r.status_code} {r.text[:300]}"
+    for item in items(r.json()):
+        assert not identifiers(item) & foreign, f"{method} {path} shows another account's {item}"
+        if "account_id" in item:
+            assert item["account_id"] == MEMBER_ACCOUNT, f"{method} {path} shows {item}"
+    for secret in world.secrets:
+        assert secret not in r.text, f"{method} {path} leaks {secret}"
+    if "account_id" in query:
+        for account_id in world.ids["account_id"]:
+            other = member.request(method, path, params={**params, "account_id": account_id})
+            assert_hidden(other, world, f"{method} {path}?account_id={account_id}")
+
+
+def walk_own(
+    member: httpx.Client, admin: httpx.Client, world: World, method: str, path: str, op: dict[str, Any]
+) -> None:
+    spec = body_schema(world.doc, op)
+    if spec is not None and "account_id" in spec[1].get("properties", {}):
+        for account_id in world.ids["account_id"]:
+            r = member.request(method, path, **request_kwargs(world.doc, op, account_id=account_id))
+            assert_hidden(r, world, f"{method} {path} for account {account_id}")
+    if (method, path) == ("POST", "/api/auth/api-keys"):
+        r = member.post(path, json={"name": "iso-own"})
+        assert r.status_code == 201 and r.json()["account_id"] == MEMBER_ACCOUNT, r.text
+        assert member.delete(f"/api/auth/api-keys/{r.json()['id']}").status_code == 204
+    elif (method, path) == ("POST", "/devices"):
+        r = member.post(path, json={"token": f"iso-own-{uuid.uuid4().hex[:8]}", "secret": "s", "status": "inactive"})
+        assert r.status_code == 200, r.text
+        own = r.json()["device"]["id"]
+        assert own not in [int(i) for i in world.ids["device_id"]]
+        assert member.get(f"/devices/{own}").status_code == 200
+        assert member.delete(f"/devices/{own}").status_code == 200
+    elif (method, path) == ("POST", "/messages/send-bulk-file"):
+        r = member.post(
+            path,
+            files={"file": ("own.csv", b"phone|@valor1\n+56990000002|x\n", "text/csv")},
+            data={"message": "Hola @valor1", "devices_limit": "1"},
+        )
+        # 400 when "acme" has no active device of its own (other modules may have given it some);
+        # when it runs, the job is the member's own.
+        assert r.status_code in (200, 400), f"{method} {path}: {r.status_code} {r.text[:300]}"
+        if r.status_code == 200:
+            own_job = str(r.json()["job"]["id"])
+            assert own_job not in world.ids["job_id"]
+            assert member.get(f"/jobs/{own_job}").status_code == 200
+            member.post(f"/jobs/{own_job}/cancel")
+    else:
+        raise AssertionError(f"{method} {path} is OWN but has no check here; add one")
