@@ -130,15 +130,15 @@ class Batches:
         return row
 
     async def list(
-        self, caller: Caller, *, channel: str, status: str, limit: int, skip: int
+        self, caller: Caller, *, channel: str, status: str, limit: int, skip: int, account_id: str = ""
     ) -> tuple[list[asyncpg.Record], int]:
         if not 1 <= limit <= 1000:
             raise InvalidArgument("limit must be between 1 and 1000")
         if skip < 0:
             raise InvalidArgument("skip must not be negative")
-        return await self.repo.list_batches(
-            scope=scope_of(caller), channel=channel, status=status, limit=limit, skip=skip
-        )
+        # Naming an account narrows an admin's view; a member naming another gets NOT_FOUND.
+        scope = caller.account_scope(account_id) if account_id else scope_of(caller)
+        return await self.repo.list_batches(scope=scope, channel=channel, status=status, limit=limit, skip=skip)
 
     async def pause(self, caller: Caller, batch_id: str) -> asyncpg.Record:
         current = await self.get(caller, batch_id)

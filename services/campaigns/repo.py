@@ -24,12 +24,12 @@ class Q:
     GET_BATCH = "SELECT * FROM batches WHERE batch_id = $1 AND ($2 = '' OR account_id = $2)"
     LIST_BATCHES = """
         SELECT * FROM batches
-        WHERE ($1 = '' OR account_id = $1) AND channel = $2 AND status <> 'ingesting'
+        WHERE ($1 = '' OR account_id = $1) AND ($2 = '' OR channel = $2) AND status <> 'ingesting'
           AND ($3 = '' OR status = $3)
         ORDER BY created_at DESC LIMIT $4 OFFSET $5"""
     COUNT_BATCHES = """
         SELECT count(*) FROM batches
-        WHERE ($1 = '' OR account_id = $1) AND channel = $2 AND status <> 'ingesting'
+        WHERE ($1 = '' OR account_id = $1) AND ($2 = '' OR channel = $2) AND status <> 'ingesting'
           AND ($3 = '' OR status = $3)"""
     RUNNABLE_BATCHES = """
         SELECT batch_id FROM batches

@@ -31,6 +31,7 @@ def batch_pb(row: asyncpg.Record) -> campaigns_pb2.Batch:
         file_name=row["file_name"],
         error=row["error"],
         devices_used=row["devices_used"],
+        object_id=row["object_id"],
         progress=campaigns_pb2.Progress(
             sent=row["sent_jobs"],
             failed=row["failed_jobs"],
@@ -90,10 +91,11 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
     ) -> campaigns_pb2.ListBatchesResponse:
         rows, total = await self.batches.list(
             current_caller(),
-            channel=request.channel or "whatsapp",
+            channel=request.channel,
             status=request.status,
             limit=request.limit or 100,
             skip=request.skip,
+            account_id=request.account_id,
         )
         return campaigns_pb2.ListBatchesResponse(batches=[batch_pb(r) for r in rows], total=total)
 

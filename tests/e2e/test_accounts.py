@@ -259,3 +259,25 @@ def test_transactions_refund_adjust(base_url: str) -> None:
 
     r = httpx.get(url(base_url, account_id, "batches"), headers=ADMIN)
     assert r.status_code == 200 and r.json() == [] and r.headers["X-Total-Count"] == "0"
+
+
+def test_account_batches_lists_its_campaigns_of_every_channel(base_url: str) -> None:
+    from tests.e2e.test_bulk import add_device, make_file, phones, send_file, wait_job
+
+    device = add_device(base_url, rate_per_minute=0)
+    try:
+        job_id = send_file(base_url, make_file(phones(40, 3))).json()["job"]["id"]
+        wait_job(base_url, job_id)
+    finally:
+        httpx.put(f"{base_url}/devices/{device}", headers=ADMIN, json={"status": "inactive"})
+    r = httpx.get(url(base_url, "default", "batches"), headers=ADMIN, params={"limit": 500})
+    assert r.status_code == 200 and int(r.headers["X-Total-Count"]) >= 1
+    mine = [b for b in r.json() if b["batch_id"] == job_id]
+    assert len(mine) == 1
+    batch = mine[0]
+    assert re.fullmatch(r"[0-9a-f]{24}", batch["_id"]) and batch["account_id"] == "default"
+    assert batch["total_jobs"] == 3 and batch["completed_jobs"] == 3 and batch["failed_jobs"] == 0
+    assert all(b["account_id"] == "default" for b in r.json())
+    # Another tenant's batches stay invisible to a member.
+    member = {"Authorization": f"Bearer {MEMBER_TOKEN}"}
+    assert httpx.get(url(base_url, "default", "batches"), headers=member).status_code == 404

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pregonero.accounts.v1 import accounts_pb2
+from pregonero.campaigns.v1 import campaigns_pb2
 from pydantic import BaseModel, Field, model_validator
 
 from services.runtime.identity import Caller
@@ -415,10 +416,41 @@ async def list_account_batches(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     skip: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> list[dict[str, Any]]:
-    # The account must be the caller's to see (404 otherwise). Voice batches do not exist in
-    # campaigns yet and its ListBatches cannot filter by account, so the list is empty.
+    # The account must be the caller's to see (404 otherwise), then its batches of every channel.
     await stub(request).GetAccount(
         accounts_pb2.GetAccountRequest(account_id=account_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
     )
-    response.headers["X-Total-Count"] = "0"
-    return []
+    reply = await request.app.state.backends.campaigns.ListBatches(
+        campaigns_pb2.ListBatchesRequest(account_id=account_id, limit=limit, skip=skip),
+        metadata=outgoing_metadata(caller),
+        timeout=RPC_TIMEOUT_S,
+    )
+    response.headers["X-Total-Count"] = str(reply.total)
+    return [batch_summary_json(b) for b in reply.batches]
+
+
+def batch_summary_json(batch: campaigns_pb2.Batch) -> dict[str, Any]:
+    """The batch fields the dashboard reads; costs stay 0 until credit is charged per batch."""
+    p = batch.progress
+    return {
+        "_id": batch.object_id,
+        "batch_id": batch.batch_id,
+        "account_id": batch.account_id,
+        "name": batch.name,
+        "description": "",
+        "channel": batch.channel,
+        "status": batch.status,
+        "is_active": batch.status in ("pending", "processing"),
+        "created_at": iso(from_timestamp(batch.created_at)),
+        "total_jobs": p.total,
+        "pending_jobs": p.pending + p.in_flight,
+        "completed_jobs": p.sent,
+        "failed_jobs": p.failed,
+        "cancelled_jobs": p.cancelled,
+        "suspended_jobs": p.suspended,
+        "total_cost": 0.0,
+        "total_minutes": 0.0,
+        "estimated_cost": 0.0,
+        "call_settings": {},
+        "priority": 1,
+    }
