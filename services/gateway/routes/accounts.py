@@ -317,17 +317,18 @@ async def get_balance(request: Request, caller: CallerDep, account_id: AccountId
     return balance_json(balance)
 
 
-@router.post("/{account_id}/topup", summary="Add credits or minutes (admin); honours Idempotency-Key")
-async def top_up(
+async def _credit_call(
     request: Request,
-    response: Response,
-    caller: CallerDep,
-    account_id: AccountId,
-    body: Credit,
-    idempotency_key: IdempotencyKey = None,
-) -> dict[str, Any]:
-    reply = await stub(request).TopUp(
-        accounts_pb2.TopUpRequest(
+    caller: Caller,
+    rpc: str,
+    message: Any,
+    account_id: str,
+    body: Credit | Adjustment,
+    idempotency_key: str | None,
+) -> accounts_pb2.LedgerReply:
+    """Top-up, refund and adjustment carry the same fields to their RPCs."""
+    return await getattr(stub(request), rpc)(
+        message(
             account_id=account_id,
             credits=_text(body.credits),
             minutes=_text(body.minutes),
@@ -338,6 +339,18 @@ async def top_up(
         metadata=outgoing_metadata(caller),
         timeout=RPC_TIMEOUT_S,
     )
+
+
+@router.post("/{account_id}/topup", summary="Add credits or minutes (admin); honours Idempotency-Key")
+async def top_up(
+    request: Request,
+    response: Response,
+    caller: CallerDep,
+    account_id: AccountId,
+    body: Credit,
+    idempotency_key: IdempotencyKey = None,
+) -> dict[str, Any]:
+    reply = await _credit_call(request, caller, "TopUp", accounts_pb2.TopUpRequest, account_id, body, idempotency_key)
     return {**ledger_json(reply, response, key=idempotency_key or ""), "amount_added": number(reply.amount)}
 
 
@@ -350,18 +363,7 @@ async def refund(
     body: Credit,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    reply = await stub(request).Refund(
-        accounts_pb2.RefundRequest(
-            account_id=account_id,
-            credits=_text(body.credits),
-            minutes=_text(body.minutes),
-            idempotency_key=idempotency_key or "",
-            fingerprint=fingerprint(body),
-            reason=body.reason or "",
-        ),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
-    )
+    reply = await _credit_call(request, caller, "Refund", accounts_pb2.RefundRequest, account_id, body, idempotency_key)
     return ledger_json(reply, response, key=idempotency_key or "")
 
 
@@ -374,18 +376,7 @@ async def adjust(
     body: Adjustment,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    reply = await stub(request).Adjust(
-        accounts_pb2.AdjustRequest(
-            account_id=account_id,
-            credits=_text(body.credits),
-            minutes=_text(body.minutes),
-            idempotency_key=idempotency_key or "",
-            fingerprint=fingerprint(body),
-            reason=body.reason,
-        ),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
-    )
+    reply = await _credit_call(request, caller, "Adjust", accounts_pb2.AdjustRequest, account_id, body, idempotency_key)
     return ledger_json(reply, response, key=idempotency_key or "")
 
 
