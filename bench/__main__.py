@@ -87,10 +87,30 @@ def start(simulator: bool, data_dir: Path) -> Stack:
     return stack
 
 
-def add_devices(base: str, n: int, **fields: Any) -> None:
+def add_devices(base: str, n: int, headers: dict[str, str] = H, **fields: Any) -> None:
     for i in range(n):
-        r = httpx.post(f"{base}/devices", headers=H, json={"token": f"bench-{i}", "secret": "bench-secret", **fields})
+        body = {"token": f"bench-{i}", "secret": "bench-secret", **fields}
+        r = httpx.post(f"{base}/devices", headers=headers, json=body)
         r.raise_for_status()
+
+
+def credit_account(base: str, credits: str) -> tuple[str, dict[str, str]]:
+    """A credit-based account (0.01 per message) and an API key of it: the campaign goes
+    through the whole credit path (holds, captures, settlement)."""
+    body = {"account_id": "bench-credit", "account_name": "Bench", "initial_credits": credits}
+    httpx.post(f"{base}/api/v1/accounts", headers=H, json=body).raise_for_status()
+    r = httpx.post(f"{base}/api/auth/api-keys", headers=H, json={"name": "bench", "account_id": "bench-credit"})
+    r.raise_for_status()
+    return "bench-credit", {"Authorization": f"Bearer {r.json()['key']}"}
+
+
+def settled_balance(base: str, account_id: str, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        balance = httpx.get(f"{base}/api/v1/accounts/{account_id}/balance", headers=H, timeout=30).json()
+        if balance["credit_reserved"] == 0 or time.monotonic() > deadline:
+            return balance
+        time.sleep(0.5)
 
 
 def wait_done(base: str, job_id: str, timeout: float) -> dict[str, Any]:
@@ -109,13 +129,14 @@ def upload_and_fanout(rows: int) -> dict[str, Any]:
         stack = start(simulator=False, data_dir=Path(tmp))
         try:
             base = f"http://127.0.0.1:{stack.http_port}"
-            add_devices(base, 5, rate_per_minute=0)
+            account_id, key = credit_account(base, f"{rows * 0.011:.2f}")
+            add_devices(base, 5, key, rate_per_minute=0)
             data = bulk_file(rows)
             with RssSampler(stack) as rss:
                 started = time.perf_counter()
                 r = httpx.post(
                     f"{base}/messages/send-bulk-file",
-                    headers=H,
+                    headers=key,
                     timeout=600,
                     files={"file": ("bench.csv", data, "text/csv")},
                     data={"message": "Hola @valor1, su código es @valor2", "devices_limit": "5"},
@@ -129,6 +150,9 @@ def upload_and_fanout(rows: int) -> dict[str, Any]:
             last = datetime.fromisoformat(done["finished_at"].replace("Z", "+00:00"))
             seconds = (last - first).total_seconds()
             p = done["progress"]
+            balance = settled_balance(base, account_id)
+            with asyncio.Runner() as runner:
+                drift = runner.run(ledger_drift(stack.database_url))
             return {
                 "rows": rows,
                 "file_mb": round(len(data) / 2**20, 1),
@@ -141,6 +165,12 @@ def upload_and_fanout(rows: int) -> dict[str, Any]:
                 "fanout_messages_per_s": round((p["sent"] + p["failed"]) / seconds) if seconds else None,
                 "peak_rss_mb": rss.report(),
                 "cpu_seconds": {k: round(v, 1) for k, v in sorted(rss.cpu.items())},
+                # The credit path: one hold per 2,000 messages, captures booked from the results.
+                "credit_used": balance["credit_used"],
+                "credit_expected": round(p["sent"] * 0.01, 2),
+                "credit_reserved_after": balance["credit_reserved"],
+                "batch_total_cost": done["total_cost"],
+                "accounts_with_drift": drift,
             }
         finally:
             stack.stop()
@@ -202,6 +232,14 @@ LEDGER_DRIFT = """
     SELECT count(*) FROM accounts.accounts a LEFT JOIN sums s USING (account_id)
     WHERE (a.credit_balance, a.credit_reserved, a.credit_used)
           IS DISTINCT FROM (coalesce(s.amount, 0), coalesce(s.held, 0), coalesce(s.used, 0))"""
+
+
+async def ledger_drift(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval(LEDGER_DRIFT))
+    finally:
+        await conn.close()
 
 
 async def ledger_load(

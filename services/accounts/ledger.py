@@ -211,6 +211,11 @@ def _entry(row: asyncpg.Record) -> Entry:
     )
 
 
+def _levels(balance: Balance, unit: str) -> dict[str, Decimal]:
+    balance_after, held_after = balance.level(unit)
+    return {"balance_after": balance_after, "held_after": held_after}
+
+
 def _taken(hold_id: str) -> NoReturn:
     raise AlreadyExists(f"hold id {hold_id} is taken by another account")
 
@@ -391,6 +396,7 @@ class Ledger:
                 hold_ids=list({p[1] for p in parsed}), attempt_ids=list({p[0] for p in parsed})
             )
             charged_by_hold: dict[str, Decimal] = defaultdict(Decimal)
+            requested_by_hold: dict[str, Decimal] = defaultdict(Decimal)
             outcomes: list[CaptureOutcome] = []
             first: dict[str, CaptureOutcome] = {}
             new: list[NewCapture] = []
@@ -425,6 +431,7 @@ class Ledger:
                     else:
                         charged, change = requested, ZERO
                     charged_by_hold[hold_id] += charged
+                    requested_by_hold[hold_id] += requested
                     balance = balance.apply(hold["unit"], amount=change, held=change, used=charged)
                     new.append(
                         NewCapture(
@@ -435,7 +442,9 @@ class Ledger:
                 first[attempt_id] = outcome
                 outcomes.append(outcome)
             if new:
-                ids = await tx.insert_captures(captures=new, charged={h: c for h, c in charged_by_hold.items() if c})
+                ids = await tx.insert_captures(
+                    captures=new, charged={h: (c, requested_by_hold[h]) for h, c in charged_by_hold.items()}
+                )
                 outcomes = [
                     replace(o, entry_id=ids[o.attempt_id]) if o.entry_id is None and o.attempt_id in ids else o
                     for o in outcomes
@@ -471,11 +480,35 @@ class Ledger:
             if hold["reserving"]:
                 left = hold["amount_held"] - hold["amount_captured"] - hold["amount_released"]
             after = before.apply(unit, held=-left)
-            balance_after, held_after = after.level(unit)
-            entry_id = await tx.release_hold(
-                hold_id=hold_id, released=left, balance_after=balance_after, held_after=held_after
-            )
+            entry_id = await tx.release_hold(hold_id=hold_id, released=left, **_levels(after, unit))
             return LedgerResult(balance=after, unit=unit, amount=left, entry_id=entry_id)
+
+    async def release_holds(
+        self, caller: Caller, *, account_id: str, prefix: str, expected: str, force: bool = False
+    ) -> LedgerResult:
+        """Close every open hold whose id starts with `prefix` (a batch's holds), once the
+        captures asked against all of them add up to `expected`: released any earlier, a
+        capture still on its way would find its hold closed and charge nothing."""
+        scoped = caller.account_scope(account_id)
+        prefix = _cause(prefix, "hold_prefix")
+        want = parse_amount(expected or "0", field="expected", allow_zero=True)
+        async with self._locked(scoped) as tx:
+            balance = Balance.of(tx.account)
+            holds = await tx.holds_by_prefix(prefix=prefix)
+            asked = sum((h["amount_requested"] for h in holds), ZERO)
+            if asked < want and not force:
+                raise Conflict(f"captures pending: {asked} of {want} booked against {prefix}*")
+            freed = ZERO
+            for hold in holds:
+                if hold["status"] == "released":
+                    continue
+                left = ZERO
+                if hold["reserving"]:
+                    left = hold["amount_held"] - hold["amount_captured"] - hold["amount_released"]
+                balance = balance.apply(hold["unit"], held=-left)
+                await tx.release_hold(hold_id=hold["hold_id"], released=left, **_levels(balance, hold["unit"]))
+                freed += left
+        return LedgerResult(balance=balance, unit=unit_of(balance.plan_type), amount=freed, replayed=not holds)
 
     async def transactions(self, caller: Caller, *, account_id: str, limit: int, skip: int) -> tuple[list[Entry], int]:
         scoped = caller.account_scope(account_id)

@@ -20,11 +20,18 @@ from services.runtime.lifecycle import Runtime, serve_grpc
 from . import auth_repo, notify_repo
 from .audit import Audit
 from .auth import build_auth
+from .charges import Charges
 from .config import AccountsSettings
 from .domain import Accounts
 from .ledger import Ledger
 from .notifications import Notifications, consume_batch_events
-from .notify_server import AuditedAccountsServicer, AuditedAuthServicer, NotificationsServicer, nats_publisher
+from .notify_server import (
+    AuditedAccountsServicer,
+    AuditedAuthServicer,
+    NotificationsServicer,
+    account_event_publisher,
+    nats_publisher,
+)
 from .repo import AccountsRepo, LedgerRepo, Q
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -37,8 +44,12 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     await check_queries(rt.pool, Q)
     accounts = Accounts(AccountsRepo(rt.pool))
     # The operator's default account always exists (work from account-less clients lands there).
+    # It is the operator's own, so unlimited: the clients that predate accounts keep sending.
     await accounts.create(
-        account_id=settings.pregonero_default_account, account_name=settings.pregonero_default_account, exist_ok=True
+        account_id=settings.pregonero_default_account,
+        account_name=settings.pregonero_default_account,
+        plan_type="unlimited",
+        exist_ok=True,
     )
     await check_queries(rt.pool, notify_repo.Q)
     assert rt.nc is not None and rt.js is not None
@@ -49,7 +60,11 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
         NotificationsServicer(notifications, audit), server
     )
     rt.spawn(consume_batch_events(rt.js, notifications), name="notifications-batches")
-    servicer = AuditedAccountsServicer(accounts, Ledger(LedgerRepo(rt.pool)), audit=audit, notifications=notifications)
+    ledger = Ledger(LedgerRepo(rt.pool))
+    servicer = AuditedAccountsServicer(
+        accounts, ledger, audit=audit, notifications=notifications, events=account_event_publisher(rt.js)
+    )
+    rt.spawn(Charges(ledger, rt.js, on_charged=notifications.balance_level).run(), name="charges")
     accounts_pb2_grpc.add_AccountsServiceServicer_to_server(servicer, server)
     await check_queries(rt.pool, auth_repo.Q)
     auth = build_auth(rt.pool, settings)

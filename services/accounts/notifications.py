@@ -3,8 +3,6 @@ account suspended), one per source event, read within the caller's account."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -12,15 +10,15 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
-from nats.errors import TimeoutError as NatsTimeout
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 from pregonero.events.v1 import events_pb2
 
-from services.runtime.bus import EVENTS_STREAM
+from services.runtime import bus
 from services.runtime.errors import InvalidArgument, NotFound
 from services.runtime.identity import Caller
 
+from .ledger import Balance, unit_of
 from .notify_repo import NotifyRepo
 
 log = logging.getLogger("pregonero.accounts.notifications")
@@ -79,10 +77,21 @@ class Notifications:
     # --- from events --------------------------------------------------------------------
 
     async def batch_event(self, event: events_pb2.BatchEvent) -> asyncpg.Record | None:
-        if event.type not in ("job_completed", "job_failed") or not event.account_id:
+        if event.type not in ("job_completed", "job_failed", "suspended") or not event.account_id:
             return None
         data = {"job_id": event.batch_id, "sent": event.sent, "failed": event.failed, "total": event.total}
         key = f"batch:{event.batch_id}:{event.type}"
+        if event.type == "suspended":
+            return await self.create(
+                account_id=event.account_id,
+                kind="batch_suspended",
+                level="warning",
+                title="Envío masivo suspendido",
+                message=f"{event.sent} de {event.total} enviados; {event.error}",
+                # One per suspension: a batch may be suspended again after a top-up.
+                source_key=f"{key}:{event.at.seconds}",
+                data={**data, "reason": event.error},
+            )
         if event.type == "job_failed":
             return await self.create(
                 account_id=event.account_id,
@@ -131,6 +140,18 @@ class Notifications:
             self._done.clear()
         self._done.add(key)
         return row
+
+    async def balance_level(self, balance: Balance) -> None:
+        """credit_level for a balance just changed by the ledger; a lost notice is only logged
+        (the change is booked and must not be replayed for it)."""
+        try:
+            await self.credit_level(
+                account_id=balance.account_id,
+                plan_type=balance.plan_type,
+                available=balance.available(unit_of(balance.plan_type)),
+            )
+        except (asyncpg.PostgresError, OSError):
+            log.warning("credit notification for %s failed", balance.account_id, exc_info=True)
 
     async def suspended(self, *, account_id: str, reason: str, changed_at: datetime) -> asyncpg.Record | None:
         return await self.create(
@@ -192,40 +213,17 @@ def _id(text: str) -> int:
 
 
 async def consume_batch_events(js: JetStreamContext, notifications: Notifications) -> None:
-    """Durable pull consumer of the batch lifecycle events: a notification per finished batch.
-    Acked after the row is written; a failure is redelivered and deduplicated by source key."""
-    sub = await js.pull_subscribe(
-        "events.batch.>",
-        durable=BATCH_DURABLE,
-        stream=EVENTS_STREAM,
-        config=js_api.ConsumerConfig(
-            ack_policy=js_api.AckPolicy.EXPLICIT,
-            ack_wait=30,
-            max_ack_pending=4096,
-            # Older events were never notified; a first start does not flood accounts with them.
-            deliver_policy=js_api.DeliverPolicy.NEW,
-        ),
-    )
-    try:
-        while True:
+    """Durable consumer of the batch lifecycle events: a notification per finished or
+    suspended batch. A failed batch of events is redelivered; notifications are deduplicated
+    by their source key. Older events were never notified, so a first start skips them."""
+
+    async def handle(msgs: list[Msg]) -> None:
+        for msg in msgs:
             try:
-                msgs = await sub.fetch(FETCH, timeout=1)
-            except (TimeoutError, NatsTimeout):
+                event = events_pb2.BatchEvent.FromString(msg.data)
+            except Exception:  # noqa: BLE001 - undecodable: it will never decode
+                log.warning("undecodable batch event skipped")
                 continue
-            for msg in msgs:
-                try:
-                    event = events_pb2.BatchEvent.FromString(msg.data)
-                except Exception:  # noqa: BLE001 - undecodable: it will never decode
-                    await msg.term()
-                    continue
-                try:
-                    await notifications.batch_event(event)
-                except (asyncpg.PostgresError, OSError):
-                    log.warning("notification for batch %s failed", event.batch_id, exc_info=True)
-                    await msg.nak(delay=2)
-                    continue
-                await msg.ack()
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-        await asyncio.sleep(0)
+            await notifications.batch_event(event)
+
+    await bus.consume(js, "events.batch.>", durable=BATCH_DURABLE, handle=handle, fetch=FETCH, deliver_new=True)

@@ -7,14 +7,18 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import asyncpg
 import grpc
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from pregonero.accounts.v1 import accounts_pb2, auth_pb2, notifications_pb2, notifications_pb2_grpc
+from pregonero.events.v1 import events_pb2
 
+from services.runtime import bus
 from services.runtime.errors import ResourceExhausted
 from services.runtime.identity import Caller, caller_var, current_caller
 from services.runtime.protos import to_timestamp
@@ -62,6 +66,21 @@ def audit_pb(row: asyncpg.Record) -> notifications_pb2.AuditEntry:
         details_json=_jsonb(row["details"]),
         at=to_timestamp(row["at"]),
     )
+
+
+AccountEvents = Callable[[str, str, str, str], Awaitable[None]]
+
+
+def account_event_publisher(js: JetStreamContext) -> AccountEvents:
+    """events.account.<id> through JetStream: campaigns resumes the account's suspended
+    batches on a top-up, suspends its running ones on a suspension."""
+
+    async def publish(account_id: str, kind: str, balance: str, key: str) -> None:
+        now = to_timestamp(datetime.now(UTC))
+        event = events_pb2.AccountEvent(account_id=account_id, type=kind, balance=balance, at=now)
+        await bus.publish(js, f"events.account.{account_id}", event, msg_id=f"account:{account_id}:{kind}:{key}")
+
+    return publish
 
 
 def nats_publisher(nc: NATS) -> Callable[[asyncpg.Record], Awaitable[None]]:
@@ -134,13 +153,24 @@ class AuditedAccountsServicer(AccountsServicer):
     """The accounts servicer; its ledger and status changes also write the audit log and
     the credit and suspension notifications."""
 
-    def __init__(self, *args: Any, audit: Audit, notifications: Notifications, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, audit: Audit, notifications: Notifications, events: AccountEvents, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.audit = audit
         self.notifications = notifications
+        self.events = events
+
+    async def _announce(self, account_id: str, kind: str, balance: str, key: str) -> None:
+        try:
+            await self.events(account_id, kind, balance, key)
+        except Exception:  # noqa: BLE001 - the change is booked; a batch can still be resumed by hand
+            log.warning("account event %s for %s not published", kind, account_id, exc_info=True)
 
     async def _credited(self, action: str, request: Any, reply: accounts_pb2.LedgerReply) -> accounts_pb2.LedgerReply:
         if not reply.replayed:
+            kind = {"credits.topup": "topped_up", "credits.refund": "refunded"}.get(action, "adjusted")
+            await self._announce(request.account_id, kind, reply.balance_after, reply.entry_id)
             details = {
                 "credits": request.credits,
                 "minutes": request.minutes,
@@ -190,7 +220,10 @@ class AuditedAccountsServicer(AccountsServicer):
         caller = current_caller()
         before = await self.accounts.get(caller, request.account_id)
         account = await super().UpdateAccount(request, context)
-        if account.status != before["status"]:
+        if account.status == before["status"]:
+            # A new plan or price may let suspended batches go on.
+            await self._announce(account.account_id, "updated", "", str(account.updated_at.ToMicroseconds()))
+        else:
             action = {"suspended": "account.suspended", "active": "account.activated"}.get(
                 account.status, "account.deactivated"
             )
@@ -201,6 +234,8 @@ class AuditedAccountsServicer(AccountsServicer):
                 target=account.account_id,
                 details={"from": before["status"], "to": account.status, "reason": account.suspension_reason},
             )
+            kind = "suspended" if account.status != "active" else "activated"
+            await self._announce(account.account_id, kind, "", str(account.updated_at.ToMicroseconds()))
             if account.status == "suspended":
                 await self.notifications.suspended(
                     account_id=account.account_id,

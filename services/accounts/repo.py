@@ -72,8 +72,9 @@ class Q:
             ORDER BY c.n
             RETURNING id, cause),
         holds_charged AS (
-            UPDATE holds SET amount_captured = amount_captured + u.charged, updated_at = now()
-            FROM unnest($10::text[], $11::numeric[]) AS u(hold_id, charged)
+            UPDATE holds SET amount_captured = amount_captured + u.charged,
+                   amount_requested = amount_requested + u.requested, updated_at = now()
+            FROM unnest($10::text[], $11::numeric[], $12::numeric[]) AS u(hold_id, charged, requested)
             WHERE holds.hold_id = u.hold_id AND holds.account_id = $1)
         SELECT id, cause FROM entries"""
     FIND_ENTRY = "SELECT * FROM ledger_entries WHERE account_id = $1 AND kind = $2 AND cause = $3"
@@ -117,6 +118,12 @@ class Q:
         SELECT $1, 'release', closed.unit, 0, -$3::numeric, closed.hold_id, closed.hold_id, $4, $5
         FROM closed WHERE $3::numeric > 0
         RETURNING id"""
+    # A batch's holds: the prefix is matched literally (LIKE wildcards in it are escaped).
+    HOLDS_BY_PREFIX = """
+        SELECT * FROM holds
+        WHERE account_id = $1
+          AND hold_id LIKE replace(replace(replace($2, '\\', '\\\\'), '%', '\\%'), '_', '\\_') || '%'
+        ORDER BY hold_id"""
     LIST_ENTRIES = """
         SELECT * FROM ledger_entries WHERE account_id = $1
         ORDER BY id DESC LIMIT $2 OFFSET $3"""
@@ -301,9 +308,11 @@ class LedgerTx:
         holds = {r["key"]: r for r in rows if r["what"] == "hold"}
         return holds, {r["key"]: r for r in rows if r["what"] == "capture"}
 
-    async def insert_captures(self, *, captures: Sequence[NewCapture], charged: dict[str, Decimal]) -> dict[str, int]:
-        """Book the captures and add `charged` (hold id → amount) to their holds; returns
-        attempt id → entry id."""
+    async def insert_captures(
+        self, *, captures: Sequence[NewCapture], charged: dict[str, tuple[Decimal, Decimal]]
+    ) -> dict[str, int]:
+        """Book the captures and add to their holds what was charged and what was asked
+        (hold id → (charged, requested)); returns attempt id → entry id."""
         rows = await self.conn.fetch(
             Q.INSERT_CAPTURES,
             self.account_id,
@@ -316,9 +325,13 @@ class LedgerTx:
             [c.balance_after for c in captures],
             [c.held_after for c in captures],
             list(charged),
-            list(charged.values()),
+            [c for c, _ in charged.values()],
+            [r for _, r in charged.values()],
         )
         return {r["cause"]: r["id"] for r in rows}
+
+    async def holds_by_prefix(self, *, prefix: str) -> list[asyncpg.Record]:
+        return await self.conn.fetch(Q.HOLDS_BY_PREFIX, self.account_id, prefix)
 
     async def release_hold(
         self, *, hold_id: str, released: Decimal, balance_after: Decimal, held_after: Decimal

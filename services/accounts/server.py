@@ -244,6 +244,19 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
             await self.ledger.release(current_caller(), account_id=request.account_id, hold_id=request.hold_id)
         )
 
+    async def ReleaseHolds(
+        self, request: accounts_pb2.ReleaseHoldsRequest, context: grpc.aio.ServicerContext
+    ) -> accounts_pb2.LedgerReply:
+        return reply_pb(
+            await self.ledger.release_holds(
+                current_caller(),
+                account_id=request.account_id,
+                prefix=request.hold_prefix,
+                expected=request.expected,
+                force=request.force,
+            )
+        )
+
     async def ListTransactions(
         self, request: accounts_pb2.ListTransactionsRequest, context: grpc.aio.ServicerContext
     ) -> accounts_pb2.ListTransactionsResponse:

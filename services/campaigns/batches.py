@@ -160,6 +160,11 @@ class Batches:
         current = await self.get(caller, batch_id)
         if current["status"] in ("pending", "processing"):
             return current
+        if current["status"] == "suspended":
+            # Asks for credit again at once; without it the batch is suspended again.
+            row = await self.resume_suspended(current["batch_id"], scope=scope_of(caller))
+            if row is not None:
+                return row
         row = await self.repo.set_status(
             batch_id=current["batch_id"], scope=scope_of(caller), status="processing", from_statuses=("paused",)
         )
@@ -167,6 +172,25 @@ class Batches:
             raise Conflict(f"job {batch_id} is {current['status']} and cannot be resumed")
         await self.notifier.run_state(row["batch_id"], "active")
         await self.notifier.publish(self.notifier.event(row, "resumed", message="Envío reanudado"))
+        return row
+
+    async def resume_suspended(self, batch_id: uuid.UUID, *, scope: str = "") -> asyncpg.Record | None:
+        """A suspended batch's jobs back in line for the feeder (a top-up, an activation)."""
+        row = await self.repo.unsuspend(batch_id=batch_id, scope=scope)
+        if row is None:
+            return None
+        await self.notifier.run_state(batch_id, "active")
+        await self.notifier.publish(self.notifier.event(row, "resumed", message="Envío reanudado"))
+        return row
+
+    async def suspend_running(self, batch_id: uuid.UUID, *, reason: str) -> asyncpg.Record | None:
+        """The account was suspended: nothing more is released, and what waits at the
+        dispatchers is handed back (paused run state) until the account is active again."""
+        row = await self.repo.suspend_running(batch_id=batch_id, reason=reason)
+        if row is None:
+            return None
+        await self.notifier.run_state(batch_id, "paused")
+        await self.notifier.publish(self.notifier.event(row, "suspended", error=reason, message=reason))
         return row
 
     async def cancel(self, caller: Caller, batch_id: str, reason: str) -> asyncpg.Record:
@@ -200,8 +224,8 @@ class Batches:
         self, caller: Caller, batch_id: str, *, status: str, limit: int, after: int
     ) -> list[asyncpg.Record]:
         batch = await self.get(caller, batch_id)
-        if status and status not in ("pending", "sent", "failed", "cancelled", "unknown", "requeue"):
-            raise InvalidArgument("status must be one of pending, sent, failed, cancelled, unknown")
+        if status and status not in ("pending", "sent", "failed", "cancelled", "unknown", "requeue", "suspended"):
+            raise InvalidArgument("status must be one of pending, sent, failed, cancelled, unknown, suspended")
         if not 1 <= limit <= 10_000:
             raise InvalidArgument("limit must be between 1 and 10000")
         return await self.repo.list_results(batch_id=batch["batch_id"], after=max(after, 0), status=status, limit=limit)

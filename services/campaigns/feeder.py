@@ -1,6 +1,8 @@
 """The feeder: keeps each running batch's window of released jobs full, in chunks on DISPATCH.
 
-A release publishes its chunks before the transaction that records it commits. If the commit
+Each release is paid for first: credit is reserved in accounts (a hold, see credit.py) and
+jobs the account cannot pay for become `suspended` until a top-up. A release publishes its
+chunks before the transaction that records it commits. If the commit
 fails, the same jobs are released again under new chunk numbers with the same attempt ids,
 and the dispatchers' attempt record makes the second copy a no-op: nothing is lost and
 nothing is sent twice."""
@@ -9,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from uuid import UUID
 
 from nats.js import JetStreamContext
@@ -16,6 +21,8 @@ from pregonero.events.v1 import events_pb2
 
 from services.runtime import bus
 
+from .batches import Batches
+from .credit import HOLD_BLOCK, ChargesPending, Credit, NoCredit
 from .notify import Notifier
 from .repo import CampaignsRepo
 from .template import Template, compile_template
@@ -24,10 +31,24 @@ log = logging.getLogger("pregonero.campaigns.feeder")
 
 CHUNK_JOBS = 500
 PROGRESS_BLOCK = 1000  # chunk_processing events, as the bulk-send document describes
+# A stopped batch whose charges have not all arrived by then is settled anyway.
+SETTLE_PATIENCE = timedelta(minutes=10)
 
 
 def attempt_id(batch_id: object, job_id: int, attempt_no: int) -> str:
     return f"{batch_id}:{job_id}:{attempt_no}"
+
+
+@dataclass(frozen=True, slots=True)
+class Cover:
+    """What credit covers in one release: `count` jobs, charged against `hold_id` at
+    `price` each, leaving `left` on the hold; `short` says why the rest must wait."""
+
+    count: int
+    hold_id: str
+    price: Decimal
+    left: Decimal
+    short: str = ""
 
 
 class Feeder:
@@ -36,11 +57,14 @@ class Feeder:
         repo: CampaignsRepo,
         js: JetStreamContext,
         notifier: Notifier,
+        credit: Credit,
+        batches: Batches,
         *,
         chunk_jobs: int = CHUNK_JOBS,
         idle_wait: float = 0.25,
     ) -> None:
         self.repo, self.js, self.notifier = repo, js, notifier
+        self.credit, self.batches = credit, batches
         self.chunk_jobs = chunk_jobs
         self.idle_wait = idle_wait
         self.wakeup = asyncio.Event()
@@ -56,6 +80,7 @@ class Feeder:
             try:
                 for batch_id in await self.repo.runnable_batches():
                     released += await self.release(batch_id)
+                await self.settle()
             except Exception:  # noqa: BLE001 - a failed round is retried; the loop must live
                 log.exception("feeder round failed")
                 await asyncio.sleep(1)
@@ -75,6 +100,7 @@ class Feeder:
         return template
 
     async def release(self, batch_id: UUID) -> int:
+        suspended = None
         async with self.repo.pool.acquire() as conn, conn.transaction():
             batch = await self.repo.lock_for_release(conn, batch_id=batch_id)
             if batch is None:
@@ -82,45 +108,126 @@ class Feeder:
             room = batch["window_size"] - batch["queued_jobs"]
             if room <= 0:
                 return 0
-            jobs = list(await self.repo.requeued_jobs(conn, batch_id=batch_id, limit=room))
+            requeued = list(await self.repo.requeued_jobs(conn, batch_id=batch_id, limit=room))
             fresh: list = []  # type: ignore[type-arg]
-            if len(jobs) < room:
+            if len(requeued) < room:
                 fresh = list(
                     await self.repo.next_jobs(
-                        conn, batch_id=batch_id, after=batch["released_upto"], limit=room - len(jobs)
+                        conn, batch_id=batch_id, after=batch["released_upto"], limit=room - len(requeued)
                     )
                 )
-            jobs.extend(fresh)
+            jobs = requeued + fresh
             if not jobs:
                 return 0
-            template = self._template(batch_id, batch["message_template"])
-            subject = f"dispatch.{batch['channel']}.{batch['account_id']}"
-            publishes = []
-            for start in range(0, len(jobs), self.chunk_jobs):
-                seq = await self.repo.next_chunk_seq(conn)
-                chunk = events_pb2.DispatchChunk(
-                    batch_id=str(batch_id),
-                    account_id=batch["account_id"],
-                    channel=batch["channel"],
-                    chunk_seq=seq,
-                    sender_ids=batch["sender_ids"],
-                    items=[
-                        events_pb2.WorkItem(
-                            job_id=j["job_id"],
-                            attempt_no=j["attempts"] + 1,
-                            to=j["phone"],
-                            attempt_id=attempt_id(batch_id, j["job_id"], j["attempts"] + 1),
-                            text=template.render(j["vals"]),
-                        )
-                        for j in jobs[start : start + self.chunk_jobs]
-                    ],
-                )
-                publishes.append(bus.publish(self.js, subject, chunk, msg_id=f"{batch_id}:{seq}"))
-            await asyncio.gather(*publishes)
+            remaining = len(requeued) + batch["total_jobs"] - batch["released_upto"]
+            cover = await self._cover(conn, batch, want=len(jobs), remaining=remaining)
+            jobs = jobs[: cover.count]
+            fresh = fresh[: max(cover.count - len(requeued), 0)]
             upto = fresh[-1]["job_id"] if fresh else batch["released_upto"]
-            await self.repo.mark_released(conn, batch_id=batch_id, upto=upto, count=len(jobs))
-        await self._announce(batch, upto)
+            if jobs:
+                await self._publish(conn, batch, jobs, cover)
+                await self.repo.mark_released(conn, batch_id=batch_id, upto=upto, count=len(jobs), left=cover.left)
+            if cover.short:
+                # The rest of this round and every job not released yet wait for credit.
+                short = [j["job_id"] for j in requeued[cover.count :]]
+                suspended = await self.repo.suspend(conn, batch_id=batch_id, upto=upto, also=short, reason=cover.short)
+        if jobs:
+            await self._announce(batch, upto)
+        if suspended is not None:
+            log.info("batch %s suspended: %s", batch_id, cover.short)
+            await self.notifier.publish(
+                self.notifier.event(suspended, "suspended", error=cover.short, message=cover.short)
+            )
         return len(jobs)
+
+    async def _publish(self, conn, batch, jobs: list, cover: Cover) -> None:  # type: ignore[no-untyped-def]
+        """The released jobs, in chunks on DISPATCH, before the release commits."""
+        batch_id = batch["batch_id"]
+        template = self._template(batch_id, batch["message_template"])
+        subject = f"dispatch.{batch['channel']}.{batch['account_id']}"
+        publishes = []
+        for start in range(0, len(jobs), self.chunk_jobs):
+            seq = await self.repo.next_chunk_seq(conn)
+            chunk = events_pb2.DispatchChunk(
+                batch_id=str(batch_id),
+                account_id=batch["account_id"],
+                channel=batch["channel"],
+                chunk_seq=seq,
+                sender_ids=batch["sender_ids"],
+                hold_id=cover.hold_id,
+                unit_price=str(cover.price) if cover.hold_id else "",
+                items=[
+                    events_pb2.WorkItem(
+                        job_id=j["job_id"],
+                        attempt_no=j["attempts"] + 1,
+                        to=j["phone"],
+                        attempt_id=attempt_id(batch_id, j["job_id"], j["attempts"] + 1),
+                        text=template.render(j["vals"]),
+                    )
+                    for j in jobs[start : start + self.chunk_jobs]
+                ],
+            )
+            publishes.append(bus.publish(self.js, subject, chunk, msg_id=f"{batch_id}:{seq}"))
+        await asyncio.gather(*publishes)
+
+    async def _cover(self, conn, batch, *, want: int, remaining: int) -> Cover:  # type: ignore[no-untyped-def]
+        """How many of `want` jobs the batch's credit pays for, taking a new hold (recorded
+        in this transaction) when the current one falls short."""
+        seq = batch["hold_seq"]
+        current = seq > batch["holds_settled_upto"]
+        price = batch["unit_price"]
+        hold_id = f"{batch['batch_id']}:{seq}"
+        if current and batch["hold_unlimited"]:
+            return Cover(count=want, hold_id=hold_id if price > 0 else "", price=price, left=Decimal(0))
+        if current and price > 0 and batch["hold_left"] >= price * want:
+            return Cover(count=want, hold_id=hold_id, price=price, left=batch["hold_left"] - price * want)
+        # A new hold; what the current one has left is released when the batch settles.
+        try:
+            quote = await self.credit.price(batch["account_id"])
+            seq += 1
+            hold_id = f"{batch['batch_id']}:{seq}"
+            block = max(want, min(HOLD_BLOCK, remaining))
+            if quote.per_message == 0:
+                held = Decimal(0)  # free: no hold at all, nothing to capture
+                hold_id = ""
+            else:
+                held = await self.credit.hold(batch["account_id"], hold_id, quote.per_message * block)
+        except NoCredit as exc:
+            return Cover(count=0, hold_id="", price=price, left=batch["hold_left"], short=str(exc))
+        await self.repo.set_hold(
+            conn, batch_id=batch["batch_id"], seq=seq, left=held, unlimited=not quote.reserving, price=quote.per_message
+        )
+        if not quote.reserving:
+            return Cover(count=want, hold_id=hold_id, price=quote.per_message, left=Decimal(0))
+        count = min(want, quote.affordable(held))
+        short = "" if count == want else "insufficient credit: a top-up resumes the batch"
+        left = held - count * quote.per_message
+        return Cover(count=count, hold_id=hold_id, price=quote.per_message, left=left, short=short)
+
+    async def settle(self) -> None:
+        """Release the holds of batches that have stopped (paused, suspended, cancelled,
+        completed) once nothing of them is in flight and accounts has booked their charges."""
+        for batch_id in await self.repo.unsettled_batches():
+            freed = None
+            async with self.repo.pool.acquire() as conn, conn.transaction():
+                batch = await self.repo.lock_for_settle(conn, batch_id=batch_id)
+                if batch is None:
+                    continue
+                # Charges still on their way would find their hold closed: wait for them,
+                # unless the batch has been still for long (a lost result must not pin credit).
+                force = datetime.now(UTC) - batch["updated_at"] > SETTLE_PATIENCE
+                try:
+                    freed = await self.credit.release_batch(
+                        batch["account_id"], f"{batch_id}:", expected=batch["total_cost"], force=force
+                    )
+                except ChargesPending:
+                    continue
+                await self.repo.mark_settled(conn, batch_id=batch_id)
+            price = batch["unit_price"]
+            if batch["status"] == "suspended" and price > 0 and freed >= price:
+                # What the holds had left pays for more: try again before waiting for a top-up.
+                await self.batches.resume_suspended(batch_id)
+                self.wake()
 
     async def _announce(self, batch, upto: int) -> None:  # type: ignore[no-untyped-def]
         """job_started on the first release, chunk_processing per block of 1,000 recipients."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+from pregonero.accounts.v1 import accounts_pb2_grpc
 from pregonero.campaigns.v1 import campaigns_pb2, campaigns_pb2_grpc
 from pregonero.dispatcher.v1 import dispatcher_pb2_grpc
 
@@ -13,8 +14,10 @@ from services.runtime.db import check_queries
 from services.runtime.lifecycle import Runtime, serve_grpc
 from services.runtime.rpc import channel
 
+from .account_events import AccountEvents
 from .batches import Batches
 from .config import CampaignsSettings
+from .credit import Credit
 from .feeder import Feeder
 from .notify import Notifier
 from .repo import CampaignsRepo, Q
@@ -32,10 +35,12 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     repo = CampaignsRepo(rt.pool)
     notifier = Notifier(rt.nc, rt.js, await rt.js.key_value(BATCH_STATE_BUCKET))
     batches = Batches(repo, notifier)
-    feeder = Feeder(repo, rt.js, notifier)
+    credit = Credit(accounts_pb2_grpc.AccountsServiceStub(channel(settings.accounts_addr)))
+    feeder = Feeder(repo, rt.js, notifier, credit, batches)
     results = ResultsApplier(repo, rt.js, notifier, batches, on_applied=feeder.wake)
     rt.spawn(feeder.run(), name="feeder")
     rt.spawn(results.run(), name="results")
+    rt.spawn(AccountEvents(repo, batches, rt.js, wake=feeder.wake).run(), name="account-events")
     dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(channel(settings.dispatcher_addr))
     campaigns_pb2_grpc.add_CampaignsServiceServicer_to_server(CampaignsServicer(batches, dispatcher), server)
     return [campaigns_pb2.DESCRIPTOR.services_by_name["CampaignsService"].full_name]

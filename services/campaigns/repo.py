@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -53,8 +54,56 @@ class Q:
     NEXT_CHUNK_SEQ = "SELECT nextval('chunk_seq')"
     MARK_RELEASED = """
         UPDATE batches SET released_upto = greatest(released_upto, $2), queued_jobs = queued_jobs + $3,
-               status = 'processing', started_at = coalesce(started_at, now()), updated_at = now()
+               status = 'processing', started_at = coalesce(started_at, now()), updated_at = now(),
+               hold_left = $4
         WHERE batch_id = $1"""
+    SET_HOLD = """
+        UPDATE batches SET hold_seq = $2, hold_left = $3, hold_unlimited = $4, unit_price = $5 WHERE batch_id = $1"""
+    # Jobs the credit does not cover wait as `suspended`: the unreleased ones, the handed
+    # back ones, and those of this round the hold fell short of ($3).
+    SUSPEND = """
+        WITH s AS (
+            UPDATE jobs SET status = 'suspended'
+            WHERE batch_id = $1 AND ((status = 'pending' AND job_id > $2) OR status = 'requeue'
+                                     OR (status = 'pending' AND job_id = ANY($3::bigint[])))
+            RETURNING job_id),
+        d AS (DELETE FROM requeued WHERE batch_id = $1)
+        UPDATE batches SET status = 'suspended', suspension_reason = $4,
+               suspended_jobs = suspended_jobs + (SELECT count(*) FROM s), updated_at = now()
+        WHERE batch_id = $1 RETURNING *"""
+    LOCK_SUSPENDED = """
+        SELECT * FROM batches WHERE batch_id = $1 AND status = 'suspended' AND ($2 = '' OR account_id = $2)
+        FOR UPDATE"""
+    # Suspended jobs go back where they came from: released ones to the requeued list.
+    UNSUSPEND_JOBS = """
+        WITH s AS (
+            UPDATE jobs SET status = CASE WHEN job_id <= $2 THEN 'requeue' ELSE 'pending' END
+            WHERE batch_id = $1 AND status = 'suspended'
+            RETURNING job_id, status)
+        INSERT INTO requeued (batch_id, job_id) SELECT $1, job_id FROM s WHERE status = 'requeue'
+        ON CONFLICT DO NOTHING"""
+    RESUME_SUSPENDED = """
+        UPDATE batches SET status = CASE WHEN started_at IS NULL THEN 'pending' ELSE 'processing' END,
+               suspended_jobs = 0, suspension_reason = '', updated_at = now()
+        WHERE batch_id = $1 RETURNING *"""
+    SUSPENDED_BATCHES = "SELECT batch_id FROM batches WHERE account_id = $1 AND status = 'suspended'"
+    RUNNING_BATCHES = """
+        SELECT batch_id FROM batches WHERE account_id = $1 AND status IN ('pending', 'processing')"""
+    LOCK_RUNNING = """
+        SELECT * FROM batches WHERE batch_id = $1 AND status IN ('pending', 'processing') FOR UPDATE"""
+    # Holds are settled (released in accounts) once the batch has nothing in flight and is
+    # not running; a running batch keeps its current hold for the next releases.
+    UNSETTLED = """
+        SELECT batch_id FROM batches
+        WHERE holds_settled_upto < hold_seq AND queued_jobs = 0
+          AND status NOT IN ('pending', 'processing', 'ingesting')
+        ORDER BY updated_at LIMIT 100"""
+    LOCK_FOR_SETTLE = """
+        SELECT * FROM batches
+        WHERE batch_id = $1 AND holds_settled_upto < hold_seq AND queued_jobs = 0
+          AND status NOT IN ('pending', 'processing', 'ingesting')
+        FOR UPDATE SKIP LOCKED"""
+    MARK_SETTLED = "UPDATE batches SET holds_settled_upto = hold_seq, hold_left = 0 WHERE batch_id = $1"
     # One attempt's outcome applies once: the job must still be unresolved and at the
     # attempt before this one, so a redelivered result changes nothing.
     APPLY_OUTCOMES = """
@@ -77,7 +126,7 @@ class Q:
             ON CONFLICT DO NOTHING)
         SELECT job_id, status FROM upd"""
     ADD_COUNTERS = """
-        UPDATE batches SET sent_jobs = sent_jobs + $2, failed_jobs = failed_jobs + $3,
+        UPDATE batches SET sent_jobs = sent_jobs + $2, failed_jobs = failed_jobs + $3, total_cost = total_cost + $8,
                cancelled_jobs = cancelled_jobs + $4, unknown_jobs = unknown_jobs + $5,
                queued_jobs = greatest(queued_jobs - $6, 0),
                devices_used = greatest(devices_used, $7), updated_at = now()
@@ -95,15 +144,15 @@ class Q:
         WHERE batch_id = $1 AND ($2 = '' OR account_id = $2) AND status = ANY($4::text[])
         RETURNING *"""
     CANCEL_BATCH = """
-        UPDATE batches SET status = 'cancelled', error = $3, updated_at = now()
+        UPDATE batches SET status = 'cancelled', error = $3, suspended_jobs = 0, updated_at = now()
         WHERE batch_id = $1 AND ($2 = '' OR account_id = $2)
-          AND status IN ('pending', 'processing', 'paused')
+          AND status IN ('pending', 'processing', 'paused', 'suspended')
         RETURNING *"""
     # Jobs never released, or handed back, are cancelled at once; released ones resolve as
     # their dispatcher hands them back.
     CANCEL_JOBS = """
         UPDATE jobs SET status = 'cancelled', finished_at = now()
-        WHERE batch_id = $1 AND (status = 'requeue' OR (status = 'pending' AND job_id > $2))"""
+        WHERE batch_id = $1 AND (status IN ('requeue', 'suspended') OR (status = 'pending' AND job_id > $2))"""
     CANCEL_REQUEUED = "DELETE FROM requeued WHERE batch_id = $1"
     ADD_CANCELLED = """
         UPDATE batches SET cancelled_jobs = cancelled_jobs + $2, updated_at = now()
@@ -208,8 +257,56 @@ class CampaignsRepo:
     async def next_chunk_seq(self, conn: asyncpg.Connection) -> int:
         return int(await conn.fetchval(Q.NEXT_CHUNK_SEQ))
 
-    async def mark_released(self, conn: asyncpg.Connection, *, batch_id: UUID, upto: int, count: int) -> None:
-        await conn.execute(Q.MARK_RELEASED, batch_id, upto, count)
+    async def mark_released(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        batch_id: UUID,
+        upto: int,
+        count: int,
+        left: Decimal,
+    ) -> None:
+        await conn.execute(Q.MARK_RELEASED, batch_id, upto, count, left)
+
+    async def set_hold(
+        self, conn: asyncpg.Connection, *, batch_id: UUID, seq: int, left: Decimal, unlimited: bool, price: Decimal
+    ) -> None:
+        await conn.execute(Q.SET_HOLD, batch_id, seq, left, unlimited, price)
+
+    async def suspend(
+        self, conn: asyncpg.Connection, *, batch_id: UUID, upto: int, also: Sequence[int], reason: str
+    ) -> asyncpg.Record:
+        return await conn.fetchrow(Q.SUSPEND, batch_id, upto, list(also), reason)
+
+    async def unsuspend(self, *, batch_id: UUID, scope: str) -> asyncpg.Record | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            batch = await conn.fetchrow(Q.LOCK_SUSPENDED, batch_id, scope)
+            if batch is None:
+                return None
+            await conn.execute(Q.UNSUSPEND_JOBS, batch_id, batch["released_upto"])
+            return await conn.fetchrow(Q.RESUME_SUSPENDED, batch_id)
+
+    async def suspend_running(self, *, batch_id: UUID, reason: str) -> asyncpg.Record | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            batch = await conn.fetchrow(Q.LOCK_RUNNING, batch_id)
+            if batch is None:
+                return None
+            return await conn.fetchrow(Q.SUSPEND, batch_id, batch["released_upto"], [], reason)
+
+    async def running_batches(self, *, account_id: str) -> list[UUID]:
+        return [r["batch_id"] for r in await self.pool.fetch(Q.RUNNING_BATCHES, account_id)]
+
+    async def suspended_batches(self, *, account_id: str) -> list[UUID]:
+        return [r["batch_id"] for r in await self.pool.fetch(Q.SUSPENDED_BATCHES, account_id)]
+
+    async def unsettled_batches(self) -> list[UUID]:
+        return [r["batch_id"] for r in await self.pool.fetch(Q.UNSETTLED)]
+
+    async def lock_for_settle(self, conn: asyncpg.Connection, *, batch_id: UUID) -> asyncpg.Record | None:
+        return await conn.fetchrow(Q.LOCK_FOR_SETTLE, batch_id)
+
+    async def mark_settled(self, conn: asyncpg.Connection, *, batch_id: UUID) -> None:
+        await conn.execute(Q.MARK_SETTLED, batch_id)
 
     async def apply_outcomes(
         self,
@@ -238,8 +335,11 @@ class CampaignsRepo:
         unknown: int,
         resolved: int,
         devices_used: int,
+        cost: Decimal,
     ) -> asyncpg.Record:
-        return await conn.fetchrow(Q.ADD_COUNTERS, batch_id, sent, failed, cancelled, unknown, resolved, devices_used)
+        return await conn.fetchrow(
+            Q.ADD_COUNTERS, batch_id, sent, failed, cancelled, unknown, resolved, devices_used, cost
+        )
 
     async def finish_if_done(self, conn: asyncpg.Connection, *, batch_id: UUID) -> asyncpg.Record | None:
         return await conn.fetchrow(Q.FINISH_IF_DONE, batch_id)

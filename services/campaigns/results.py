@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from decimal import Decimal
 from uuid import UUID
 
-from nats.errors import TimeoutError as NatsTimeout
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 from pregonero.events.v1 import events_pb2
 
-from services.runtime.bus import EVENTS_STREAM
+from services.runtime import bus
 
 from .batches import Batches
 from .notify import Notifier
@@ -39,42 +37,16 @@ class ResultsApplier:
         self.on_applied = on_applied
 
     async def run(self) -> None:
-        sub = await self.js.pull_subscribe(
-            "events.job.>",
-            durable=DURABLE,
-            stream=EVENTS_STREAM,
-            config=js_api.ConsumerConfig(
-                ack_policy=js_api.AckPolicy.EXPLICIT,
-                ack_wait=30,
-                max_ack_pending=4096,
-                deliver_policy=js_api.DeliverPolicy.ALL,
-            ),
-        )
-        try:
-            await self._consume(sub)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await bus.consume(self.js, "events.job.>", durable=DURABLE, handle=self.handle, fetch=FETCH)
 
-    async def _consume(self, sub: JetStreamContext.PullSubscription) -> None:
-        while True:
-            try:
-                msgs = await sub.fetch(FETCH, timeout=1)
-            except (TimeoutError, NatsTimeout):
-                continue
-            groups: dict[str, list[events_pb2.JobOutcome]] = defaultdict(list)
-            for msg in msgs:
-                chunk = events_pb2.ResultChunk.FromString(msg.data)
-                groups[chunk.batch_id].extend(chunk.outcomes)
-            try:
-                for batch_id, outcomes in groups.items():
-                    await self.apply(UUID(batch_id), outcomes)
-            except Exception:  # noqa: BLE001 - not acked: redelivered and applied idempotently
-                log.exception("applying results failed")
-                await asyncio.sleep(1)
-                continue
-            await asyncio.gather(*(m.ack() for m in msgs))
-            self.on_applied()
+    async def handle(self, msgs: list[Msg]) -> None:
+        groups: dict[str, list[events_pb2.JobOutcome]] = defaultdict(list)
+        for msg in msgs:
+            chunk = events_pb2.ResultChunk.FromString(msg.data)
+            groups[chunk.batch_id].extend(chunk.outcomes)
+        for batch_id, outcomes in groups.items():
+            await self.apply(UUID(batch_id), outcomes)
+        self.on_applied()
 
     async def apply(self, batch_id: UUID, outcomes: list[events_pb2.JobOutcome]) -> None:
         async with self.repo.pool.acquire() as conn, conn.transaction():
@@ -94,6 +66,9 @@ class ResultsApplier:
             counts: dict[str, int] = defaultdict(int)
             for r in applied:
                 counts[r["status"]] += 1
+            # What the sent attempts cost: the same figures accounts charges from these results.
+            costs = {o.job_id: o.cost for o in outcomes if o.status == "sent" and o.cost}
+            cost = sum((Decimal(costs[r["job_id"]]) for r in applied if r["job_id"] in costs), Decimal(0))
             used = {o.sender_id for o in outcomes if o.sender_id}
             row = await self.repo.add_counters(
                 conn,
@@ -104,6 +79,7 @@ class ResultsApplier:
                 unknown=counts["unknown"],
                 resolved=len(applied),
                 devices_used=len(used),
+                cost=cost,
             )
             finished = await self.repo.finish_if_done(conn, batch_id=batch_id)
         # Committed: what follows only informs. A failure here must not fail the results

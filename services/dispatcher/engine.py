@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -88,13 +90,21 @@ class Lane:
     Sends start on a grid 60/rate apart (plus jitter) and a few stay in flight. The grid is
     5% wider than the rate: over any ten sends that absorbs up to 50 ms of difference in how
     long two requests take to reach the provider, so the provider never counts more than
-    the rate in any one-second window, while the grid keeps the long-run rate steady."""
+    the rate in any one-second window, while the grid keeps the long-run rate steady.
+
+    When requests take much longer than usual (a busy host, a slow network) the grid alone
+    can let arrivals bunch; so a send also waits until the send `per_second` places before
+    it has been answered for a second. The provider accepted that one before answering, so
+    no one-second window at the provider ever holds more than `per_second` of our sends."""
 
     MARGIN = 1.05
 
     def __init__(self, sender: SenderConfig) -> None:
         self.sender = sender
         self.interval = 60.0 / sender.rate_per_minute * self.MARGIN if sender.rate_per_minute > 0 else 0.0
+        # When each of the last `per_second` sends was answered (futures, in start order).
+        self.per_second = math.ceil(sender.rate_per_minute / 60) if sender.rate_per_minute > 0 else 0
+        self.answered: deque[asyncio.Future[float]] = deque(maxlen=self.per_second or 1)
         self.jitter = sender.jitter_ms / 1000.0
         self.next_at = 0.0
         self.pace_lock = asyncio.Lock()
@@ -115,17 +125,40 @@ class Lane:
                 if slot > loop.time():
                     await asyncio.sleep(slot - loop.time())
                 gap = self.interval + (random.uniform(0, self.jitter) if self.jitter else 0.0)
+                if self.per_second and len(self.answered) == self.per_second:
+                    answered_at = await self.answered[0]
+                    if answered_at + 1.0 > loop.time():
+                        await asyncio.sleep(answered_at + 1.0 - loop.time())
+                        slot = max(slot, loop.time())
+                # Checked after the waits: a pause must stop sends within the second.
+                if not still_wanted():
+                    return None
                 if cold:
-                    if not still_wanted():
-                        return None
-                    result = await provider.send(request)
+                    result = await self._timed(provider, request, self._place())
                     self.next_at = loop.time() + gap
                     return result
                 self.next_at = slot + gap
-        # Checked after the wait: a pause must stop sends within the second.
+                place = self._place()
+            return await self._timed(provider, request, place)
         if not still_wanted():
             return None
         return await provider.send(request)
+
+    def _place(self) -> asyncio.Future[float] | None:
+        """This send's place in the answered line (taken in start order, under the pace lock)."""
+        if not self.per_second:
+            return None
+        answered: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.answered.append(answered)
+        return answered
+
+    @staticmethod
+    async def _timed(provider: Provider, request: SendRequest, answered: asyncio.Future[float] | None) -> SendResult:
+        try:
+            return await provider.send(request)
+        finally:
+            if answered is not None and not answered.done():
+                answered.set_result(asyncio.get_running_loop().time())
 
 
 class Engine:
@@ -351,6 +384,8 @@ class Engine:
                 to=item.to,
                 error=error,
                 provider_message_id=provider_message_id,
+                # A sent message costs the price it was released at; nothing else is charged.
+                cost=chunk.data.unit_price if status == "sent" else "",
             )
         )
         if status == "requeue":
@@ -400,6 +435,7 @@ class Engine:
                         account_id=chunk.data.account_id,
                         chunk_key=str(chunk.data.chunk_seq),
                         outcomes=outcomes,
+                        hold_id=chunk.data.hold_id,
                     )
                     await bus.publish(
                         self.js,

@@ -65,6 +65,7 @@ _STATE_TYPES = {
     "paused": ("job_paused", "Envío masivo pausado"),
     "resumed": ("job_resumed", "Envío masivo reanudado"),
     "cancelled": ("job_cancelled", "Envío masivo cancelado"),
+    "suspended": ("job_suspended", "Envío masivo suspendido: saldo insuficiente"),
 }
 
 

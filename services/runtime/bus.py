@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import nats
 from google.protobuf.message import Message
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
@@ -86,3 +91,45 @@ async def publish(js: JetStreamContext, subject: str, message: Message, *, msg_i
     if rid:
         headers[REQUEST_ID_KEY] = rid
     await js.publish(subject, message.SerializeToString(), headers=headers)
+
+
+async def consume(
+    js: JetStreamContext,
+    subject: str,
+    *,
+    durable: str,
+    handle: Callable[[list[Msg]], Awaitable[None]],
+    fetch: int = 64,
+    deliver_new: bool = False,
+) -> None:
+    """A durable pull consumer that hands its messages over in batches: `handle` gets up to
+    `fetch` messages and they are acked once it returns. When it raises, nothing is acked and
+    JetStream redelivers the batch, so handlers must be idempotent (they are: every event
+    carries the key that makes its second application a no-op)."""
+    sub = await js.pull_subscribe(
+        subject,
+        durable=durable,
+        stream=EVENTS_STREAM,
+        config=js_api.ConsumerConfig(
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_ack_pending=4096,
+            deliver_policy=js_api.DeliverPolicy.NEW if deliver_new else js_api.DeliverPolicy.ALL,
+        ),
+    )
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(fetch, timeout=1)
+            except (TimeoutError, NatsTimeout):
+                continue
+            try:
+                await handle(msgs)
+            except Exception:  # noqa: BLE001 - not acked: redelivered and handled again
+                log.exception("handling %d messages of %s failed", len(msgs), durable)
+                await asyncio.sleep(1)
+                continue
+            await asyncio.gather(*(m.ack() for m in msgs))
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

@@ -126,6 +126,7 @@ def test_bulk_file_completes_with_live_progress_and_no_duplicates(base_url: str,
         "cancelled": 0,
         "pending": 1500,
         "in_flight": 0,
+        "suspended": 0,
     }
 
     events: list[dict[str, Any]] = []

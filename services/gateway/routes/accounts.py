@@ -421,7 +421,7 @@ async def list_account_batches(
 
 
 def batch_summary_json(batch: campaigns_pb2.Batch) -> dict[str, Any]:
-    """The batch fields the dashboard reads; costs stay 0 until credit is charged per batch."""
+    """The batch fields the dashboard reads."""
     p = batch.progress
     return {
         "_id": batch.object_id,
@@ -432,6 +432,7 @@ def batch_summary_json(batch: campaigns_pb2.Batch) -> dict[str, Any]:
         "channel": batch.channel,
         "status": batch.status,
         "is_active": batch.status in ("pending", "processing"),
+        "suspension_reason": batch.suspension_reason,
         "created_at": iso(from_timestamp(batch.created_at)),
         "total_jobs": p.total,
         "pending_jobs": p.pending + p.in_flight,
@@ -439,7 +440,7 @@ def batch_summary_json(batch: campaigns_pb2.Batch) -> dict[str, Any]:
         "failed_jobs": p.failed,
         "cancelled_jobs": p.cancelled,
         "suspended_jobs": p.suspended,
-        "total_cost": 0.0,
+        "total_cost": number(batch.total_cost),
         "total_minutes": 0.0,
         "estimated_cost": 0.0,
         "call_settings": {},

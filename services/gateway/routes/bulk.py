@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
@@ -46,9 +47,14 @@ def job_json(batch: campaigns_pb2.Batch) -> dict[str, Any]:
             "cancelled": p.cancelled,
             "pending": p.pending,
             "in_flight": p.in_flight,
+            "suspended": p.suspended,
         },
         "results": {},
+        # What the sent messages cost, in the account's unit (credits, or minutes).
+        "total_cost": float(Decimal(batch.total_cost or "0")),
     }
+    if batch.suspension_reason:
+        body["suspension_reason"] = batch.suspension_reason
     if batch.status in ("completed", "cancelled", "failed"):
         body["results"] = {
             "sent": p.sent,
@@ -157,8 +163,8 @@ async def job_results(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     after: Annotated[int, Query(ge=0)] = 0,
 ) -> dict[str, Any]:
-    if status and status not in ("pending", "sent", "failed", "cancelled", "unknown"):
-        raise ApiError(400, "status must be one of pending, sent, failed, cancelled, unknown")
+    if status and status not in ("pending", "sent", "failed", "cancelled", "unknown", "suspended"):
+        raise ApiError(400, "status must be one of pending, sent, failed, cancelled, unknown, suspended")
     reply = await request.app.state.backends.campaigns.ListJobResults(
         campaigns_pb2.ListJobResultsRequest(batch_id=job_id, status=status, limit=limit, after=after),
         metadata=outgoing_metadata(caller),

@@ -1,0 +1,111 @@
+"""The feeder's side of the credit ledger: prices and holds, asked of accounts over gRPC.
+
+Credit is reserved in blocks: one hold covers up to HOLD_BLOCK messages (or the whole rest
+of the batch when that is less), so a million-recipient batch costs a few hundred ledger
+calls, not one per window. What a block does not use is released when the batch settles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import ROUND_CEILING, Decimal
+
+import grpc
+from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc
+
+from services.runtime.identity import MEMBER, Caller
+from services.runtime.rpc import outgoing_metadata
+
+HOLD_BLOCK = 2000
+RPC_TIMEOUT_S = 10.0
+_PLACES = Decimal("0.0001")
+
+
+class NoCredit(Exception):
+    """Nothing can be reserved: the batch's remaining jobs wait, with this reason."""
+
+
+class ChargesPending(Exception):
+    """Accounts has not booked every charge of the batch yet: settle later."""
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    per_message: Decimal  # in the account's unit: credits, or minutes on minutes_based plans
+    reserving: bool  # false: unlimited plan or free messages, nothing to reserve
+
+    def affordable(self, amount: Decimal) -> int:
+        """How many messages `amount` pays for."""
+        return int(amount // self.per_message) if self.per_message > 0 else 0
+
+
+def message_price(account: accounts_pb2.Account) -> Price:
+    """A WhatsApp message's price in the unit the account's ledger counts in."""
+    credits = Decimal(account.cost_per_whatsapp_message or "0")
+    if account.plan_type == "unlimited":
+        return Price(credits, reserving=False)
+    if account.plan_type == "minutes_based":
+        # Minutes plans pay messages in minutes at the account's own rate.
+        per_minute = Decimal(account.cost_per_minute or "0")
+        minutes = (credits / per_minute).quantize(_PLACES, ROUND_CEILING) if per_minute > 0 else Decimal(0)
+        return Price(minutes, reserving=minutes > 0)
+    return Price(credits, reserving=credits > 0)
+
+
+class Credit:
+    def __init__(self, stub: accounts_pb2_grpc.AccountsServiceStub) -> None:
+        self.stub = stub
+
+    @staticmethod
+    def _as(account_id: str) -> tuple[tuple[str, str], ...]:
+        # The feeder acts for the batch's account and nothing else: a member-scoped caller.
+        return outgoing_metadata(Caller(role=MEMBER, account_id=account_id, user_id="campaigns-feeder"))
+
+    async def price(self, account_id: str) -> Price:
+        try:
+            account = await self.stub.GetAccount(
+                accounts_pb2.GetAccountRequest(account_id=account_id),
+                metadata=self._as(account_id),
+                timeout=RPC_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NoCredit(f"account {account_id} does not exist") from exc
+            raise
+        if account.status != "active":
+            why = f": {account.suspension_reason}" if account.suspension_reason else ""
+            raise NoCredit(f"account {account_id} is {account.status}{why}")
+        return message_price(account)
+
+    async def hold(self, account_id: str, hold_id: str, amount: Decimal) -> Decimal:
+        """Reserve up to `amount`; what was reserved (a replay returns the first hold)."""
+        try:
+            reply = await self.stub.Hold(
+                accounts_pb2.HoldRequest(account_id=account_id, hold_id=hold_id, amount=str(amount), partial=True),
+                metadata=self._as(account_id),
+                timeout=RPC_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise NoCredit("insufficient credit: a top-up resumes the batch") from exc
+            if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                raise NoCredit(exc.details() or "the account cannot reserve credit") from exc
+            raise
+        return Decimal(reply.amount or "0")
+
+    async def release_batch(self, account_id: str, prefix: str, *, expected: Decimal, force: bool) -> Decimal:
+        """Close the batch's holds (ids starting with `prefix`); what they had left."""
+        try:
+            reply = await self.stub.ReleaseHolds(
+                accounts_pb2.ReleaseHoldsRequest(
+                    account_id=account_id, hold_prefix=prefix, expected=str(expected), force=force
+                ),
+                metadata=self._as(account_id),
+                timeout=RPC_TIMEOUT_S,
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise ChargesPending(exc.details()) from exc
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return Decimal(0)  # the account is gone, and its holds with it
+            raise
+        return Decimal(reply.amount or "0")
