@@ -27,8 +27,10 @@ class Audit:
         account_id: str = "",
         target: str = "",
         details: dict[str, Any] | None = None,
+        source_key: str | None = None,
     ) -> None:
-        """Never fails the action it records: the action has already happened."""
+        """Never fails the action it records: the action has already happened. With a
+        source key (an event's), a second record of the same action writes nothing."""
         try:
             await self.repo.insert_audit(
                 actor_user_id=caller.user_id if caller else "",
@@ -38,6 +40,7 @@ class Audit:
                 action=action,
                 target=target,
                 details=details or {},
+                source_key=source_key,
             )
         except (asyncpg.PostgresError, OSError):
             log.error("audit entry %s for %s not written", action, target, exc_info=True)

@@ -9,6 +9,7 @@ is not charged; the entry keeps the requested amount, so the shortfall stays vis
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -30,7 +31,7 @@ from services.runtime.errors import (
 )
 from services.runtime.identity import Caller
 
-from .repo import LedgerRepo, LedgerTx, NewCapture, NewEntry
+from .repo import CapturedAttempt, LedgerRepo, LedgerTx, NewCapture, NewEntry
 
 CREDITS = "credits"
 MINUTES = "minutes"
@@ -45,6 +46,7 @@ def unit_of(plan_type: str) -> str:
     return MINUTES if plan_type == "minutes_based" else CREDITS
 
 
+@functools.lru_cache(maxsize=4096)  # a result batch repeats the same few prices thousands of times
 def parse_amount(text: str, *, field: str, allow_zero: bool = False, signed: bool = False) -> Decimal:
     """A decimal string with at most 4 places; positive unless told otherwise."""
     try:
@@ -397,9 +399,10 @@ class Ledger:
             )
             charged_by_hold: dict[str, Decimal] = defaultdict(Decimal)
             requested_by_hold: dict[str, Decimal] = defaultdict(Decimal)
+            first_attempt: dict[str, str] = {}  # hold id → the cause of its entry
             outcomes: list[CaptureOutcome] = []
             first: dict[str, CaptureOutcome] = {}
-            new: list[NewCapture] = []
+            attempts: list[CapturedAttempt] = []
             for attempt_id, hold_id, requested in parsed:
                 if attempt_id in first:  # the same attempt twice in one batch
                     outcomes.append(replace(first[attempt_id], status="replayed"))
@@ -419,6 +422,7 @@ class Ledger:
                     outcomes.append(CaptureOutcome(attempt_id, hold_id, requested, ZERO, "hold_not_found"))
                     continue
                 else:
+                    charged = requested
                     if hold["reserving"]:
                         left = (
                             hold["amount_held"]
@@ -427,26 +431,41 @@ class Ledger:
                             - charged_by_hold[hold_id]
                         )
                         charged = min(requested, left)
-                        change = -charged
-                    else:
-                        charged, change = requested, ZERO
                     charged_by_hold[hold_id] += charged
                     requested_by_hold[hold_id] += requested
-                    balance = balance.apply(hold["unit"], amount=change, held=change, used=charged)
-                    new.append(
-                        NewCapture(
-                            attempt_id, hold["unit"], change, charged, requested, hold_id, *balance.level(hold["unit"])
-                        )
-                    )
+                    first_attempt.setdefault(hold_id, attempt_id)
+                    attempts.append(CapturedAttempt(attempt_id, hold_id, requested, charged))
                     outcome = CaptureOutcome(attempt_id, hold_id, requested, charged, "captured")
                 first[attempt_id] = outcome
                 outcomes.append(outcome)
+            # One entry per hold for all its attempts of this batch.
+            new: list[NewCapture] = []
+            for hold_id, cause in first_attempt.items():
+                hold = holds[hold_id]
+                charged = charged_by_hold[hold_id]
+                change = -charged if hold["reserving"] else ZERO
+                balance = balance.apply(hold["unit"], amount=change, held=change, used=charged)
+                new.append(
+                    NewCapture(
+                        cause,
+                        hold["unit"],
+                        change,
+                        charged,
+                        requested_by_hold[hold_id],
+                        hold_id,
+                        *balance.level(hold["unit"]),
+                    )
+                )
             if new:
-                ids = await tx.insert_captures(
-                    captures=new, charged={h: (c, requested_by_hold[h]) for h, c in charged_by_hold.items()}
+                entries = await tx.insert_captures(
+                    captures=new,
+                    charged={h: (c, requested_by_hold[h]) for h, c in charged_by_hold.items()},
+                    attempts=attempts,
                 )
                 outcomes = [
-                    replace(o, entry_id=ids[o.attempt_id]) if o.entry_id is None and o.attempt_id in ids else o
+                    CaptureOutcome(o.attempt_id, o.hold_id, o.requested, o.charged, o.status, entries[o.hold_id])
+                    if o.entry_id is None and o.status == "captured"
+                    else o
                     for o in outcomes
                 ]
         return LedgerResult(

@@ -59,7 +59,7 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     notifications_pb2_grpc.add_NotificationsServiceServicer_to_server(
         NotificationsServicer(notifications, audit), server
     )
-    rt.spawn(consume_batch_events(rt.js, notifications), name="notifications-batches")
+    rt.spawn(consume_batch_events(rt.js, notifications, audit), name="notifications-batches")
     ledger = Ledger(LedgerRepo(rt.pool))
     servicer = AuditedAccountsServicer(
         accounts, ledger, audit=audit, notifications=notifications, events=account_event_publisher(rt.js)

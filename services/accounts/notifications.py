@@ -18,6 +18,7 @@ from services.runtime import bus
 from services.runtime.errors import InvalidArgument, NotFound
 from services.runtime.identity import Caller
 
+from .audit import Audit
 from .ledger import Balance, unit_of
 from .notify_repo import NotifyRepo
 
@@ -212,10 +213,11 @@ def _id(text: str) -> int:
     return int(text)
 
 
-async def consume_batch_events(js: JetStreamContext, notifications: Notifications) -> None:
+async def consume_batch_events(js: JetStreamContext, notifications: Notifications, audit: Audit) -> None:
     """Durable consumer of the batch lifecycle events: a notification per finished or
-    suspended batch. A failed batch of events is redelivered; notifications are deduplicated
-    by their source key. Older events were never notified, so a first start skips them."""
+    suspended batch, an audit entry per cancellation. A failed batch of events is
+    redelivered; notifications and audit entries are deduplicated by their source key.
+    Older events were never notified, so a first start skips them."""
 
     async def handle(msgs: list[Msg]) -> None:
         for msg in msgs:
@@ -225,5 +227,15 @@ async def consume_batch_events(js: JetStreamContext, notifications: Notification
                 log.warning("undecodable batch event skipped")
                 continue
             await notifications.batch_event(event)
+            if event.type == "cancelled":
+                actor = Caller(role=event.actor_role, account_id=event.actor_account, user_id=event.actor_user_id)
+                await audit.record(
+                    actor if event.actor_role else None,
+                    "batch.cancelled",
+                    account_id=event.account_id,
+                    target=event.batch_id,
+                    details={"reason": event.error, "sent": event.sent, "total": event.total},
+                    source_key=f"batch:{event.batch_id}:cancelled",
+                )
 
     await bus.consume(js, "events.batch.>", durable=BATCH_DURABLE, handle=handle, fetch=FETCH, deliver_new=True)

@@ -41,8 +41,10 @@ class Q:
     ACCOUNT_EXISTS = "SELECT EXISTS (SELECT 1 FROM accounts WHERE account_id = $1)"
 
     INSERT_AUDIT = """
-        INSERT INTO audit_log (actor_user_id, actor_role, actor_account, account_id, action, target, details)
-        VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+        INSERT INTO audit_log (actor_user_id, actor_role, actor_account, account_id, action, target, details,
+                               source_key)
+        VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8)
+        ON CONFLICT (source_key) WHERE source_key IS NOT NULL DO NOTHING
         RETURNING *"""
     LIST_AUDIT = """
         SELECT * FROM audit_log
@@ -102,8 +104,10 @@ class NotifyRepo:
         action: str,
         target: str,
         details: dict[str, Any],
-    ) -> asyncpg.Record:
-        row = await self.pool.fetchrow(
+        source_key: str | None = None,
+    ) -> asyncpg.Record | None:
+        """The entry; None when one with the same source key exists."""
+        return await self.pool.fetchrow(
             Q.INSERT_AUDIT,
             actor_user_id,
             actor_role,
@@ -112,9 +116,8 @@ class NotifyRepo:
             action,
             target,
             json.dumps(details, default=str),
+            source_key,
         )
-        assert row is not None
-        return row
 
     async def list_audit(
         self, *, action: str, account_id: str, limit: int, skip: int

@@ -87,8 +87,13 @@ class Q:
                NULL::numeric AS used, NULL::numeric AS requested
         FROM holds WHERE account_id = $1 AND hold_id = ANY($2::text[])
         UNION ALL
-        SELECT 'capture', cause, NULL, NULL, NULL, NULL, NULL, id, hold_id, used_change, requested
-        FROM ledger_entries WHERE account_id = $1 AND kind = 'capture' AND cause = ANY($3::text[])"""
+        SELECT 'capture', attempt_id, NULL, NULL, NULL, NULL, NULL, entry_id, hold_id, charged, requested
+        FROM capture_attempts WHERE account_id = $1 AND attempt_id = ANY($3::text[])"""
+    INSERT_CAPTURE_ATTEMPTS = """
+        INSERT INTO capture_attempts (account_id, attempt_id, hold_id, entry_id, requested, charged)
+        SELECT $1, a.attempt_id, a.hold_id, a.entry_id, a.requested, a.charged
+        FROM unnest($2::text[], $3::text[], $4::bigint[], $5::numeric[], $6::numeric[])
+             AS a(attempt_id, hold_id, entry_id, requested, charged)"""
     # One statement: the hold and its entry exist together or not at all. A hold id taken by
     # another account meanwhile inserts nothing (no row back).
     INSERT_HOLD = """
@@ -148,7 +153,18 @@ class NewEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class CapturedAttempt:
+    attempt_id: str
+    hold_id: str
+    requested: Decimal
+    charged: Decimal
+
+
+@dataclass(frozen=True, slots=True)
 class NewCapture:
+    """One ledger entry charging a batch of attempts against one hold; its cause is the
+    first of those attempts."""
+
     cause: str
     unit: str
     amount: Decimal  # change of the balance (and of the reservation): -charged, or 0
@@ -309,10 +325,15 @@ class LedgerTx:
         return holds, {r["key"]: r for r in rows if r["what"] == "capture"}
 
     async def insert_captures(
-        self, *, captures: Sequence[NewCapture], charged: dict[str, tuple[Decimal, Decimal]]
+        self,
+        *,
+        captures: Sequence[NewCapture],
+        charged: dict[str, tuple[Decimal, Decimal]],
+        attempts: Sequence[CapturedAttempt],
     ) -> dict[str, int]:
-        """Book the captures and add to their holds what was charged and what was asked
-        (hold id → (charged, requested)); returns attempt id → entry id."""
+        """Book the capture entries (one per hold), add to their holds what was charged and
+        what was asked (hold id → (charged, requested)) and record each attempt with its
+        entry; returns hold id → entry id."""
         rows = await self.conn.fetch(
             Q.INSERT_CAPTURES,
             self.account_id,
@@ -328,7 +349,18 @@ class LedgerTx:
             [c for c, _ in charged.values()],
             [r for _, r in charged.values()],
         )
-        return {r["cause"]: r["id"] for r in rows}
+        by_cause = {r["cause"]: r["id"] for r in rows}
+        entries = {c.hold_id: by_cause[c.cause] for c in captures}
+        await self.conn.execute(
+            Q.INSERT_CAPTURE_ATTEMPTS,
+            self.account_id,
+            [a.attempt_id for a in attempts],
+            [a.hold_id for a in attempts],
+            [entries[a.hold_id] for a in attempts],
+            [a.requested for a in attempts],
+            [a.charged for a in attempts],
+        )
+        return entries
 
     async def holds_by_prefix(self, *, prefix: str) -> list[asyncpg.Record]:
         return await self.conn.fetch(Q.HOLDS_BY_PREFIX, self.account_id, prefix)

@@ -205,7 +205,17 @@ class Batches:
         if row is None:
             await self.notifier.run_state(current["batch_id"], "active" if current["status"] != "paused" else "paused")
             raise Conflict(f"job {batch_id} is {current['status']} and cannot be cancelled")
-        await self.notifier.publish(self.notifier.event(row, "cancelled", message="Envío cancelado"))
+        event = self.notifier.event(
+            row,
+            "cancelled",
+            message="Envío cancelado",
+            error=row["error"],
+            actor_role=caller.role,
+            actor_user_id=caller.user_id,
+            actor_account=caller.account_id,
+        )
+        # Durable: the audit log records cancellations from this event.
+        await self.notifier.publish(event, durable_id=f"{row['batch_id']}:cancelled")
         if row["finished_at"] is not None:
             await self.publish_finished(row)
         return row

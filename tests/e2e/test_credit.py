@@ -149,3 +149,35 @@ def test_a_suspended_account_releases_nothing_until_it_is_activated(base_url: st
     assert len(sent) == 200 and set(sent.values()) == {1}
     final = wait_for("holds released", lambda: (b := balance(base_url, account_id))["credit_reserved"] == 0 and b)
     assert final["credit_used"] == Decimal("2") and final["credit_balance"] == Decimal("98")
+
+
+def test_a_cancellation_is_audited_with_who_cancelled_and_its_holds_released(base_url: str) -> None:
+    account_id, key = new_account(base_url, credits="10")
+    device_id = httpx.get(f"{base_url}/devices", headers=key).json()["devices"][0]["id"]
+    httpx.put(f"{base_url}/devices/{device_id}", headers=key, json={"rate_per_minute": 60}).raise_for_status()
+    job_id = upload(base_url, key, phones(73, 50))
+    wait_for("sending starts", lambda: job(base_url, key, job_id)["progress"]["sent"] >= 1)
+
+    r = httpx.post(f"{base_url}/jobs/{job_id}/cancel", headers=key)
+    assert r.status_code == 200, r.text
+    entry = wait_for(
+        "the audit entry",
+        lambda: next(
+            (
+                e
+                for e in httpx.get(
+                    f"{base_url}/api/v1/audit",
+                    headers=ADMIN,
+                    params={"action": "batch.cancelled", "account_id": account_id},
+                ).json()
+                if e["target"] == job_id
+            ),
+            None,
+        ),
+    )
+    assert entry["actor"]["role"] == "member" and entry["actor"]["account_id"] == account_id
+    done = wait_for("cancelled", lambda: (j := job(base_url, key, job_id))["status"] == "cancelled" and j)
+    # Only what was sent is paid; the rest of the hold comes back.
+    final = wait_for("holds released", lambda: (b := balance(base_url, account_id))["credit_reserved"] == 0 and b)
+    sent = done["progress"]["sent"]
+    assert final["credit_used"] == Decimal(sent) / 100 and final["credit_balance"] == 10 - Decimal(sent) / 100
