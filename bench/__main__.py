@@ -1,7 +1,8 @@
 """`make bench`: the figures issues name, measured on this machine against the real stack.
 
 Writes bench/results/latest.json and appends a line to bench/results/history.jsonl.
-`python -m bench [scenario ...]` runs some; default: fanout (upload and fan-out), ledger.
+`python -m bench [scenario ...]` runs some; default: fanout (upload and fan-out), ledger,
+excel (workbook ingest), voice (status poll and dashboard over a million calls).
 `crash` is extra (slow)."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import httpx
 import psutil
 from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
+from bench import excel_ingest, voice_reads
 from services.runtime.devstack import Stack
 from services.runtime.identity import ADMIN, Caller
 from services.runtime.rpc import channel
@@ -350,11 +352,13 @@ SCENARIOS = {
     "fanout": lambda: upload_and_fanout(int(os.environ.get("BENCH_ROWS", "1000000"))),
     "crash": lambda: crash(int(os.environ.get("BENCH_CRASH_ROWS", "50000"))),
     "ledger": ledger,
+    "excel": lambda: excel_ingest.measure(int(os.environ.get("BENCH_EXCEL_ROWS", "100000"))),
+    "voice": lambda: voice_reads.measure(start, H, int(os.environ.get("BENCH_VOICE_JOBS", "1000000"))),
 }
 
 
 def main(argv: list[str]) -> int:
-    names = argv or ["fanout", "ledger"]
+    names = argv or ["fanout", "ledger", "excel", "voice"]
     results: dict[str, Any] = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {

@@ -70,6 +70,8 @@ def suite(infra: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
             "LOG_LEVEL": os.environ.get("TEST_SERVICE_LOG_LEVEL", "WARNING"),
             # A killed dispatcher's chunks come back within seconds, not the production 15.
             "DISPATCH_ACK_WAIT_SECONDS": "4",
+            # Simulated calls at 1/100 of their length: a 60-s conversation takes 0.6 s.
+            "SIMULATED_VOICE_CONFIG": '{"time_scale": 0.01}',
         }
     )
     try:

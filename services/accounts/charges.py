@@ -1,6 +1,6 @@
 """Charges for work done: the dispatchers' results become captures against their holds.
 
-Results arrive in chunks on `events.job.>`; each sent attempt that carries a cost is charged
+Results arrive in chunks on `events.job.>`; each attempt that carries a cost is charged
 once (captures are idempotent per attempt id, so a redelivered chunk charges nothing more).
 Captures are booked in batches, one ledger transaction per account per fetch: one gRPC call
 per result would cap the pipeline far below the dispatchers' pace."""
@@ -34,8 +34,9 @@ def charges_of(chunk: events_pb2.ResultChunk) -> list[CaptureItem]:
         return []
     return [
         CaptureItem(attempt_id=o.attempt_id, hold_id=chunk.hold_id, amount=o.cost)
+        # Whatever carries a cost is charged: a sent message, a call (setup and minutes).
         for o in chunk.outcomes
-        if o.status == "sent" and o.cost
+        if o.cost and o.status != "requeue"
     ]
 
 

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from uuid import UUID
 
 from nats.js import JetStreamContext
 from pregonero.events.v1 import events_pb2
 
 from services.runtime import bus
+from services.runtime.lifecycle import Rounds
 
 from .batches import Batches
-from .credit import HOLD_BLOCK, ChargesPending, Credit, NoCredit
+from .credit import ChargesPending, Cover, Credit, reserve
 from .notify import Notifier
 from .repo import CampaignsRepo
 from .template import Template, compile_template
@@ -37,18 +36,6 @@ SETTLE_PATIENCE = timedelta(minutes=10)
 
 def attempt_id(batch_id: object, job_id: int, attempt_no: int) -> str:
     return f"{batch_id}:{job_id}:{attempt_no}"
-
-
-@dataclass(frozen=True, slots=True)
-class Cover:
-    """What credit covers in one release: `count` jobs, charged against `hold_id` at
-    `price` each, leaving `left` on the hold; `short` says why the rest must wait."""
-
-    count: int
-    hold_id: str
-    price: Decimal
-    left: Decimal
-    short: str = ""
 
 
 class Feeder:
@@ -66,30 +53,22 @@ class Feeder:
         self.repo, self.js, self.notifier = repo, js, notifier
         self.credit, self.batches = credit, batches
         self.chunk_jobs = chunk_jobs
-        self.idle_wait = idle_wait
-        self.wakeup = asyncio.Event()
+        self.rounds = Rounds(self.round, name="feeder", idle_wait=idle_wait)
         self._templates: dict[UUID, Template] = {}
 
     def wake(self) -> None:
         """Results freed room in a window, or a batch became runnable."""
-        self.wakeup.set()
+        self.rounds.wake()
 
     async def run(self) -> None:
-        while True:
-            released = 0
-            try:
-                for batch_id in await self.repo.runnable_batches():
-                    released += await self.release(batch_id)
-                await self.settle()
-            except Exception:  # noqa: BLE001 - a failed round is retried; the loop must live
-                log.exception("feeder round failed")
-                await asyncio.sleep(1)
-            if not released:
-                self.wakeup.clear()
-                try:
-                    await asyncio.wait_for(self.wakeup.wait(), self.idle_wait)
-                except TimeoutError:
-                    pass
+        await self.rounds.run()
+
+    async def round(self) -> int:
+        released = 0
+        for batch_id in await self.repo.runnable_batches():
+            released += await self.release(batch_id)
+        await self.settle()
+        return released
 
     def _template(self, batch_id: UUID, text: str) -> Template:
         template = self._templates.get(batch_id)
@@ -120,7 +99,15 @@ class Feeder:
             if not jobs:
                 return 0
             remaining = len(requeued) + batch["total_jobs"] - batch["released_upto"]
-            cover = await self._cover(conn, batch, want=len(jobs), remaining=remaining)
+            cover = await reserve(
+                self.credit,
+                self.repo,
+                conn,
+                batch,
+                want=len(jobs),
+                remaining=remaining,
+                quote=lambda: self.credit.price(batch["account_id"]),
+            )
             jobs = jobs[: cover.count]
             fresh = fresh[: max(cover.count - len(requeued), 0)]
             upto = fresh[-1]["job_id"] if fresh else batch["released_upto"]
@@ -169,40 +156,6 @@ class Feeder:
             )
             publishes.append(bus.publish(self.js, subject, chunk, msg_id=f"{batch_id}:{seq}"))
         await asyncio.gather(*publishes)
-
-    async def _cover(self, conn, batch, *, want: int, remaining: int) -> Cover:  # type: ignore[no-untyped-def]
-        """How many of `want` jobs the batch's credit pays for, taking a new hold (recorded
-        in this transaction) when the current one falls short."""
-        seq = batch["hold_seq"]
-        current = seq > batch["holds_settled_upto"]
-        price = batch["unit_price"]
-        hold_id = f"{batch['batch_id']}:{seq}"
-        if current and batch["hold_unlimited"]:
-            return Cover(count=want, hold_id=hold_id if price > 0 else "", price=price, left=Decimal(0))
-        if current and price > 0 and batch["hold_left"] >= price * want:
-            return Cover(count=want, hold_id=hold_id, price=price, left=batch["hold_left"] - price * want)
-        # A new hold; what the current one has left is released when the batch settles.
-        try:
-            quote = await self.credit.price(batch["account_id"])
-            seq += 1
-            hold_id = f"{batch['batch_id']}:{seq}"
-            block = max(want, min(HOLD_BLOCK, remaining))
-            if quote.per_message == 0:
-                held = Decimal(0)  # free: no hold at all, nothing to capture
-                hold_id = ""
-            else:
-                held = await self.credit.hold(batch["account_id"], hold_id, quote.per_message * block)
-        except NoCredit as exc:
-            return Cover(count=0, hold_id="", price=price, left=batch["hold_left"], short=str(exc))
-        await self.repo.set_hold(
-            conn, batch_id=batch["batch_id"], seq=seq, left=held, unlimited=not quote.reserving, price=quote.per_message
-        )
-        if not quote.reserving:
-            return Cover(count=want, hold_id=hold_id, price=quote.per_message, left=Decimal(0))
-        count = min(want, quote.affordable(held))
-        short = "" if count == want else "insufficient credit: a top-up resumes the batch"
-        left = held - count * quote.per_message
-        return Cover(count=count, hold_id=hold_id, price=quote.per_message, left=left, short=short)
 
     async def settle(self) -> None:
         """Release the holds of batches that have stopped (paused, suspended, cancelled,

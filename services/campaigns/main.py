@@ -14,15 +14,19 @@ from services.runtime.db import check_queries
 from services.runtime.lifecycle import Runtime, serve_grpc
 from services.runtime.rpc import channel
 
+from . import voice_repo
 from .account_events import AccountEvents
 from .batches import Batches
+from .call_results import CallResults
 from .config import CampaignsSettings
 from .credit import Credit
+from .dialer import Dialer
 from .feeder import Feeder
 from .notify import Notifier
 from .repo import CampaignsRepo, Q
 from .results import ResultsApplier
 from .server import CampaignsServicer
+from .voice import VoiceBatches
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -37,12 +41,21 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     batches = Batches(repo, notifier)
     credit = Credit(accounts_pb2_grpc.AccountsServiceStub(channel(settings.accounts_addr)))
     feeder = Feeder(repo, rt.js, notifier, credit, batches)
-    results = ResultsApplier(repo, rt.js, notifier, batches, on_applied=feeder.wake)
+    await check_queries(rt.pool, voice_repo.Q)
+    await check_queries(rt.pool, voice_repo.DialQ)
+    await check_queries(rt.pool, voice_repo.ResultQ)
+    calls = voice_repo.VoiceRepo(rt.pool)
+    dialer = Dialer(calls, repo, rt.js, credit, notifier)
+    results = ResultsApplier(
+        repo, rt.js, notifier, batches, CallResults(calls), on_applied=feeder.wake, on_call_ended=dialer.wake
+    )
     rt.spawn(feeder.run(), name="feeder")
+    rt.spawn(dialer.run(), name="dialer")
     rt.spawn(results.run(), name="results")
     rt.spawn(AccountEvents(repo, batches, rt.js, wake=feeder.wake).run(), name="account-events")
     dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(channel(settings.dispatcher_addr))
-    campaigns_pb2_grpc.add_CampaignsServiceServicer_to_server(CampaignsServicer(batches, dispatcher), server)
+    voice = VoiceBatches(calls, batches, credit)
+    campaigns_pb2_grpc.add_CampaignsServiceServicer_to_server(CampaignsServicer(batches, voice, dispatcher), server)
     return [campaigns_pb2.DESCRIPTOR.services_by_name["CampaignsService"].full_name]
 
 

@@ -34,7 +34,7 @@ class Q:
           AND ($3 = '' OR status = $3)"""
     RUNNABLE_BATCHES = """
         SELECT batch_id FROM batches
-        WHERE status IN ('pending', 'processing') AND queued_jobs < window_size
+        WHERE status IN ('pending', 'processing') AND queued_jobs < window_size AND channel = 'whatsapp'
         ORDER BY created_at LIMIT 200"""
     # SKIP LOCKED: two feeder replicas never release the same batch at once.
     LOCK_FOR_RELEASE = """
@@ -50,7 +50,9 @@ class Q:
         SELECT job_id, phone, vals, attempts FROM jobs
         WHERE batch_id = $1 AND job_id > $2 AND status = 'pending' ORDER BY job_id LIMIT $3"""
     # Serialises result batches of one batch with its cancel, so a cancel is seen by both.
-    LOCK_BATCH_STATUS = "SELECT status FROM batches WHERE batch_id = $1 FOR UPDATE"
+    LOCK_BATCH_STATUS = (
+        "SELECT batch_id, status, channel, country, use_case, call_settings FROM batches WHERE batch_id = $1 FOR UPDATE"
+    )
     NEXT_CHUNK_SEQ = "SELECT nextval('chunk_seq')"
     MARK_RELEASED = """
         UPDATE batches SET released_upto = greatest(released_upto, $2), queued_jobs = queued_jobs + $3,
@@ -71,6 +73,16 @@ class Q:
         UPDATE batches SET status = 'suspended', suspension_reason = $4,
                suspended_jobs = suspended_jobs + (SELECT count(*) FROM s), updated_at = now()
         WHERE batch_id = $1 RETURNING *"""
+    # Voice: pending calls wait as `suspended` (calls in progress end on their own).
+    SUSPEND_VOICE = """
+        WITH s AS (
+            UPDATE voice_jobs SET status = 'suspended', updated_at = now()
+            WHERE batch_id = $1 AND status = 'pending' RETURNING 1)
+        UPDATE batches SET status = 'suspended', suspension_reason = $2,
+               suspended_jobs = suspended_jobs + (SELECT count(*) FROM s), updated_at = now()
+        WHERE batch_id = $1 RETURNING *"""
+    UNSUSPEND_VOICE_JOBS = """
+        UPDATE voice_jobs SET status = 'pending', updated_at = now() WHERE batch_id = $1 AND status = 'suspended'"""
     LOCK_SUSPENDED = """
         SELECT * FROM batches WHERE batch_id = $1 AND status = 'suspended' AND ($2 = '' OR account_id = $2)
         FOR UPDATE"""
@@ -154,6 +166,10 @@ class Q:
         UPDATE jobs SET status = 'cancelled', finished_at = now()
         WHERE batch_id = $1 AND (status IN ('requeue', 'suspended') OR (status = 'pending' AND job_id > $2))"""
     CANCEL_REQUEUED = "DELETE FROM requeued WHERE batch_id = $1"
+    # Voice: jobs not being called are cancelled now; calls in progress end on their own.
+    CANCEL_VOICE_JOBS = """
+        UPDATE voice_jobs SET status = 'cancelled', cancellation_reason = $2, finished_at = now(), updated_at = now()
+        WHERE batch_id = $1 AND status IN ('pending', 'suspended')"""
     ADD_CANCELLED = """
         UPDATE batches SET cancelled_jobs = cancelled_jobs + $2, updated_at = now()
         WHERE batch_id = $1 RETURNING *"""
@@ -224,9 +240,12 @@ class CampaignsRepo:
             row = await conn.fetchrow(Q.CANCEL_BATCH, batch_id, scope, reason)
             if row is None:
                 return None
-            done = await conn.execute(Q.CANCEL_JOBS, batch_id, row["released_upto"])
+            if row["channel"] == "voice":
+                done = await conn.execute(Q.CANCEL_VOICE_JOBS, batch_id, reason)
+            else:
+                done = await conn.execute(Q.CANCEL_JOBS, batch_id, row["released_upto"])
+                await conn.execute(Q.CANCEL_REQUEUED, batch_id)
             count = int(done.split()[-1])
-            await conn.execute(Q.CANCEL_REQUEUED, batch_id)
             row = await conn.fetchrow(Q.ADD_CANCELLED, batch_id, count)
             return await conn.fetchrow(Q.FINISH_IF_DONE, batch_id) or row
 
@@ -283,7 +302,10 @@ class CampaignsRepo:
             batch = await conn.fetchrow(Q.LOCK_SUSPENDED, batch_id, scope)
             if batch is None:
                 return None
-            await conn.execute(Q.UNSUSPEND_JOBS, batch_id, batch["released_upto"])
+            if batch["channel"] == "voice":
+                await conn.execute(Q.UNSUSPEND_VOICE_JOBS, batch_id)
+            else:
+                await conn.execute(Q.UNSUSPEND_JOBS, batch_id, batch["released_upto"])
             return await conn.fetchrow(Q.RESUME_SUSPENDED, batch_id)
 
     async def suspend_running(self, *, batch_id: UUID, reason: str) -> asyncpg.Record | None:
@@ -291,6 +313,8 @@ class CampaignsRepo:
             batch = await conn.fetchrow(Q.LOCK_RUNNING, batch_id)
             if batch is None:
                 return None
+            if batch["channel"] == "voice":
+                return await conn.fetchrow(Q.SUSPEND_VOICE, batch_id, reason)
             return await conn.fetchrow(Q.SUSPEND, batch_id, batch["released_upto"], [], reason)
 
     async def running_batches(self, *, account_id: str) -> list[UUID]:
@@ -344,5 +368,5 @@ class CampaignsRepo:
     async def finish_if_done(self, conn: asyncpg.Connection, *, batch_id: UUID) -> asyncpg.Record | None:
         return await conn.fetchrow(Q.FINISH_IF_DONE, batch_id)
 
-    async def lock_status(self, conn: asyncpg.Connection, *, batch_id: UUID) -> str | None:
-        return await conn.fetchval(Q.LOCK_BATCH_STATUS, batch_id)
+    async def lock_batch(self, conn: asyncpg.Connection, *, batch_id: UUID) -> asyncpg.Record | None:
+        return await conn.fetchrow(Q.LOCK_BATCH_STATUS, batch_id)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from uuid import UUID
 
+import asyncpg
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pregonero.events.v1 import events_pb2
@@ -15,6 +16,7 @@ from pregonero.events.v1 import events_pb2
 from services.runtime import bus
 
 from .batches import Batches
+from .call_results import CallResults
 from .notify import Notifier
 from .repo import CampaignsRepo
 
@@ -31,10 +33,13 @@ class ResultsApplier:
         js: JetStreamContext,
         notifier: Notifier,
         batches: Batches,
+        calls: CallResults,
         on_applied: Callable[[], None],
+        on_call_ended: Callable[[], None],
     ) -> None:
-        self.repo, self.js, self.notifier, self.batches = repo, js, notifier, batches
+        self.repo, self.js, self.notifier, self.batches, self.calls = repo, js, notifier, batches, calls
         self.on_applied = on_applied
+        self.on_call_ended = on_call_ended
 
     async def run(self) -> None:
         await bus.consume(self.js, "events.job.>", durable=DURABLE, handle=self.handle, fetch=FETCH)
@@ -50,42 +55,20 @@ class ResultsApplier:
 
     async def apply(self, batch_id: UUID, outcomes: list[events_pb2.JobOutcome]) -> None:
         async with self.repo.pool.acquire() as conn, conn.transaction():
-            status = await self.repo.lock_status(conn, batch_id=batch_id)
-            if status is None:
+            batch = await self.repo.lock_batch(conn, batch_id=batch_id)
+            if batch is None:
                 return  # the batch was deleted; its results have nowhere to go
-            applied = await self.repo.apply_outcomes(
-                conn,
-                batch_id=batch_id,
-                job_ids=[o.job_id for o in outcomes],
-                statuses=[o.status for o in outcomes],
-                sender_ids=[o.sender_id for o in outcomes],
-                errors=[o.error for o in outcomes],
-                attempt_nos=[int(o.attempt_id.rsplit(":", 1)[1]) for o in outcomes],
-                cancelled=status == "cancelled",
-            )
-            counts: dict[str, int] = defaultdict(int)
-            for r in applied:
-                counts[r["status"]] += 1
-            # What the sent attempts cost: the same figures accounts charges from these results.
-            costs = {o.job_id: o.cost for o in outcomes if o.status == "sent" and o.cost}
-            cost = sum((Decimal(costs[r["job_id"]]) for r in applied if r["job_id"] in costs), Decimal(0))
-            used = {o.sender_id for o in outcomes if o.sender_id}
-            row = await self.repo.add_counters(
-                conn,
-                batch_id=batch_id,
-                sent=counts["sent"],
-                failed=counts["failed"],
-                cancelled=counts["cancelled"],
-                unknown=counts["unknown"],
-                resolved=len(applied),
-                devices_used=len(used),
-                cost=cost,
-            )
-            finished = await self.repo.finish_if_done(conn, batch_id=batch_id)
+            if batch["channel"] == "voice":
+                await self.calls.apply(conn, batch, outcomes)
+                finished = await self.repo.finish_if_done(conn, batch_id=batch_id)
+            else:
+                applied, row, finished = await self._apply_messages(conn, batch, outcomes)
         # Committed: what follows only informs. A failure here must not fail the results
         # (they are applied; a late socket reads the state from the snapshot instead).
         try:
-            if applied:
+            if batch["channel"] == "voice":
+                self.on_call_ended()
+            elif applied:
                 ids = {r["job_id"] for r in applied if r["status"] in ("sent", "failed")}
                 shown = [o for o in outcomes if o.job_id in ids]
                 await self.notifier.publish(self.notifier.event(finished or row, "progress", outcomes=shown))
@@ -93,3 +76,37 @@ class ResultsApplier:
                 await self.batches.publish_finished(finished)
         except Exception:  # noqa: BLE001
             log.exception("publishing progress of batch %s failed", batch_id)
+
+    async def _apply_messages(
+        self, conn: asyncpg.Connection, batch: asyncpg.Record, outcomes: list[events_pb2.JobOutcome]
+    ) -> tuple[list[asyncpg.Record], asyncpg.Record, asyncpg.Record | None]:
+        batch_id = batch["batch_id"]
+        applied = await self.repo.apply_outcomes(
+            conn,
+            batch_id=batch_id,
+            job_ids=[o.job_id for o in outcomes],
+            statuses=[o.status for o in outcomes],
+            sender_ids=[o.sender_id for o in outcomes],
+            errors=[o.error for o in outcomes],
+            attempt_nos=[int(o.attempt_id.rsplit(":", 1)[1]) for o in outcomes],
+            cancelled=batch["status"] == "cancelled",
+        )
+        counts: dict[str, int] = defaultdict(int)
+        for r in applied:
+            counts[r["status"]] += 1
+        # What the sent attempts cost: the same figures accounts charges from these results.
+        costs = {o.job_id: o.cost for o in outcomes if o.status == "sent" and o.cost}
+        cost = sum((Decimal(costs[r["job_id"]]) for r in applied if r["job_id"] in costs), Decimal(0))
+        used = {o.sender_id for o in outcomes if o.sender_id}
+        row = await self.repo.add_counters(
+            conn,
+            batch_id=batch_id,
+            sent=counts["sent"],
+            failed=counts["failed"],
+            cancelled=counts["cancelled"],
+            unknown=counts["unknown"],
+            resolved=len(applied),
+            devices_used=len(used),
+            cost=cost,
+        )
+        return applied, row, await self.repo.finish_if_done(conn, batch_id=batch_id)

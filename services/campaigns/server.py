@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import grpc
@@ -11,10 +14,11 @@ from pregonero.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
 from services.runtime.errors import InvalidArgument
 from services.runtime.identity import MEMBER, Caller, current_caller
-from services.runtime.protos import to_timestamp
+from services.runtime.protos import from_timestamp, to_timestamp
 from services.runtime.rpc import outgoing_metadata
 
 from .batches import Batches, SenderChoice
+from .voice import SAMPLE_ROWS, Checked, Upload, VoiceBatches, job_ids, sample_of
 
 
 def batch_pb(row: asyncpg.Record) -> campaigns_pb2.Batch:
@@ -33,6 +37,18 @@ def batch_pb(row: asyncpg.Record) -> campaigns_pb2.Batch:
         devices_used=row["devices_used"],
         object_id=row["object_id"],
         suspension_reason=row["suspension_reason"],
+        description=row["description"],
+        priority=row["priority"],
+        call_settings_json=_json_text(row["call_settings"]),
+        estimated_cost=str(row["estimated_cost"]),
+        total_minutes=str((row["total_seconds"] / 60).quantize(Decimal("0.01"))),
+        use_case=row["use_case"],
+        country=row["country"],
+        processing_type=row["processing_type"],
+        cancellation_reason=row["error"] if row["status"] == "cancelled" else "",
+        # Voice counts a completed conversation where WhatsApp counts a sent message.
+        completed_jobs=row["sent_jobs"],
+        in_progress_jobs=row["queued_jobs"],
         total_cost=str(row["total_cost"]),
         unit_price=str(row["unit_price"]),
         progress=campaigns_pb2.Progress(
@@ -51,9 +67,107 @@ def batch_pb(row: asyncpg.Record) -> campaigns_pb2.Batch:
     )
 
 
+def _json_text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def job_pb(row: asyncpg.Record) -> campaigns_pb2.Job:
+    job_id, object_id = job_ids(row["id"])
+    phones = list(row["phones"])
+    index = row["next_phone_index"]
+    return campaigns_pb2.Job(
+        job_id=job_id,
+        object_id=object_id,
+        batch_id=str(row["batch_id"]),
+        batch_object_id=row["batch_object_id"] or "",
+        account_id=row["account_id"],
+        status=row["status"],
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        created_at=to_timestamp(row["created_at"]),
+        started_at=to_timestamp(row["started_at"]),
+        finished_at=to_timestamp(row["finished_at"]),
+        next_attempt_at=to_timestamp(row["next_attempt_at"]),
+        contact_name=row["name"],
+        contact_dni=row["dni"],
+        phones=phones,
+        next_phone_index=index,
+        payload_json=_json_text(row["payload"]),
+        call_result_json=_json_text(row["call_result"]),
+        fecha_pago_cliente=row["fecha_pago_cliente"].isoformat() if row["fecha_pago_cliente"] else "",
+        monto_pago_cliente=_text(row["monto_pago_cliente"]),
+        call_duration_seconds=_text(row["call_duration_seconds"]),
+        call_started_at=to_timestamp(row["call_started_at"]),
+        call_ended_at=to_timestamp(row["call_ended_at"]),
+        estimated_cost=str(row["estimated_cost"]),
+        cost=str(row["cost"]),
+        to_number=phones[index] if 0 <= index < len(phones) else (phones[0] if phones else ""),
+        cancellation_reason=row["cancellation_reason"],
+    )
+
+
+def preview_pb(file_name: str, checked: Checked) -> campaigns_pb2.ContactsPreview:
+    parsed = checked.parsed
+    return campaigns_pb2.ContactsPreview(
+        file_name=file_name,
+        total_rows=parsed.total_rows,
+        valid_rows=len(checked.contacts),
+        invalid_rows=len(parsed.invalid),
+        duplicates=checked.duplicates,
+        estimated_cost=str(checked.estimated_cost),
+        detected_format=parsed.detected_format,
+        sample_rows_json=json.dumps([sample_of(c) for c in checked.contacts[:SAMPLE_ROWS]]),
+        invalid=[campaigns_pb2.RowProblem(row=p.row, reason=p.reason) for p in parsed.invalid[:1000]],
+        warnings=[campaigns_pb2.RowProblem(row=p.row, reason=p.reason) for p in parsed.warnings[:1000]],
+        available_credit=str(checked.account.available),
+    )
+
+
+def upload_of(header: campaigns_pb2.ContactsUploadHeader) -> Upload:
+    return Upload(
+        account_id=header.account_id,
+        file_name=header.file_name,
+        batch_name=header.batch_name,
+        description=header.batch_description,
+        allow_duplicates=header.allow_duplicates,
+        processing_type=header.processing_type or "basic",
+        dias_fecha_limite=header.dias_fecha_limite or None,
+        dias_fecha_maxima=header.dias_fecha_maxima or None,
+        country=header.country.upper(),
+        use_case=header.use_case or "debt_collection",
+        call_settings_json=header.call_settings_json,
+        priority=header.priority or 1,
+        scheduled_at=from_timestamp(header.scheduled_at) if header.HasField("scheduled_at") else None,
+    )
+
+
+async def _upload(
+    request_iterator: AsyncIterator[campaigns_pb2.ContactsUploadRequest],
+) -> tuple[campaigns_pb2.ContactsUploadHeader, AsyncIterator[bytes]]:
+    first = await anext(aiter(request_iterator), None)
+    if first is None or not first.HasField("header"):
+        raise InvalidArgument("upload must start with its header")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async for part in request_iterator:
+            if part.HasField("chunk"):
+                yield part.chunk
+
+    return first.header, chunks()
+
+
 class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
-    def __init__(self, batches: Batches, dispatcher: dispatcher_pb2_grpc.DispatcherServiceStub) -> None:
+    def __init__(
+        self, batches: Batches, voice: VoiceBatches, dispatcher: dispatcher_pb2_grpc.DispatcherServiceStub
+    ) -> None:
         self.batches = batches
+        self.voice = voice
         self.dispatcher = dispatcher
 
     async def UploadBulkFile(
@@ -88,7 +202,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
         return batch_pb(row)
 
     async def GetBatch(self, request: campaigns_pb2.BatchRef, context: grpc.aio.ServicerContext) -> campaigns_pb2.Batch:
-        return batch_pb(await self.batches.get(current_caller(), request.batch_id))
+        return batch_pb(await self.voice.get(current_caller(), request.batch_id))
 
     async def ListBatches(
         self, request: campaigns_pb2.ListBatchesRequest, context: grpc.aio.ServicerContext
@@ -106,17 +220,17 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
     async def PauseBatch(
         self, request: campaigns_pb2.BatchRef, context: grpc.aio.ServicerContext
     ) -> campaigns_pb2.Batch:
-        return batch_pb(await self.batches.pause(current_caller(), request.batch_id))
+        return batch_pb(await self.batches.pause(current_caller(), await self._key(request.batch_id)))
 
     async def ResumeBatch(
         self, request: campaigns_pb2.BatchRef, context: grpc.aio.ServicerContext
     ) -> campaigns_pb2.Batch:
-        return batch_pb(await self.batches.resume(current_caller(), request.batch_id))
+        return batch_pb(await self.batches.resume(current_caller(), await self._key(request.batch_id)))
 
     async def CancelBatch(
         self, request: campaigns_pb2.CancelBatchRequest, context: grpc.aio.ServicerContext
     ) -> campaigns_pb2.Batch:
-        return batch_pb(await self.batches.cancel(current_caller(), request.batch_id, request.reason))
+        return batch_pb(await self.batches.cancel(current_caller(), await self._key(request.batch_id), request.reason))
 
     async def RetryFailed(
         self, request: campaigns_pb2.BatchRef, context: grpc.aio.ServicerContext
@@ -145,3 +259,178 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
             ],
             next_after=rows[-1]["job_id"] if len(rows) == limit else 0,
         )
+
+    async def _key(self, batch_id: str) -> str:
+        """The batch id behind either of its forms (`batch_id` or `_id`)."""
+        return str((await self.voice.get(current_caller(), batch_id))["batch_id"])
+
+    # --- voice ---
+
+    async def PreviewContacts(
+        self, request_iterator: AsyncIterator[campaigns_pb2.ContactsUploadRequest], context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.ContactsPreview:
+        header, chunks = await _upload(request_iterator)
+        checked = await self.voice.preview(current_caller(), upload_of(header), chunks)
+        return preview_pb(header.file_name, checked)
+
+    async def CreateVoiceBatch(
+        self, request_iterator: AsyncIterator[campaigns_pb2.ContactsUploadRequest], context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.VoiceBatchCreated:
+        header, chunks = await _upload(request_iterator)
+        row, checked = await self.voice.create(current_caller(), upload_of(header), chunks)
+        return campaigns_pb2.VoiceBatchCreated(
+            batch=batch_pb(row),
+            jobs_created=row["total_jobs"],
+            contacts_processed=checked.parsed.total_rows,
+            duplicates_skipped=checked.duplicates,
+            invalid_rows=len(checked.parsed.invalid),
+            estimated_cost=str(checked.estimated_cost),
+            invalid=[campaigns_pb2.RowProblem(row=p.row, reason=p.reason) for p in checked.parsed.invalid[:1000]],
+        )
+
+    async def CreateBatch(
+        self, request: campaigns_pb2.CreateBatchRequest, context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.Batch:
+        row = await self.voice.create_empty(
+            current_caller(),
+            account_id=request.account_id,
+            name=request.name,
+            description=request.description,
+            priority=request.priority,
+            call_settings_json=request.call_settings_json,
+            allow_duplicates=request.allow_duplicates,
+            use_case=request.use_case,
+            country=request.country,
+        )
+        return batch_pb(row)
+
+    async def UpdateBatch(
+        self, request: campaigns_pb2.UpdateBatchRequest, context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.Batch:
+        try:
+            patch = json.loads(request.patch_json or "{}")
+        except ValueError as exc:
+            raise InvalidArgument("patch_json is not JSON") from exc
+        if not isinstance(patch, dict):
+            raise InvalidArgument("the patch must be a JSON object")
+        return batch_pb(await self.voice.update(current_caller(), request.batch_id, patch))
+
+    async def DeleteBatch(
+        self, request: campaigns_pb2.DeleteBatchRequest, context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.DeleteBatchResponse:
+        row, deleted, cancelled = await self.voice.delete(
+            current_caller(), request.batch_id, delete_jobs=request.delete_jobs
+        )
+        return campaigns_pb2.DeleteBatchResponse(
+            batch_id=str(row["batch_id"]), jobs_deleted=deleted, jobs_cancelled=cancelled
+        )
+
+    async def GetBatchSummary(
+        self, request: campaigns_pb2.BatchRef, context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.BatchSummary:
+        row, hours = await self.voice.summary(current_caller(), request.batch_id)
+        return campaigns_pb2.BatchSummary(
+            batch=batch_pb(row),
+            hourly_stats=[
+                campaigns_pb2.HourlyStat(
+                    hour=to_timestamp(h["hour"]),
+                    calls=h["calls"],
+                    completed=h["completed"],
+                    failed=h["failed"],
+                    cost=str(h["cost"]),
+                    minutes=str((h["seconds"] / 60).quantize(Decimal("0.01"))),
+                )
+                for h in hours
+            ],
+        )
+
+    async def ListJobs(
+        self, request: campaigns_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.ListJobsResponse:
+        rows, total = await self.voice.jobs(
+            current_caller(),
+            account_id=request.account_id,
+            batch_id=request.batch_id,
+            status=request.status,
+            limit=request.limit or 100,
+            skip=request.skip,
+        )
+        return campaigns_pb2.ListJobsResponse(jobs=[job_pb(r) for r in rows], total=total)
+
+    async def GetJob(self, request: campaigns_pb2.JobRef, context: grpc.aio.ServicerContext) -> campaigns_pb2.Job:
+        return job_pb(await self.voice.job(current_caller(), request.job_id))
+
+    async def RetryJob(self, request: campaigns_pb2.JobRef, context: grpc.aio.ServicerContext) -> campaigns_pb2.Job:
+        return job_pb(await self.voice.retry_job(current_caller(), request.job_id))
+
+    async def CancelJob(
+        self, request: campaigns_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.Job:
+        return job_pb(await self.voice.cancel_job(current_caller(), request.job_id, request.reason))
+
+    async def DeleteJob(
+        self, request: campaigns_pb2.JobRef, context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.DeleteJobResponse:
+        await self.voice.delete_job(current_caller(), request.job_id)
+        return campaigns_pb2.DeleteJobResponse(job_id=request.job_id)
+
+    async def GetDashboard(
+        self, request: campaigns_pb2.DashboardRequest, context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.Dashboard:
+        scope, c, recent, today = await self.voice.dashboard(current_caller(), request.account_id)
+        done = c["completed_jobs"] + c["failed_jobs"] + c["cancelled_jobs"] + c["suspended_jobs"]
+        return campaigns_pb2.Dashboard(
+            account_id=scope,
+            total_batches=c["total_batches"],
+            active_batches=c["active_batches"],
+            paused_batches=c["paused_batches"],
+            completed_batches=c["completed_batches"],
+            cancelled_batches=c["cancelled_batches"],
+            total_jobs=c["total_jobs"],
+            pending_jobs=max(c["total_jobs"] - done - c["in_progress_jobs"], 0),
+            in_progress_jobs=c["in_progress_jobs"],
+            completed_jobs=c["completed_jobs"],
+            failed_jobs=c["failed_jobs"],
+            cancelled_jobs=c["cancelled_jobs"],
+            suspended_jobs=c["suspended_jobs"],
+            total_cost=str(c["total_cost"]),
+            total_minutes=str((c["total_seconds"] / 60).quantize(Decimal("0.01"))),
+            recent_jobs=[job_pb(r) for r in recent],
+            calls_today=today,
+        )
+
+    async def ListCalls(
+        self, request: campaigns_pb2.ListCallsRequest, context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.ListCallsResponse:
+        rows, total = await self.voice.calls(
+            current_caller(),
+            account_id=request.account_id,
+            batch_id=request.batch_id,
+            status=request.status,
+            limit=request.limit or 50,
+            skip=request.skip,
+        )
+        return campaigns_pb2.ListCallsResponse(calls=[call_pb(r) for r in rows], total=total)
+
+
+def call_pb(row: asyncpg.Record) -> campaigns_pb2.CallRecord:
+    result = row["call_result"] or {}
+    if isinstance(result, str):
+        result = json.loads(result)
+    summary = result.get("summary") or {}
+    analysis = summary.get("call_analysis") or {}
+    job_id, _ = job_ids(row["id"])
+    phones = list(row["phones"])
+    return campaigns_pb2.CallRecord(
+        call_id=summary.get("call_id") or f"call-{row['id']}-{row['attempts']}",
+        job_id=job_id,
+        batch_id=str(row["batch_id"]),
+        contact_name=row["name"],
+        phone=summary.get("to_number") or (phones[0] if phones else ""),
+        status=summary.get("call_status") or row["status"],
+        duration_ms=int(summary.get("duration_ms") or 0),
+        cost=str(row["cost"]),
+        created_at=to_timestamp(row["call_started_at"] or row["created_at"]),
+        summary=analysis.get("call_summary") or "",
+        sentiment=analysis.get("user_sentiment") or "",
+    )

@@ -1,8 +1,11 @@
+import json
 from typing import Self
 
 from pydantic import SecretStr, model_validator
 
 from services.runtime.settings import GrpcServiceSettings, reject_placeholders
+
+from .providers.voice import SimulatedVoiceBehaviour
 
 
 class DispatcherSettings(GrpcServiceSettings):
@@ -17,7 +20,21 @@ class DispatcherSettings(GrpcServiceSettings):
     simulated_provider_url: str = ""
     # Sends held at once (queued in lanes or at a provider): the free-slot count for fetching.
     max_in_flight: int = 20_000
+    # How the `simulated` voice line behaves (JSON; see providers/voice.py): outcome ratios,
+    # durations, and `time_scale` (0.01 makes a 60-s call take 0.6 s).
+    simulated_voice_config: str = "{}"
+    # Calls this dispatcher keeps up at once (campaigns bounds each account's by its lines).
+    max_calls: int = 2_000
     dispatch_ack_wait_seconds: float = 15.0
+
+    @model_validator(mode="after")
+    def _voice_config_is_json(self) -> Self:
+        try:
+            config = json.loads(self.simulated_voice_config or "{}")
+        except ValueError as exc:
+            raise ValueError(f"SIMULATED_VOICE_CONFIG is not JSON: {exc}") from exc
+        SimulatedVoiceBehaviour.from_config(config)  # says which key is wrong
+        return self
 
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Self:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
@@ -11,10 +12,12 @@ from services.runtime.bus import BATCH_STATE_BUCKET
 from services.runtime.db import check_queries
 from services.runtime.lifecycle import Runtime, serve_grpc
 
+from .calls import CallEngine
 from .config import DispatcherSettings
 from .crypto import SecretBox
 from .engine import Engine, SenderCache
 from .providers.simulated import make_simulated
+from .providers.voice import SimulatedVoiceProvider
 from .repo import AttemptQ, AttemptsRepo, SenderQ, SendersRepo
 from .runstate import RunStates
 from .senders import Senders
@@ -41,8 +44,17 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
         max_in_flight=settings.max_in_flight,
         ack_wait=settings.dispatch_ack_wait_seconds,
     )
+    calls = CallEngine(
+        js=rt.js,
+        attempts=AttemptsRepo(rt.pool),
+        provider=SimulatedVoiceProvider(),
+        line_config=json.loads(settings.simulated_voice_config or "{}"),
+        ack_wait=settings.dispatch_ack_wait_seconds,
+        max_calls=settings.max_calls,
+    )
     rt.spawn(runstates.run(), name="runstates")
     rt.spawn(engine.run(), name="engine")
+    rt.spawn(calls.run(), name="calls")
     dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server(DispatcherServicer(senders), server)
     return [dispatcher_pb2.DESCRIPTOR.services_by_name["DispatcherService"].full_name]
 

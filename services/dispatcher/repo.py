@@ -186,8 +186,12 @@ class AttemptQ:
         ON CONFLICT (attempt_id) DO NOTHING
         RETURNING attempt_id"""
     EXISTING = """
-        SELECT attempt_id, status, sender_id, provider_message_id, error FROM attempts
+        SELECT attempt_id, status, sender_id, provider_message_id, error, result FROM attempts
         WHERE attempt_id = ANY($1::text[])"""
+    FINISH_CALL = """
+        UPDATE attempts SET status = $2, provider_message_id = nullif($3, ''), error = nullif($4, ''),
+               result = $5::jsonb, finished_at = now()
+        WHERE attempt_id = $1"""
     FINISH = """
         UPDATE attempts a SET status = r.status, provider_message_id = nullif(r.pmid, ''),
                error = nullif(r.error, ''), sender_id = r.sender_id, finished_at = now()
@@ -220,6 +224,9 @@ class AttemptsRepo:
             [r[3] for r in rows],
             [r[4] for r in rows],
         )
+
+    async def finish_call(self, *, attempt_id: str, status: str, call_id: str, error: str, result_json: str) -> None:
+        await self.pool.execute(AttemptQ.FINISH_CALL, attempt_id, status, call_id, error, result_json)
 
     async def release(self, *, attempt_ids: Sequence[str]) -> None:
         await self.pool.execute(AttemptQ.RELEASE, list(attempt_ids))

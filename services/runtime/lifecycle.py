@@ -120,3 +120,29 @@ async def serve_grpc(settings: GrpcServiceSettings, *, schema: str, migrations: 
 def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Entry point of every `python -m services.<svc>`."""
     asyncio.run(main())
+
+
+class Rounds:
+    """A background loop of rounds: `step` does one round and says how much it did; when it
+    did nothing, the loop sleeps until `wake()` or `idle_wait` seconds. A failed round is
+    logged and retried a second later: the loop itself must never die."""
+
+    def __init__(self, step: Callable[[], Awaitable[int]], *, name: str, idle_wait: float) -> None:
+        self.step, self.name, self.idle_wait = step, name, idle_wait
+        self.wakeup = asyncio.Event()
+
+    def wake(self) -> None:
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            done = 0
+            try:
+                done = await self.step()
+            except Exception:  # noqa: BLE001 - retried below
+                log.exception("%s round failed", self.name)
+                await asyncio.sleep(1)
+            if not done:
+                self.wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wakeup.wait(), self.idle_wait)

@@ -235,7 +235,8 @@ async def test_slow_client_is_bounded_and_coalesced_while_fast_client_gets_every
         started = time.perf_counter()
         # The publisher side never waits on a socket, however stuck the slow one is.
         await asyncio.wait_for(hub.on_message(nats_msg(event, msg_id=f"{BATCH}:p:{chunk}")), 0.5)
-        assert time.perf_counter() - started < 0.05
+        # Far below what a wait on the stuck socket would take; loose enough for a busy CI host.
+        assert time.perf_counter() - started < 0.25
         per_recipient += 4
         assert slow.queued <= 32
         await asyncio.sleep(0)  # the network's pacing between messages: the fast writer gets a turn

@@ -1,0 +1,452 @@
+"""Calling rules for voice campaigns: a batch's `call_settings`, its calling window, the retry
+rounds over a job's phones, Chile's limits on debt collection and the per-call variables of
+the voice agent. Pure functions over explicit instants: no clock, no I/O.
+
+Instants go in and come out as aware datetimes (returned in UTC); windows are wall-clock
+times in the batch's zone, evaluated with zoneinfo so daylight-saving changes are honoured."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from services.runtime.errors import InvalidArgument
+
+DEFAULT_TIMEZONE = "America/Santiago"
+DEBT_COLLECTION = "debt_collection"
+
+# Days as the dashboard numbers them: 0 = Sunday … 6 = Saturday.
+MONDAY_TO_SATURDAY = frozenset(range(1, 7))
+
+# Chile's consumer-protection law (Ley 19.496, art. 37) limits extrajudicial debt collection; as
+# applied here: calls only Monday to Saturday, 08:00-20:00 local time, and at most one answered
+# contact per debtor per week. A batch may narrow these limits, never widen them.
+LEGAL_DAYS = MONDAY_TO_SATURDAY
+LEGAL_START = time(8, 0)
+LEGAL_END = time(20, 0)
+WEEKLY_CONTACT_GAP = timedelta(days=7)
+# The legal window is Chilean local time, so the batch must be evaluated in one of Chile's zones.
+CHILEAN_ZONES = frozenset({"America/Santiago", "America/Punta_Arenas", "Pacific/Easter"})
+
+# (default, lowest, highest) of the numeric settings.
+# 3 minutes by default: the reference dashboard's estimate of 0.47 per call is the setup
+# (0.02) plus 3 minutes at 0.15.
+MAX_CALL_DURATION_S = (180, 30, 3600)
+RING_TIMEOUT_S = (30, 5, 120)
+MAX_ATTEMPTS = (3, 1, 10)
+# Fractions of an hour are fine; below 15 minutes a new round would hammer the same debtor.
+RETRY_DELAY_HOURS = (24, 0.25, 168)
+DEFAULT_START = time(9, 0)
+DEFAULT_END = time(20, 0)
+
+SETTINGS_KEYS = frozenset(
+    {
+        "max_call_duration",
+        "ring_timeout",
+        "max_attempts",
+        "retry_delay_hours",
+        "allowed_hours",
+        "days_of_week",
+        "timezone",
+    }
+)
+_HH_MM = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
+
+# Each scan for the next window covers two weeks and a day: even a batch allowed on a single
+# weekday whose window a daylight-saving jump swallows once finds the window a week later.
+_SCAN_DAYS = 15
+# Offset changes are looked for in steps this long; no zone changes offset twice within one.
+_OFFSET_STEP_S = 6 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class CallSettings:
+    """The effective calling rules of a batch (after defaults and legal limits)."""
+
+    max_call_duration_s: int
+    ring_timeout_s: int
+    max_attempts: int  # rounds over all of a job's phones, see after_attempt
+    retry_delay_hours: float
+    window_start: time  # inclusive, wall clock in `timezone`
+    window_end: time  # exclusive; always after window_start (no window crosses midnight)
+    days_of_week: frozenset[int]  # 0 = Sunday … 6 = Saturday
+    timezone: str
+    weekly_contact_limit: bool = False  # Chilean debt collection: one answered contact per week
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)  # zoneinfo caches instances per key
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings in the dashboard's field names, ready for json.dumps; parsing them
+        again gives the same settings."""
+        return {
+            "max_call_duration": self.max_call_duration_s,
+            "ring_timeout": self.ring_timeout_s,
+            "max_attempts": self.max_attempts,
+            "retry_delay_hours": _plain_number(self.retry_delay_hours),
+            "allowed_hours": {"start": self.window_start.strftime("%H:%M"), "end": self.window_end.strftime("%H:%M")},
+            "days_of_week": sorted(self.days_of_week),
+            "timezone": self.timezone,
+        }
+
+
+def parse_call_settings(
+    raw: dict[str, Any] | str | None, *, account_timezone: str = DEFAULT_TIMEZONE, country: str, use_case: str
+) -> CallSettings:
+    """Validate a batch's `call_settings` (a dict, its JSON text, or nothing) and apply the
+    defaults and, for Chilean debt collection, the legal limits.
+
+    Missing or null keys take their defaults (the zone is the account's); unknown keys are
+    refused, as a misspelt one would otherwise silently mean its default. Windows that cross
+    midnight (start >= end) are refused: overnight calling is not a use case, and keeping each
+    window inside one day keeps its weekday unambiguous. For country "CL" and use case
+    "debt_collection" ("" counts as debt collection, as in the API) the window is the
+    intersection of the requested one with Monday-Saturday 08:00-20:00 in a Chilean zone;
+    an empty intersection is refused. Any problem raises InvalidArgument."""
+    settings = _settings_object(raw)
+    unknown = sorted(str(k) for k in settings.keys() - SETTINGS_KEYS)
+    if unknown:
+        raise InvalidArgument(f"call_settings: unknown keys {', '.join(unknown)}")
+
+    zone_name = _timezone(settings.get("timezone") or account_timezone or DEFAULT_TIMEZONE)
+    start, end = _allowed_hours(settings.get("allowed_hours"))
+    days = _days_of_week(settings.get("days_of_week"))
+    max_duration = _integer(settings, "max_call_duration", MAX_CALL_DURATION_S)
+    ring_timeout = _integer(settings, "ring_timeout", RING_TIMEOUT_S)
+    max_attempts = _integer(settings, "max_attempts", MAX_ATTEMPTS)
+    retry_delay = _number(settings, "retry_delay_hours", RETRY_DELAY_HOURS)
+
+    regulated = country.strip().upper() == "CL" and (use_case.strip().lower() or DEBT_COLLECTION) == DEBT_COLLECTION
+    if regulated:
+        if zone_name not in CHILEAN_ZONES:
+            raise InvalidArgument(
+                f"call_settings.timezone: debt collection in Chile is limited in Chilean local time; "
+                f"use one of {', '.join(sorted(CHILEAN_ZONES))}, not {zone_name!r}"
+            )
+        start, end = max(start, LEGAL_START), min(end, LEGAL_END)
+        if start >= end:
+            raise InvalidArgument(
+                "call_settings.allowed_hours: no time left inside the legal 08:00-20:00 for debt collection in Chile"
+            )
+        days &= LEGAL_DAYS
+        if not days:
+            raise InvalidArgument(
+                "call_settings.days_of_week: debt collection in Chile is allowed only Monday to Saturday"
+            )
+
+    return CallSettings(
+        max_call_duration_s=max_duration,
+        ring_timeout_s=ring_timeout,
+        max_attempts=max_attempts,
+        retry_delay_hours=retry_delay,
+        window_start=start,
+        window_end=end,
+        days_of_week=frozenset(days),
+        timezone=zone_name,
+        weekly_contact_limit=regulated,
+    )
+
+
+def _settings_object(raw: dict[str, Any] | str | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        if not raw.strip():
+            return {}
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument("call_settings is not valid JSON") from exc
+    if not isinstance(raw, dict):
+        raise InvalidArgument("call_settings must be an object")
+    # A null from the dashboard means "not set", the same as a missing key.
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def _timezone(name: object) -> str:
+    if not isinstance(name, str):
+        raise InvalidArgument("call_settings.timezone must be a string")
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise InvalidArgument(f"call_settings.timezone: unknown timezone {name!r}") from exc
+    return name
+
+
+def _clock(value: object, field: str) -> time:
+    match = _HH_MM.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise InvalidArgument(
+            f"call_settings.allowed_hours.{field} must be a time as HH:MM (00:00-23:59), got {value!r}"
+        )
+    return time(int(match.group(1)), int(match.group(2)))
+
+
+def _allowed_hours(value: object) -> tuple[time, time]:
+    if value is None:
+        return DEFAULT_START, DEFAULT_END
+    if not isinstance(value, dict):
+        raise InvalidArgument("call_settings.allowed_hours must be an object {start, end}")
+    unknown = sorted(str(k) for k in value.keys() - {"start", "end"})
+    if unknown:
+        raise InvalidArgument(f"call_settings.allowed_hours: unknown keys {', '.join(unknown)}")
+    start = DEFAULT_START if value.get("start") is None else _clock(value["start"], "start")
+    end = DEFAULT_END if value.get("end") is None else _clock(value["end"], "end")
+    if start >= end:
+        raise InvalidArgument(
+            f"call_settings.allowed_hours: start {start:%H:%M} must be before end {end:%H:%M} "
+            "(windows crossing midnight are not supported)"
+        )
+    return start, end
+
+
+def _days_of_week(value: object) -> set[int]:
+    if value is None:
+        return set(MONDAY_TO_SATURDAY)
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument("call_settings.days_of_week must be a non-empty list of days 0-6 (0 = Sunday)")
+    days = set()
+    for day in value:
+        if isinstance(day, bool) or not isinstance(day, int) or not 0 <= day <= 6:
+            raise InvalidArgument(f"call_settings.days_of_week: {day!r} is not a day 0-6 (0 = Sunday)")
+        days.add(day)
+    return days
+
+
+def _integer(settings: dict[str, Any], key: str, limits: tuple[int, int, int]) -> int:
+    default, lowest, highest = limits
+    value = settings.get(key, default)
+    # bool is an int subclass; `true` attempts is a mistake, not 1. JSON writers may send 3.0.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
+        raise InvalidArgument(f"call_settings.{key} must be a whole number from {lowest} to {highest}, got {value!r}")
+    return value
+
+
+def _number(settings: dict[str, Any], key: str, limits: tuple[float, float, float]) -> float:
+    default, lowest, highest = limits
+    value = settings.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lowest <= value <= highest:
+        raise InvalidArgument(f"call_settings.{key} must be a number from {lowest:g} to {highest:g}, got {value!r}")
+    return float(value)
+
+
+def _plain_number(value: float) -> int | float:
+    return int(value) if value.is_integer() else value
+
+
+# --- The calling window ----------------------------------------------------------------------
+
+
+def _aware(at: datetime) -> datetime:
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("instants must be timezone-aware datetimes")
+    return at
+
+
+def _weekday(day: date) -> int:
+    """The dashboard's day number: 0 = Sunday … 6 = Saturday."""
+    return day.isoweekday() % 7
+
+
+def in_window(settings: CallSettings, at: datetime) -> bool:
+    """Whether the batch's zone reads an allowed day and a wall-clock time in [start, end) at `at`.
+
+    Being a wall-clock rule, a window hour that daylight saving skips does not exist that day,
+    and one that it repeats is in the window both times."""
+    local = _aware(at).astimezone(settings.zone)
+    return (
+        _weekday(local.date()) in settings.days_of_week and settings.window_start <= local.time() < settings.window_end
+    )
+
+
+def next_window_start(settings: CallSettings, at: datetime) -> datetime:
+    """The first instant at or after `at` that is in the window: `at` itself when it already
+    is, else the next opening, in UTC.
+
+    The window can only open where the zone's clock reaches the start time (either pass of
+    a repeated hour) or where the clock jumps (a daylight-saving change, e.g. over a start
+    time that the jump skips, when the window begins at the first instant after the jump)."""
+    at = _aware(at).astimezone(UTC)
+    if in_window(settings, at):
+        return at
+    zone = settings.zone
+    first_day = at.astimezone(zone).date()
+    openings: list[datetime] = []
+    for offset in range(_SCAN_DAYS):
+        day = first_day + timedelta(days=offset)
+        if _weekday(day) in settings.days_of_week:
+            wall = datetime.combine(day, settings.window_start)
+            openings.extend(wall.replace(tzinfo=zone, fold=fold).astimezone(UTC) for fold in (0, 1))
+    openings.extend(_offset_changes(zone, at, at + timedelta(days=_SCAN_DAYS)))
+    found = [t for t in openings if t > at and in_window(settings, t)]
+    if not found:
+        # Validated settings always have a non-empty window on some day of every week.
+        raise RuntimeError(f"no calling window within {_SCAN_DAYS} days of {at.isoformat()}")
+    return min(found)
+
+
+def _offset(zone: ZoneInfo, timestamp: int) -> timedelta | None:
+    return datetime.fromtimestamp(timestamp, zone).utcoffset()
+
+
+def _offset_changes(zone: ZoneInfo, start: datetime, end: datetime) -> list[datetime]:
+    """The instants after `start`, up to `end` or a step past it, at which the zone's UTC
+    offset changes, found by bisection to the second (tzdata's transitions fall on whole
+    seconds)."""
+    changes = []
+    low, stop = math.floor(start.timestamp()), math.ceil(end.timestamp())
+    while low < stop:
+        high = low + _OFFSET_STEP_S
+        before = _offset(zone, low)
+        if _offset(zone, high) != before:
+            a, b = low, high
+            while b - a > 1:
+                middle = (a + b) // 2
+                if _offset(zone, middle) == before:
+                    a = middle
+                else:
+                    b = middle
+            changes.append(datetime.fromtimestamp(b, UTC))
+        low = high
+    return changes
+
+
+# --- Retries -----------------------------------------------------------------------------------
+
+JobStatus = Literal["pending", "scheduled", "completed", "failed"]
+CallOutcome = Literal["completed", "no_answer", "busy", "voicemail", "failed"]
+RETRIED_OUTCOMES = frozenset({"no_answer", "busy", "voicemail", "failed"})
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """Where a job stands between calls.
+
+    status: "pending" (may be called at next_attempt_at, which has come), "scheduled"
+    (waiting for a later next_attempt_at: the next round or the next window), "completed",
+    "failed". attempts: rounds spent, see after_attempt. next_phone_index: the phone to call
+    next (for a completed job, the one that answered)."""
+
+    status: JobStatus
+    attempts: int
+    next_phone_index: int
+    phones_count: int
+    next_attempt_at: datetime | None
+
+
+def after_attempt(state: JobState, outcome: CallOutcome, settings: CallSettings, now: datetime) -> JobState:
+    """The job after one call ended with `outcome` at `now`.
+
+    `attempts` counts rounds, not calls. A round calls the job's phones in order and ends at
+    the first answered call or when the last phone has failed; either way it is spent, so
+    attempts + 1. Within a round a failed call ("no_answer", "busy", "voicemail", "failed")
+    moves on to the next phone at once; after the last phone the next round starts from the
+    first phone `retry_delay_hours` later, unless that was round `max_attempts`, which fails
+    the job. An answered call ("completed") completes it: a job answered on its first round
+    shows attempts 1.
+
+    The next call time is moved into the calling window when it falls outside: waiting for
+    the window spends no attempt. Chile's weekly contact limit is for the scheduler to apply
+    (weekly_limit_next_allowed), as it concerns the debtor, not this job."""
+    now = _aware(now)
+    if state.status in ("completed", "failed"):
+        raise ValueError(f"job is already {state.status}")
+    if not 0 <= state.next_phone_index < state.phones_count:
+        raise ValueError(f"next_phone_index {state.next_phone_index} is outside the job's {state.phones_count} phones")
+    if outcome == "completed":
+        return replace(state, status="completed", attempts=state.attempts + 1, next_attempt_at=None)
+    if outcome not in RETRIED_OUTCOMES:
+        raise ValueError(f"unknown call outcome {outcome!r}")
+
+    if state.next_phone_index + 1 < state.phones_count:
+        return _wait_until(replace(state, next_phone_index=state.next_phone_index + 1), now, now, settings)
+    attempts = state.attempts + 1
+    if attempts >= settings.max_attempts:
+        return replace(state, status="failed", attempts=attempts, next_phone_index=0, next_attempt_at=None)
+    round_again = now + timedelta(hours=settings.retry_delay_hours)
+    return _wait_until(replace(state, attempts=attempts, next_phone_index=0), round_again, now, settings)
+
+
+def _wait_until(state: JobState, ready: datetime, now: datetime, settings: CallSettings) -> JobState:
+    at = next_window_start(settings, ready)
+    return replace(state, status="pending" if at <= now else "scheduled", next_attempt_at=at)
+
+
+def weekly_limit_next_allowed(last_answered_at: datetime | None, now: datetime) -> datetime | None:
+    """When a debtor last reached at `last_answered_at` may be called again under the limit
+    of one answered contact per 7 days (7 x 24 hours, whatever the clocks do meanwhile):
+    None when `now` is already fine. The result still has to be moved into a window."""
+    now = _aware(now)
+    if last_answered_at is None:
+        return None
+    allowed = _aware(last_answered_at) + WEEKLY_CONTACT_GAP
+    return allowed.astimezone(UTC) if allowed > now else None
+
+
+# --- Voice agent variables -------------------------------------------------------------------
+
+
+def format_amount(amount: Decimal | int | str) -> str:
+    """Chilean style: "$1.234.567"; cents, when there are any, after a comma ("$1.234,50")."""
+    try:
+        # quantize also refuses infinities and amounts too long for the context's 28 digits.
+        value = Decimal(str(amount).strip()).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP)
+    except InvalidOperation as exc:
+        raise InvalidArgument(f"debt amount {amount!r} is not a number") from exc
+    if value.is_nan():
+        raise InvalidArgument(f"debt amount {amount!r} is not a number")
+    whole, cents = divmod(abs(value), 1)
+    text = f"{int(whole):,}".replace(",", ".")
+    if cents:
+        text += f",{int(cents * 100):02d}"
+    return f"{'-' if value < 0 else ''}${text}"
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, date):  # datetimes too: their own date
+        # ISO dates: unambiguous (no 03/04 doubt) and what the agent returns fecha_pago_cliente in.
+        return value.strftime("%Y-%m-%d")
+    return str(value).strip()
+
+
+def dynamic_variables(
+    *,
+    name: str,
+    rut: str,
+    company: str,
+    debt_amount: Decimal | int | str | None,
+    due_date: date | str | None,
+    cantidad_cupones: int | str | None,
+    fecha_maxima: date | str | None,
+    now: datetime,
+    timezone: str,
+) -> dict[str, str]:
+    """The variables a voice agent's prompt uses for one call, all strings (agents reject
+    other types); a missing value is an empty string, so the prompt still renders.
+
+    Dates are ISO (YYYY-MM-DD); monto_total is Chilean style ("$1.234.567"); fecha_actual and
+    hora_actual ("HH:MM", 24 h) are `now` in the batch's zone, so the agent can reason about
+    "today" and payment deadlines as the debtor sees them."""
+    local = _aware(now).astimezone(ZoneInfo(_timezone(timezone)))
+    return {
+        "nombre": _text(name),
+        "rut": _text(rut),
+        "empresa": _text(company),
+        "monto_total": "" if debt_amount is None or debt_amount == "" else format_amount(debt_amount),
+        "fecha_vencimiento": _text(due_date),
+        "cantidad_cupones": _text(cantidad_cupones),
+        "fecha_maxima": _text(fecha_maxima),
+        "fecha_actual": local.strftime("%Y-%m-%d"),
+        "hora_actual": local.strftime("%H:%M"),
+    }

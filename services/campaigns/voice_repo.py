@@ -1,0 +1,466 @@
+"""SQL of voice-call campaigns. `scope` is the caller's account, or '' for an admin (all).
+
+Job ids: the table's bigint `id`; the API shows it as `job-<id>` and as a 24-hex `_id`, so
+both forms resolve to the primary key without another index."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from .repo import Q as CampaignsQ
+
+JOB_COLUMNS = (
+    "batch_id",
+    "account_id",
+    "debtor_key",
+    "name",
+    "dni",
+    "phones",
+    "payload",
+    "max_attempts",
+    "next_attempt_at",
+    "estimated_cost",
+)
+ACTIVE_JOB = ("pending", "in_progress", "suspended")
+
+
+class Q:
+    INSERT_BATCH = """
+        INSERT INTO batches (account_id, channel, name, status, description, priority, call_settings, use_case,
+                             country, processing_type, allow_duplicates, file_name, window_size)
+        VALUES ($1, 'voice', $2, 'ingesting', $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11)
+        RETURNING *"""
+    FINISH_INGEST = """
+        UPDATE batches SET total_jobs = $2, invalid_rows = $3, duplicate_rows = $4, estimated_cost = $5,
+               status = 'pending', updated_at = now()
+        WHERE batch_id = $1 RETURNING *"""
+    ACTIVE_DEBTORS = """
+        SELECT DISTINCT debtor_key FROM voice_jobs
+        WHERE account_id = $1 AND status IN ('pending', 'in_progress', 'suspended') AND debtor_key = ANY($2::text[])"""
+    GET_BATCH_BY_OBJECT_ID = "SELECT * FROM batches WHERE object_id = $1 AND ($2 = '' OR account_id = $2)"
+    UPDATE_BATCH = """
+        UPDATE batches SET name = coalesce($3, name), description = coalesce($4, description),
+               priority = coalesce($5, priority), call_settings = coalesce($6::jsonb, call_settings),
+               updated_at = now()
+        WHERE batch_id = $1 AND ($2 = '' OR account_id = $2) RETURNING *"""
+    JOB_SELECT = """
+        SELECT j.*, b.object_id AS batch_object_id FROM voice_jobs j LEFT JOIN batches b USING (batch_id)"""
+    GET_JOB = JOB_SELECT + " WHERE j.id = $1 AND ($2 = '' OR j.account_id = $2)"
+    # One query per way of listing, each walking its own index in order: a million-job
+    # account never sorts. Newest first across an account; file order inside a batch.
+    JOBS_OF_BATCH = (
+        JOB_SELECT
+        + """
+        WHERE j.batch_id = $1 AND ($2 = '' OR j.status = $2) ORDER BY j.id LIMIT $3 OFFSET $4"""
+    )
+    JOBS_OF_ACCOUNT = (
+        JOB_SELECT
+        + """
+        WHERE j.account_id = $1 AND ($2 = '' OR j.status = $2) ORDER BY j.id DESC LIMIT $3 OFFSET $4"""
+    )
+    JOBS_ALL = (
+        JOB_SELECT
+        + """
+        WHERE ($1 = '' OR j.status = $1) ORDER BY j.id DESC LIMIT $2 OFFSET $3"""
+    )
+    # Totals come from the batch counters (kept by every change of a job), never from counting rows.
+    JOB_COUNTERS = """
+        SELECT coalesce(sum(total_jobs), 0) AS total, coalesce(sum(sent_jobs), 0) AS completed,
+               coalesce(sum(failed_jobs), 0) AS failed, coalesce(sum(cancelled_jobs), 0) AS cancelled,
+               coalesce(sum(suspended_jobs), 0) AS suspended, coalesce(sum(queued_jobs), 0) AS in_progress,
+               coalesce(sum(called_jobs), 0) AS called
+        FROM batches
+        WHERE channel = 'voice' AND status <> 'ingesting' AND ($1 = '' OR account_id = $1)
+          AND ($2::uuid IS NULL OR batch_id = $2)"""
+    CANCEL_JOB = """
+        UPDATE voice_jobs SET status = 'cancelled', cancellation_reason = $3, finished_at = now(), updated_at = now()
+        WHERE id = $1 AND ($2 = '' OR account_id = $2) AND status IN ('pending', 'suspended')
+        RETURNING *"""
+    LOCK_JOB = "SELECT * FROM voice_jobs WHERE id = $1 AND ($2 = '' OR account_id = $2) FOR UPDATE"
+    DELETE_JOB = "DELETE FROM voice_jobs WHERE id = $1"
+    RETRY_JOB = """
+        UPDATE voice_jobs SET status = 'pending', attempts = 0, next_phone_index = 0, next_attempt_at = now(),
+               finished_at = NULL, cancellation_reason = '', updated_at = now()
+        WHERE id = $1 RETURNING *"""
+    # The batch counters follow every change of a job's state, in the same transaction.
+    # $2.. are deltas: total, completed (sent_jobs), failed, cancelled, suspended, called.
+    MOVE_COUNTERS = """
+        UPDATE batches SET total_jobs = total_jobs + $2, sent_jobs = sent_jobs + $3, failed_jobs = failed_jobs + $4,
+               cancelled_jobs = cancelled_jobs + $5, suspended_jobs = suspended_jobs + $6,
+               called_jobs = called_jobs + $7, updated_at = now()
+        WHERE batch_id = $1 RETURNING *"""
+    REOPEN_BATCH = """
+        UPDATE batches SET status = 'processing', finished_at = NULL, updated_at = now()
+        WHERE batch_id = $1 AND status = 'completed' RETURNING *"""
+    DELETE_BATCH_JOBS = """
+        WITH d AS (DELETE FROM voice_jobs WHERE batch_id = $1 RETURNING 1) SELECT count(*) FROM d"""
+    DELETE_BATCH = "DELETE FROM batches WHERE batch_id = $1"
+    DELETE_BATCH_HOURS = "DELETE FROM batch_hours WHERE batch_id = $1"
+    HOURS = "SELECT * FROM batch_hours WHERE batch_id = $1 ORDER BY hour"
+    # Counters only: a dashboard over millions of jobs reads a few rows per batch.
+    DASHBOARD = """
+        SELECT count(*) AS total_batches,
+               count(*) FILTER (WHERE status IN ('pending', 'processing')) AS active_batches,
+               count(*) FILTER (WHERE status = 'paused') AS paused_batches,
+               count(*) FILTER (WHERE status = 'completed') AS completed_batches,
+               count(*) FILTER (WHERE status = 'cancelled') AS cancelled_batches,
+               coalesce(sum(total_jobs), 0) AS total_jobs,
+               coalesce(sum(sent_jobs), 0) AS completed_jobs,
+               coalesce(sum(failed_jobs), 0) AS failed_jobs,
+               coalesce(sum(cancelled_jobs), 0) AS cancelled_jobs,
+               coalesce(sum(suspended_jobs), 0) AS suspended_jobs,
+               coalesce(sum(queued_jobs), 0) AS in_progress_jobs,
+               coalesce(sum(total_cost), 0) AS total_cost,
+               coalesce(sum(total_seconds), 0) AS total_seconds
+        FROM batches WHERE channel = 'voice' AND status <> 'ingesting' AND ($1 = '' OR account_id = $1)"""
+    CALLS_SINCE = """
+        SELECT coalesce(sum(h.calls), 0) FROM batch_hours h JOIN batches b USING (batch_id)
+        WHERE h.hour >= $2 AND ($1 = '' OR b.account_id = $1)"""
+    # Finished calls, newest first, along the call_ended_at indexes.
+    CALLS_OF_ACCOUNT = (
+        JOB_SELECT
+        + """
+        WHERE j.account_id = $1 AND j.call_ended_at IS NOT NULL
+          AND ($2::uuid IS NULL OR j.batch_id = $2) AND ($3 = '' OR j.status = $3)
+        ORDER BY j.call_ended_at DESC LIMIT $4 OFFSET $5"""
+    )
+    CALLS_ALL = (
+        JOB_SELECT
+        + """
+        WHERE j.call_ended_at IS NOT NULL AND ($1::uuid IS NULL OR j.batch_id = $1) AND ($2 = '' OR j.status = $2)
+        ORDER BY j.call_ended_at DESC LIMIT $3 OFFSET $4"""
+    )
+    COUNT_CALLS = """
+        SELECT count(*) FROM voice_jobs j
+        WHERE ($1 = '' OR j.account_id = $1) AND ($2::uuid IS NULL OR j.batch_id = $2) AND ($3 = '' OR j.status = $3)
+          AND j.call_ended_at IS NOT NULL"""
+
+
+class DialQ:
+    # Running voice batches with a call due now, best priority first.
+    DIALABLE = """
+        SELECT b.batch_id, b.account_id FROM batches b
+        WHERE b.channel = 'voice' AND b.status IN ('pending', 'processing')
+          AND EXISTS (SELECT 1 FROM voice_jobs j
+                      WHERE j.batch_id = b.batch_id AND j.status = 'pending' AND j.next_attempt_at <= now())
+        ORDER BY b.priority, b.created_at LIMIT 500"""
+    # One dialer at a time per account: the lines in use are read and taken under this lock.
+    LOCK_ACCOUNT_LINES = "SELECT pg_advisory_xact_lock(hashtext('pregonero.dial.' || $1))"
+    LOCK_DIALABLE = """
+        SELECT * FROM batches
+        WHERE batch_id = $1 AND channel = 'voice' AND status IN ('pending', 'processing') FOR UPDATE SKIP LOCKED"""
+    CALLS_IN_FLIGHT = """
+        SELECT coalesce(sum(queued_jobs), 0) FROM batches WHERE account_id = $1 AND channel = 'voice'"""
+    DUE_JOBS = """
+        SELECT * FROM voice_jobs
+        WHERE batch_id = $1 AND status = 'pending' AND next_attempt_at <= $2
+        ORDER BY next_attempt_at, id LIMIT $3 FOR UPDATE SKIP LOCKED"""
+    LAST_ANSWERED = """
+        SELECT debtor_key, max(answered_at) AS at FROM debtor_contacts
+        WHERE account_id = $1 AND debtor_key = ANY($2::text[]) AND answered_at > now() - interval '7 days'
+        GROUP BY debtor_key"""
+    POSTPONE = """
+        UPDATE voice_jobs j SET next_attempt_at = p.at, updated_at = now()
+        FROM unnest($1::bigint[], $2::timestamptz[]) AS p(id, at) WHERE j.id = p.id"""
+    MARK_CALLING = """
+        UPDATE voice_jobs j SET status = 'in_progress', current_attempt = c.attempt,
+               started_at = coalesce(j.started_at, $3), updated_at = now()
+        FROM unnest($1::bigint[], $2::text[]) AS c(id, attempt) WHERE j.id = c.id"""
+
+
+class ResultQ:
+    LOCK_CALL = """
+        SELECT * FROM voice_jobs WHERE id = $1 AND current_attempt = $2 AND status = 'in_progress' FOR UPDATE"""
+    BOOK_CALL = """
+        UPDATE voice_jobs SET status = $2, attempts = $3, next_phone_index = $4,
+               next_attempt_at = coalesce($5, next_attempt_at), current_attempt = NULL, call_result = $6::jsonb,
+               call_started_at = $7, call_ended_at = $8, call_duration_seconds = $9, cost = cost + $10,
+               fecha_pago_cliente = coalesce($11, fecha_pago_cliente),
+               monto_pago_cliente = coalesce($12, monto_pago_cliente),
+               finished_at = CASE WHEN $2::text IN ('completed', 'failed', 'cancelled') THEN $8::timestamptz END,
+               updated_at = now()
+        WHERE id = $1"""
+    HAND_BACK = "UPDATE voice_jobs SET status = 'pending', current_attempt = NULL, updated_at = now() WHERE id = $1"
+    ADD_HOUR = """
+        INSERT INTO batch_hours AS h (batch_id, hour, calls, completed, failed, cost, seconds)
+        VALUES ($1, $2, 1, $3, $4, $5, $6)
+        ON CONFLICT (batch_id, hour) DO UPDATE SET calls = h.calls + 1, completed = h.completed + $3,
+               failed = h.failed + $4, cost = h.cost + $5, seconds = h.seconds + $6"""
+    ANSWERED = (
+        "INSERT INTO debtor_contacts (account_id, debtor_key, answered_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
+    )
+    ADD_CALL_COUNTERS = """
+        UPDATE batches SET sent_jobs = sent_jobs + $2, failed_jobs = failed_jobs + $3,
+               cancelled_jobs = cancelled_jobs + $4, queued_jobs = greatest(queued_jobs - $5, 0),
+               total_cost = total_cost + $6, total_seconds = total_seconds + $7, called_jobs = called_jobs + $8,
+               updated_at = now()
+        WHERE batch_id = $1 RETURNING *"""
+
+
+# How a job's status moves the batch counters: (completed, failed, cancelled, suspended).
+_COUNTED = {"completed": (1, 0, 0, 0), "failed": (0, 1, 0, 0), "cancelled": (0, 0, 1, 0), "suspended": (0, 0, 0, 1)}
+
+
+_COUNTED_FIELDS = ("completed", "failed", "cancelled", "suspended", "in_progress")
+
+
+def counted(status: str) -> tuple[int, int, int, int]:
+    return _COUNTED.get(status, (0, 0, 0, 0))
+
+
+class VoiceRepo:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # --- ingestion, inside the caller's transaction ---
+
+    async def insert_batch(self, conn: asyncpg.Connection, **fields: Any) -> asyncpg.Record:
+        return await conn.fetchrow(
+            Q.INSERT_BATCH,
+            fields["account_id"],
+            fields["name"],
+            fields["description"],
+            fields["priority"],
+            fields["call_settings_json"],
+            fields["use_case"],
+            fields["country"],
+            fields["processing_type"],
+            fields["allow_duplicates"],
+            fields["file_name"],
+            fields["window_size"],
+        )
+
+    async def copy_jobs(self, conn: asyncpg.Connection, *, records: Sequence[tuple[Any, ...]]) -> None:
+        await conn.copy_records_to_table("voice_jobs", records=records, columns=JOB_COLUMNS)
+
+    async def finish_ingest(
+        self, conn: asyncpg.Connection, *, batch_id: UUID, total: int, invalid: int, duplicates: int, cost: Decimal
+    ) -> asyncpg.Record:
+        return await conn.fetchrow(Q.FINISH_INGEST, batch_id, total, invalid, duplicates, cost)
+
+    async def active_debtors(self, *, account_id: str, keys: Sequence[str]) -> set[str]:
+        rows = await self.pool.fetch(Q.ACTIVE_DEBTORS, account_id, list(keys))
+        return {r["debtor_key"] for r in rows}
+
+    # --- batches ---
+
+    async def batch_by_object_id(self, *, object_id: str, scope: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(Q.GET_BATCH_BY_OBJECT_ID, object_id, scope)
+
+    async def update_batch(
+        self,
+        *,
+        batch_id: UUID,
+        scope: str,
+        name: str | None,
+        description: str | None,
+        priority: int | None,
+        call_settings_json: str | None,
+    ) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(
+            Q.UPDATE_BATCH, batch_id, scope, name, description, priority, call_settings_json
+        )
+
+    async def delete_batch(self, *, batch_id: UUID, delete_jobs: bool, reason: str) -> tuple[int, int]:
+        """(jobs deleted, jobs cancelled); the batch row goes in the same transaction."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            deleted = cancelled = 0
+            if delete_jobs:
+                deleted = int(await conn.fetchval(Q.DELETE_BATCH_JOBS, batch_id))
+            else:
+                done = await conn.execute(CampaignsQ.CANCEL_VOICE_JOBS, batch_id, reason)
+                cancelled = int(done.split()[-1])
+            await conn.execute(Q.DELETE_BATCH_HOURS, batch_id)
+            await conn.execute(Q.DELETE_BATCH, batch_id)
+            return deleted, cancelled
+
+    async def hours(self, *, batch_id: UUID) -> list[asyncpg.Record]:
+        return await self.pool.fetch(Q.HOURS, batch_id)
+
+    # --- jobs ---
+
+    async def get_job(self, *, job_id: int, scope: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(Q.GET_JOB, job_id, scope)
+
+    async def list_jobs(
+        self, *, scope: str, batch_id: UUID | None, status: str, limit: int, skip: int
+    ) -> tuple[list[asyncpg.Record], int]:
+        if batch_id is not None:
+            rows = await self.pool.fetch(Q.JOBS_OF_BATCH, batch_id, status, limit, skip)
+        elif scope:
+            rows = await self.pool.fetch(Q.JOBS_OF_ACCOUNT, scope, status, limit, skip)
+        else:
+            rows = await self.pool.fetch(Q.JOBS_ALL, status, limit, skip)
+        c = await self.pool.fetchrow(Q.JOB_COUNTERS, scope, batch_id)
+        others = c["completed"] + c["failed"] + c["cancelled"] + c["suspended"] + c["in_progress"]
+        total = {"": c["total"], "pending": c["total"] - others, **{k: c[k] for k in _COUNTED_FIELDS}}.get(status)
+        return rows, int(total if total is not None else 0)
+
+    async def cancel_job(self, *, job_id: int, scope: str, reason: str) -> asyncpg.Record | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            job = await conn.fetchrow(Q.LOCK_JOB, job_id, scope)
+            if job is None or job["status"] not in ("pending", "suspended"):
+                return job
+            row = await conn.fetchrow(Q.CANCEL_JOB, job_id, scope, reason)
+            _, _, _, suspended = counted(job["status"])
+            await conn.fetchrow(Q.MOVE_COUNTERS, job["batch_id"], 0, 0, 0, 1, -suspended, 0)
+            await self._finish_if_done(conn, job["batch_id"])
+            return row
+
+    async def delete_job(self, *, job_id: int, scope: str) -> asyncpg.Record | None:
+        """The deleted job (None when there is none); the counters follow in the same transaction."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            job = await conn.fetchrow(Q.LOCK_JOB, job_id, scope)
+            if job is None or job["status"] == "in_progress":
+                return job
+            await conn.execute(Q.DELETE_JOB, job_id)
+            completed, failed, cancelled, suspended = counted(job["status"])
+            called = int(job["call_ended_at"] is not None)
+            await conn.fetchrow(
+                Q.MOVE_COUNTERS, job["batch_id"], -1, -completed, -failed, -cancelled, -suspended, -called
+            )
+            await self._finish_if_done(conn, job["batch_id"])
+            return job
+
+    async def retry_job(self, *, job_id: int, scope: str) -> asyncpg.Record | None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            job = await conn.fetchrow(Q.LOCK_JOB, job_id, scope)
+            if job is None or job["status"] not in ("failed", "cancelled"):
+                return job
+            completed, failed, cancelled, suspended = counted(job["status"])
+            await conn.fetchrow(Q.MOVE_COUNTERS, job["batch_id"], 0, -completed, -failed, -cancelled, -suspended, 0)
+            await conn.fetchrow(Q.REOPEN_BATCH, job["batch_id"])
+            return await conn.fetchrow(Q.RETRY_JOB, job_id)
+
+    async def _finish_if_done(self, conn: asyncpg.Connection, batch_id: UUID) -> None:
+        await conn.fetchrow(CampaignsQ.FINISH_IF_DONE, batch_id)  # the one rule for when a batch is done
+
+    # --- the dialer, inside its transaction ---
+
+    async def dialable_batches(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(DialQ.DIALABLE)
+
+    async def lock_dialable(
+        self, conn: asyncpg.Connection, *, batch_id: UUID, account_id: str
+    ) -> asyncpg.Record | None:
+        await conn.execute(DialQ.LOCK_ACCOUNT_LINES, account_id)
+        return await conn.fetchrow(DialQ.LOCK_DIALABLE, batch_id)
+
+    async def calls_in_flight(self, conn: asyncpg.Connection, *, account_id: str) -> int:
+        return int(await conn.fetchval(DialQ.CALLS_IN_FLIGHT, account_id))
+
+    async def due_jobs(self, conn: asyncpg.Connection, *, batch_id: UUID, now: Any, limit: int) -> list[asyncpg.Record]:
+        return await conn.fetch(DialQ.DUE_JOBS, batch_id, now, limit)
+
+    async def last_answered(self, conn: asyncpg.Connection, *, account_id: str, keys: Sequence[str]) -> dict[str, Any]:
+        return {r["debtor_key"]: r["at"] for r in await conn.fetch(DialQ.LAST_ANSWERED, account_id, list(keys))}
+
+    async def postpone(self, conn: asyncpg.Connection, *, ids: Sequence[int], until: Sequence[Any]) -> None:
+        await conn.execute(DialQ.POSTPONE, list(ids), list(until))
+
+    async def mark_calling(
+        self, conn: asyncpg.Connection, *, ids: Sequence[int], attempts: Sequence[str], now: Any
+    ) -> None:
+        await conn.execute(DialQ.MARK_CALLING, list(ids), list(attempts), now)
+
+    async def suspend(self, conn: asyncpg.Connection, *, batch_id: UUID, reason: str) -> asyncpg.Record:
+        return await conn.fetchrow(CampaignsQ.SUSPEND_VOICE, batch_id, reason)
+
+    # --- call results, inside the results transaction ---
+
+    async def lock_call(self, conn: asyncpg.Connection, *, job_id: int, attempt_id: str) -> asyncpg.Record | None:
+        return await conn.fetchrow(ResultQ.LOCK_CALL, job_id, attempt_id)
+
+    async def book_call(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        job_id: int,
+        status: str,
+        state: Any,
+        result: dict[str, Any] | None,
+        now: datetime,
+        cost: Decimal = Decimal(0),
+        duration_s: Decimal = Decimal(0),
+        promised_on: date | None = None,
+        promised_amount: Decimal | None = None,
+    ) -> None:
+        if state is None:
+            await conn.execute(ResultQ.HAND_BACK, job_id)
+            return
+        await conn.execute(
+            ResultQ.BOOK_CALL,
+            job_id,
+            status,
+            state.attempts,
+            state.next_phone_index,
+            state.next_attempt_at,
+            json.dumps(result or {}),
+            now - timedelta(seconds=float(duration_s)),
+            now,
+            duration_s,
+            cost,
+            promised_on,
+            promised_amount,
+        )
+
+    async def add_hour(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        batch_id: UUID,
+        hour: datetime,
+        completed: int,
+        failed: int,
+        cost: Decimal,
+        seconds: Decimal,
+    ) -> None:
+        await conn.execute(ResultQ.ADD_HOUR, batch_id, hour, completed, failed, cost, seconds)
+
+    async def answered(self, conn: asyncpg.Connection, *, account_id: str, debtor_key: str, at: datetime) -> None:
+        await conn.execute(ResultQ.ANSWERED, account_id, debtor_key, at)
+
+    async def add_call_counters(
+        self,
+        conn: asyncpg.Connection,
+        *,
+        batch_id: UUID,
+        completed: int,
+        failed: int,
+        cancelled: int,
+        ended: int,
+        cost: Decimal,
+        seconds: Decimal,
+        first_calls: int,
+    ) -> asyncpg.Record:
+        return await conn.fetchrow(
+            ResultQ.ADD_CALL_COUNTERS, batch_id, completed, failed, cancelled, ended, cost, seconds, first_calls
+        )
+
+    # --- dashboard ---
+
+    async def dashboard(self, *, scope: str) -> asyncpg.Record:
+        return await self.pool.fetchrow(Q.DASHBOARD, scope)
+
+    async def calls_since(self, *, scope: str, since: Any) -> int:
+        return int(await self.pool.fetchval(Q.CALLS_SINCE, scope, since))
+
+    async def calls(
+        self, *, scope: str, batch_id: UUID | None, status: str, limit: int, skip: int, count: bool = True
+    ) -> tuple[list[asyncpg.Record], int]:
+        if scope:
+            rows = await self.pool.fetch(Q.CALLS_OF_ACCOUNT, scope, batch_id, status, limit, skip)
+        else:
+            rows = await self.pool.fetch(Q.CALLS_ALL, batch_id, status, limit, skip)
+        if not count:
+            return rows, 0
+        if status:  # a filtered history is counted; the whole one comes from the counters
+            return rows, int(await self.pool.fetchval(Q.COUNT_CALLS, scope, batch_id, status))
+        return rows, int((await self.pool.fetchrow(Q.JOB_COUNTERS, scope, batch_id))["called"])

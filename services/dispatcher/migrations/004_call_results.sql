@@ -1,0 +1,3 @@
+-- Voice calls keep their whole result with the attempt: a redelivered chunk whose call has
+-- ended reports that result again instead of calling the debtor twice.
+ALTER TABLE attempts ADD COLUMN result jsonb;

@@ -1,0 +1,188 @@
+"""Voice calls end to end: a Chilean contact file through the REST API, the dialer, the
+dispatcher's simulated voice line (calls at 1/100 of their length) and the results. What the
+dispatcher recorded of every call is the ground truth for concurrency and phone rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+import uuid
+from collections import defaultdict
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from openpyxl import Workbook
+
+from services.runtime.devstack import Stack
+from tests.conftest import ADMIN_TOKEN
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+LINES = 10
+DEBTORS = 500
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def rut(number: int) -> str:
+    """A valid Chilean RUT (mod 11 check digit) in its formatted form."""
+    total, factor = 0, 2
+    for digit in reversed(str(number)):
+        total += int(digit) * factor
+        factor = 2 if factor == 7 else factor + 1
+    check = 11 - total % 11
+    dv = {11: "0", 10: "K"}.get(check, str(check))
+    return f"{number:,}".replace(",", ".") + f"-{dv}"
+
+
+def workbook(n: int) -> bytes:
+    wb = Workbook()
+    ws = wb.active
+    ws.append(
+        [
+            "RUT",
+            "Nombre",
+            "Saldo actualizado",
+            "FechaVencimiento",
+            "diasRetraso",
+            "Teléfono móvil",
+            "Teléfono Residencial",
+        ]
+    )
+    for i in range(n):
+        ws.append(
+            [rut(15_000_000 + i), f"Deudor {i}", 10_000 + i, "15/10/2026", 5, f"9{70000000 + i}", f"22{3000000 + i}"]
+        )
+    out = io.BytesIO()
+    wb.save(out)
+    return out.getvalue()
+
+
+def new_account(base_url: str) -> tuple[str, dict[str, str]]:
+    account_id = f"calls-{uuid.uuid4().hex[:8]}"
+    body = {
+        "account_id": account_id,
+        "account_name": "Cobranzas",
+        "country": "CL",
+        "timezone": "America/Santiago",
+        "initial_credits": "10000",
+        "features": {"max_concurrent_calls": LINES},
+    }
+    r = httpx.post(f"{base_url}/api/v1/accounts", headers=ADMIN, json=body)
+    assert r.status_code in (200, 201), r.text
+    r = httpx.post(f"{base_url}/api/auth/api-keys", headers=ADMIN, json={"name": "dashboard", "account_id": account_id})
+    assert r.status_code == 201, r.text
+    return account_id, {"Authorization": f"Bearer {r.json()['key']}"}
+
+
+def wait_for(what: str, probe: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: still {last!r}")
+
+
+async def dispatcher_calls(database_url: str, batch_id: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await conn.fetch(
+            "SELECT attempt_id, status, created_at, finished_at FROM dispatcher.attempts WHERE batch_id = $1",
+            uuid.UUID(batch_id),
+        )
+    finally:
+        await conn.close()
+
+
+def most_at_once(calls: list[asyncpg.Record]) -> int:
+    edges = sorted([(c["created_at"], 1) for c in calls] + [(c["finished_at"], -1) for c in calls])
+    up = peak = 0
+    for _, step in edges:
+        up += step
+        peak = max(peak, up)
+    return peak
+
+
+def test_five_hundred_calls_keep_to_ten_lines_rotate_phones_and_stop_at_max_attempts(
+    base_url: str, suite: Stack
+) -> None:
+    account_id, key = new_account(base_url)
+    # Marketing: the hours are the batch's own (debt collection would add Chile's legal ones,
+    # and this test must pass at any hour). One round: a failed first phone moves to the second.
+    settings = {
+        "max_attempts": 1,
+        "allowed_hours": {"start": "00:00", "end": "23:59"},
+        "days_of_week": [0, 1, 2, 3, 4, 5, 6],
+        "timezone": "America/Santiago",
+        "max_call_duration": 120,
+        "ring_timeout": 20,
+    }
+    r = httpx.post(
+        f"{base_url}/api/v1/batches/chile/marketing",
+        headers=key,
+        files={"file": ("deudores.xlsx", workbook(DEBTORS), "application/vnd.ms-excel")},
+        data={"account_id": account_id, "batch_name": "Prueba", "call_settings_json": json.dumps(settings)},
+        timeout=60,
+    )
+    if r.status_code != 200:
+        for name, proc in suite.service_procs.items():
+            print("=====", name, proc.tail(60))
+    assert r.status_code == 200, r.text
+    created = r.json()
+    assert created["jobs_created"] == DEBTORS and created["duplicates_skipped"] == 0
+    batch_id = created["batch_id"]
+
+    def finished() -> dict[str, Any] | None:
+        batch = httpx.get(f"{base_url}/api/v1/batches/{batch_id}", headers=key).json()
+        return batch if batch["status"] == "completed" else None
+
+    batch = wait_for("the batch completes", finished, timeout=180)
+    assert batch["completed_jobs"] + batch["failed_jobs"] == DEBTORS
+
+    calls = asyncio.run(dispatcher_calls(suite.database_url, batch_id))
+    assert all(c["finished_at"] is not None for c in calls)
+    peak = most_at_once(calls)
+    assert peak <= LINES, f"{peak} calls at once on {LINES} lines"
+    assert peak >= LINES - 2, f"only {peak} calls at once: the lines were not used"
+
+    by_job: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for c in calls:
+        _, job, attempt = c["attempt_id"].split(":")
+        by_job[job].append((attempt, c["status"]))
+    assert len(by_job) == DEBTORS
+    failed_jobs = 0
+    for job, tries in by_job.items():
+        tries.sort()
+        attempts = [a for a, _ in tries]
+        # Round 1 only (max_attempts 1); the mobile first, the landline only after it failed.
+        assert attempts in (["1.0"], ["1.0", "1.1"]), (job, tries)
+        if attempts == ["1.0", "1.1"]:
+            assert tries[0][1] != "completed", (job, tries)
+        if tries[-1][1] != "completed":
+            failed_jobs += 1
+    assert failed_jobs == batch["failed_jobs"]
+
+    jobs = httpx.get(f"{base_url}/api/v1/batches/{batch_id}/jobs", headers=key, params={"limit": 1000}).json()
+    assert len(jobs) == DEBTORS
+    for job in jobs:
+        assert job["status"] in ("completed", "failed") and job["attempts"] == 1
+        summary = job["call_result"]["summary"]
+        assert summary["call_cost"]["combined_cost"] >= 0 and summary["duration_ms"] >= 0
+        assert job["contact"]["phones"][0].startswith("+569") and job["contact"]["phones"][1].startswith("+562")
+
+    # Paid call by call: what the batch says it cost is what the ledger charged; nothing stays held.
+    def settled() -> dict[str, Any] | None:
+        balance = httpx.get(f"{base_url}/api/v1/accounts/{account_id}/balance", headers=ADMIN).json()
+        return balance if balance["credit_reserved"] == 0 else None
+
+    balance = wait_for("holds released", settled, timeout=60)
+    cost = Decimal(str(httpx.get(f"{base_url}/api/v1/batches/{batch_id}", headers=key).json()["total_cost"]))
+    assert cost > 0 and Decimal(str(balance["credit_used"])) == cost
+    assert Decimal(str(balance["credit_balance"])) == Decimal(10000) - cost
