@@ -26,12 +26,12 @@ class Q:
     LIST_BATCHES = """
         SELECT * FROM batches
         WHERE ($1 = '' OR account_id = $1) AND ($2 = '' OR channel = $2) AND status <> 'ingesting'
-          AND ($3 = '' OR status = $3)
+          AND ($3 = '' OR status = $3 OR ($3 = 'active' AND status IN ('pending', 'processing')))
         ORDER BY created_at DESC LIMIT $4 OFFSET $5"""
     COUNT_BATCHES = """
         SELECT count(*) FROM batches
         WHERE ($1 = '' OR account_id = $1) AND ($2 = '' OR channel = $2) AND status <> 'ingesting'
-          AND ($3 = '' OR status = $3)"""
+          AND ($3 = '' OR status = $3 OR ($3 = 'active' AND status IN ('pending', 'processing')))"""
     RUNNABLE_BATCHES = """
         SELECT batch_id FROM batches
         WHERE status IN ('pending', 'processing') AND queued_jobs < window_size AND channel = 'whatsapp'

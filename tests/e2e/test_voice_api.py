@@ -375,3 +375,14 @@ def test_a_campaign_beyond_the_credit_is_refused(api: httpx.Client) -> None:
         api, "/batches/excel/create", "chile_cobranza_basica.xlsx", account_id=account_id, scheduled_at=tomorrow()
     )
     assert r.status_code == 200, r.text
+
+
+def test_the_active_filter_means_pending_or_processing(api: httpx.Client, account: str) -> None:
+    r = upload(api, "/batches/excel/create", "argentina.csv", account_id=account, scheduled_at=tomorrow())
+    assert r.status_code == 200, r.text
+    active = api.get("/batches", params={"account_id": account, "status": "active"})
+    assert active.status_code == 200 and active.json(), active.text
+    assert {b["status"] for b in active.json()} <= {"pending", "processing"}
+    assert r.json()["batch_id"] in {b["batch_id"] for b in active.json()}
+    assert int(active.headers["X-Total-Count"]) == len(active.json())
+    assert api.get("/batches", params={"status": "running"}).status_code == 400

@@ -52,6 +52,8 @@ VOICE = "voice"
 USE_CASES = ("debt_collection", "marketing")
 COUNTRIES = {"chile": "CL", "argentina": "AR"}
 BATCH_STATUSES = ("pending", "processing", "paused", "suspended", "completed", "failed", "cancelled")
+# The document's filter values: `active` is pending or processing.
+BATCH_FILTERS = ("active", *BATCH_STATUSES)
 # Statuses in which the feeder releases the batch's calls: what the dashboard calls active.
 ACTIVE_STATUSES = ("pending", "processing")
 
@@ -454,12 +456,12 @@ async def list_batches(
     response: Response,
     caller: CallerDep,
     account_id: AccountFilter = None,
-    status: Annotated[str | None, Query(max_length=32, description=" | ".join(BATCH_STATUSES))] = None,
+    status: Annotated[str | None, Query(max_length=32, description=" | ".join(BATCH_FILTERS))] = None,
     limit: Limit = 50,
     skip: Skip = 0,
 ) -> list[dict[str, Any]]:
-    if status and status not in BATCH_STATUSES:
-        raise ApiError(400, f"status must be one of {', '.join(BATCH_STATUSES)}")
+    if status and status not in BATCH_FILTERS:
+        raise ApiError(400, f"status must be one of {', '.join(BATCH_FILTERS)}")
     reply = await stub(request).ListBatches(
         campaigns_pb2.ListBatchesRequest(
             account_id=scoped_account(caller, account_id), status=status or "", channel=VOICE, limit=limit, skip=skip
