@@ -26,7 +26,7 @@ from services.runtime.identity import Caller
 
 from .batches import Batches, scope_of
 from .calling import CallSettings, parse_call_settings
-from .contacts import BadFile, Contact, ParsedFile, parse_contacts
+from .contacts import ARGENTINA, BadFile, Contact, ParsedFile, parse_contacts
 from .credit import AccountInfo, Credit
 from .voice_repo import VoiceRepo
 
@@ -93,6 +93,14 @@ class Checked:
     def estimated_cost(self) -> Decimal:
         return self.per_call * len(self.contacts)
 
+    @property
+    def country(self) -> str:
+        return country_of(self.parsed)
+
+
+def country_of(parsed: ParsedFile) -> str:
+    return "AR" if parsed.detected_format == ARGENTINA else "CL"
+
 
 def payload_of(c: Contact) -> dict[str, Any]:
     return {
@@ -148,7 +156,7 @@ class VoiceBatches:
                 priority=upload.priority,
                 call_settings_json=settings_json,
                 use_case=upload.use_case,
-                country=checked.parsed.detected_format.startswith("argentina") and "AR" or "CL",
+                country=checked.country,
                 processing_type=upload.processing_type,
                 allow_duplicates=upload.allow_duplicates,
                 file_name=upload.file_name,
@@ -212,11 +220,10 @@ class VoiceBatches:
                 )
             except BadFile as exc:
                 raise InvalidArgument(str(exc)) from exc
-        country = "AR" if parsed.detected_format.startswith("argentina") else "CL"
         settings = parse_call_settings(
             upload.call_settings_json or None,
             account_timezone=account.timezone,
-            country=country,
+            country=country_of(parsed),
             use_case=upload.use_case,
         )
         contacts = parsed.contacts
