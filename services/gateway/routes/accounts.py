@@ -19,6 +19,8 @@ from services.runtime.protos import from_timestamp, iso
 from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
+from ..values import number
+from .batches import batch_json
 
 router = APIRouter(prefix="/api/v1/accounts", tags=["accounts"])
 
@@ -120,11 +122,6 @@ class Adjustment(BaseModel):
         if (self.credits or self.minutes) == 0:
             raise ValueError("an adjustment must not be zero")
         return self
-
-
-def number(text: str) -> float:
-    """Decimal strings from the ledger as JSON numbers, which is what the dashboard reads."""
-    return float(Decimal(text)) if text else 0.0
 
 
 def _text(value: Decimal | None) -> str:
@@ -417,32 +414,4 @@ async def list_account_batches(
         timeout=RPC_TIMEOUT_S,
     )
     response.headers["X-Total-Count"] = str(reply.total)
-    return [batch_summary_json(b) for b in reply.batches]
-
-
-def batch_summary_json(batch: campaigns_pb2.Batch) -> dict[str, Any]:
-    """The batch fields the dashboard reads."""
-    p = batch.progress
-    return {
-        "_id": batch.object_id,
-        "batch_id": batch.batch_id,
-        "account_id": batch.account_id,
-        "name": batch.name,
-        "description": "",
-        "channel": batch.channel,
-        "status": batch.status,
-        "is_active": batch.status in ("pending", "processing"),
-        "suspension_reason": batch.suspension_reason,
-        "created_at": iso(from_timestamp(batch.created_at)),
-        "total_jobs": p.total,
-        "pending_jobs": p.pending + p.in_flight,
-        "completed_jobs": p.sent,
-        "failed_jobs": p.failed,
-        "cancelled_jobs": p.cancelled,
-        "suspended_jobs": p.suspended,
-        "total_cost": number(batch.total_cost),
-        "total_minutes": 0.0,
-        "estimated_cost": 0.0,
-        "call_settings": {},
-        "priority": 1,
-    }
+    return [batch_json(b) for b in reply.batches]

@@ -22,20 +22,9 @@ from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..errors import ApiError
-from .accounts import number
+from ..values import json_array, json_object, number, optional_number, when
 from .bulk import UPLOAD_PART, percentage
-from .jobs import (
-    AccountFilter,
-    Limit,
-    Skip,
-    job_status_filter,
-    json_array,
-    json_object,
-    list_jobs_page,
-    optional_number,
-    scoped_account,
-    when,
-)
+from .jobs import AccountFilter, Limit, Skip, job_status_filter, list_jobs_page, scoped_account
 
 router = APIRouter(prefix="/api/v1/batches", tags=["voice batches"])
 

@@ -19,9 +19,9 @@ from services.runtime.identity import Caller
 from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
-from .accounts import number
+from ..values import number, when
 from .bulk import percentage
-from .jobs import AccountFilter, Limit, Skip, job_json, scoped_account, when
+from .jobs import AccountFilter, Limit, Skip, job_json, scoped_account
 
 router = APIRouter(prefix="/api/v1", tags=["voice dashboard"])
 

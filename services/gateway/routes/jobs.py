@@ -8,21 +8,18 @@ the same way wherever it appears."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
-from google.protobuf.timestamp_pb2 import Timestamp
 from pregonero.campaigns.v1 import campaigns_pb2
 from pydantic import BaseModel, Field
 
 from services.runtime.identity import Caller
-from services.runtime.protos import from_timestamp, iso
 from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..errors import ApiError
-from .accounts import number
+from ..values import json_object, number, optional_number, when, with_keys
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["voice jobs"])
 
@@ -35,45 +32,6 @@ AccountFilter = Annotated[str | None, Query(max_length=64, description="admins: 
 JOB_STATUSES = ("pending", "scheduled", "in_progress", "completed", "failed", "cancelled", "suspended")
 # The old backend's alias, still in the dashboard's filter list.
 JOB_STATUS_ALIASES = {"done": "completed"}
-
-
-# --- shared JSON helpers -----------------------------------------------------------------
-
-
-def optional_number(text: str) -> float | None:
-    """A decimal string that may be absent (no call yet): null rather than a misleading 0."""
-    return number(text) if text else None
-
-
-def when(ts: Timestamp) -> str | None:
-    """ISO 8601, or null for an unset timestamp."""
-    return iso(from_timestamp(ts))
-
-
-def json_object(text: str) -> dict[str, Any]:
-    """A JSON object carried as a string by the campaigns service; `{}` when empty. Anything
-    else is a campaigns bug, but the dashboard must still get an object to read."""
-    value = json.loads(text) if text else {}
-    return value if isinstance(value, dict) else {}
-
-
-def json_array(text: str) -> list[Any]:
-    value = json.loads(text) if text else []
-    return value if isinstance(value, list) else []
-
-
-def with_keys(value: Any, defaults: dict[str, Any]) -> dict[str, Any]:
-    """`value` (a JSON object, or anything else meaning "nothing") with every key of `defaults`
-    present; nested defaults that are dicts are filled the same way. The dashboard reads
-    these paths without optional chaining, so a missing object breaks its page."""
-    given = value if isinstance(value, dict) else {}
-    out = dict(given)
-    for key, default in defaults.items():
-        if isinstance(default, dict):
-            out[key] = with_keys(given.get(key), default)
-        elif given.get(key) is None:
-            out[key] = default
-    return out
 
 
 def scoped_account(caller: Caller, requested: str | None) -> str:
