@@ -186,3 +186,60 @@ def test_five_hundred_calls_keep_to_ten_lines_rotate_phones_and_stop_at_max_atte
     cost = Decimal(str(httpx.get(f"{base_url}/api/v1/batches/{batch_id}", headers=key).json()["total_cost"]))
     assert cost > 0 and Decimal(str(balance["credit_used"])) == cost
     assert Decimal(str(balance["credit_balance"])) == Decimal(10000) - cost
+
+
+async def stuck_attempts(database_url: str, batch_id: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FROM dispatcher.attempts WHERE batch_id = $1 AND status = 'sending'",
+                uuid.UUID(batch_id),
+            )
+        )
+    finally:
+        await conn.close()
+
+
+def test_a_dispatcher_killed_mid_call_loses_no_job_and_places_no_call_twice(base_url: str, suite: Stack) -> None:
+    import signal
+
+    account_id, key = new_account(base_url)
+    settings = {
+        "max_attempts": 1,
+        "allowed_hours": {"start": "00:00", "end": "23:59"},
+        "days_of_week": [0, 1, 2, 3, 4, 5, 6],
+        "timezone": "America/Santiago",
+    }
+    r = httpx.post(
+        f"{base_url}/api/v1/batches/chile/marketing",
+        headers=key,
+        files={"file": ("deudores.xlsx", workbook(60), "application/vnd.ms-excel")},
+        data={"account_id": account_id, "call_settings_json": json.dumps(settings)},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    batch_id = r.json()["batch_id"]
+
+    def batch() -> dict[str, Any]:
+        return httpx.get(f"{base_url}/api/v1/batches/{batch_id}", headers=key).json()
+
+    wait_for("calls end", lambda: batch()["completed_jobs"] + batch()["failed_jobs"] >= 5, timeout=60)
+    old = suite.service_procs["dispatcher"]
+    old.popen.send_signal(signal.SIGKILL)  # calls are up: their outcome dies with the process
+    old.popen.wait(10)
+    port = int(suite.addrs["dispatcher"].rsplit(":", 1)[1])
+    new = suite.start_service("dispatcher", port=port)
+    suite.procs.append(new)
+    suite.service_procs["dispatcher"] = new
+
+    done = wait_for("the batch completes", lambda: (b := batch())["status"] == "completed" and b, timeout=120)
+    assert done["completed_jobs"] + done["failed_jobs"] == 60, done
+    assert asyncio.run(stuck_attempts(suite.database_url, batch_id)) == 0
+    calls = asyncio.run(dispatcher_calls(suite.database_url, batch_id))
+    tries: dict[str, list[str]] = defaultdict(list)
+    for c in calls:
+        _, job, attempt = c["attempt_id"].split(":")
+        tries[job].append(attempt)
+    # One round: each phone at most once (an attempt id is placed once, whatever the crash).
+    assert all(sorted(t) in (["1.0"], ["1.0", "1.1"]) for t in tries.values()), tries
