@@ -93,6 +93,11 @@ async def publish(js: JetStreamContext, subject: str, message: Message, *, msg_i
     await js.publish(subject, message.SerializeToString(), headers=headers)
 
 
+# A message that fails this many deliveries on its own is set aside (term) and logged: one bad
+# event must not stop every event behind it. It stays in the EVENTS stream for a replay.
+POISON_DELIVERIES = 10
+
+
 async def consume(
     js: JetStreamContext,
     subject: str,
@@ -101,11 +106,17 @@ async def consume(
     handle: Callable[[list[Msg]], Awaitable[None]],
     fetch: int = 64,
     deliver_new: bool = False,
+    poison_after: int = POISON_DELIVERIES,
+    retry_delay: float = 2.0,
 ) -> None:
     """A durable pull consumer that hands its messages over in batches: `handle` gets up to
-    `fetch` messages and they are acked once it returns. When it raises, nothing is acked and
-    JetStream redelivers the batch, so handlers must be idempotent (they are: every event
-    carries the key that makes its second application a no-op)."""
+    `fetch` messages and they are acked once it returns. Handlers must be idempotent (they
+    are: every event carries the key that makes its second application a no-op).
+
+    When a batch fails, its messages are handled one by one, so one that cannot be handled
+    (undecodable, or refused every time) is found: the others are acked, it is redelivered
+    after a pause (retry_delay × deliveries, at most 30 s), and after `poison_after`
+    deliveries it is terminated and logged."""
     sub = await js.pull_subscribe(
         subject,
         durable=durable,
@@ -125,11 +136,42 @@ async def consume(
                 continue
             try:
                 await handle(msgs)
-            except Exception:  # noqa: BLE001 - not acked: redelivered and handled again
-                log.exception("handling %d messages of %s failed", len(msgs), durable)
-                await asyncio.sleep(1)
+            except Exception:  # noqa: BLE001 - isolated below
+                if len(msgs) == 1:
+                    await _set_back(msgs[0], durable, poison_after=poison_after, retry_delay=retry_delay)
+                else:
+                    log.warning("a batch of %d messages of %s failed; handling them one by one", len(msgs), durable)
+                    await _one_by_one(msgs, handle, durable, poison_after=poison_after, retry_delay=retry_delay)
                 continue
             await asyncio.gather(*(m.ack() for m in msgs))
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+async def _one_by_one(
+    msgs: list[Msg],
+    handle: Callable[[list[Msg]], Awaitable[None]],
+    durable: str,
+    *,
+    poison_after: int,
+    retry_delay: float,
+) -> None:
+    for msg in msgs:
+        try:
+            await handle([msg])
+        except Exception:  # noqa: BLE001 - redelivered, or set aside when it never succeeds
+            await _set_back(msg, durable, poison_after=poison_after, retry_delay=retry_delay)
+            continue
+        await msg.ack()
+
+
+async def _set_back(msg: Msg, durable: str, *, poison_after: int, retry_delay: float) -> None:
+    """A message that failed on its own: again later, or set aside for good."""
+    deliveries = msg.metadata.num_delivered if msg.metadata else 0
+    if deliveries >= poison_after:
+        log.exception("%s: message on %s failed %d times; set aside", durable, msg.subject, deliveries)
+        await msg.term()
+    else:
+        log.exception("%s: message on %s failed; it comes back", durable, msg.subject)
+        await msg.nak(delay=min(retry_delay * deliveries, 30.0))

@@ -19,7 +19,10 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 cell = st.one_of(
     st.none(),
-    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12),
+    # (openpyxl writes a text starting with "=" as a formula: not a value an export holds)
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12).filter(
+        lambda t: not t.startswith("=")
+    ),
     st.integers(min_value=-(10**9), max_value=10**12),
     st.floats(min_value=-1e9, max_value=1e9, allow_nan=False).map(lambda f: round(f, 4)),
     st.dates(min_value=date(1990, 1, 1), max_value=date(2040, 12, 31)),
@@ -31,10 +34,11 @@ def same(ours: object, theirs: object) -> bool:
     """Dates come out as Excel serials here and as datetimes from calamine: the same day."""
     if isinstance(theirs, (datetime, date)):
         return parse_date(ours) == parse_date(theirs)
+    # The parser reads text stripped (cell_text): surrounding spaces are not data.
     if isinstance(theirs, str) and isinstance(ours, str):
-        return ours == theirs
+        return ours.strip() == theirs.strip()
     if theirs in ("", None):
-        return ours in ("", None)
+        return ours in ("", None) or (isinstance(ours, str) and not ours.strip())
     return ours == theirs
 
 
@@ -57,7 +61,7 @@ def test_column_letters_round_trip() -> None:
     assert column_letters(0) == "A" and column_letters(26) == "AA" and column_index("XFD") == 16383
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.lists(cell, min_size=45, max_size=45), min_size=3, max_size=30),
     st.sets(st.integers(0, 44), min_size=1, max_size=7),
