@@ -81,6 +81,7 @@ class CallEngine:
         self.ack_wait = ack_wait
         self.lines = asyncio.Semaphore(max_calls)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.accepting = True
 
     async def run(self) -> None:
         sub = await self.js.pull_subscribe(
@@ -94,7 +95,7 @@ class CallEngine:
             ),
         )
         try:
-            while True:
+            while self.accepting:
                 try:
                     msgs = await sub.fetch(FETCH, timeout=1)
                 except (TimeoutError, NatsTimeout):
@@ -103,11 +104,22 @@ class CallEngine:
                     task = asyncio.create_task(self._chunk(msg))
                     self.tasks.add(task)
                     task.add_done_callback(self.tasks.discard)
-        finally:
+        except asyncio.CancelledError:
+            # Stopped for good (the drain is over or was not asked for): cut what is left.
             for task in list(self.tasks):
                 task.cancel()
+            raise
+        finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def drain(self) -> None:
+        """On shutdown: take no new calls and let the ones in progress end and report (a call
+        cut short is a debtor hung up on, and its outcome would be lost)."""
+        self.accepting = False
+        if self.tasks:
+            log.info("waiting for %d voice chunks with calls in progress", len(self.tasks))
+            await asyncio.gather(*list(self.tasks), return_exceptions=True)
 
     async def _chunk(self, msg: Msg) -> None:
         data = events_pb2.DispatchChunk.FromString(msg.data)

@@ -25,6 +25,9 @@ class DispatcherSettings(GrpcServiceSettings):
     simulated_voice_config: str = "{}"
     # Calls this dispatcher keeps up at once (campaigns bounds each account's by its lines).
     max_calls: int = 2_000
+    # On shutdown, calls in progress may go on this long (the pod's termination grace period
+    # must be longer); a call still up then is cut, and reported failed after the restart.
+    call_drain_seconds: float = 60.0
     dispatch_ack_wait_seconds: float = 15.0
 
     @model_validator(mode="after")

@@ -55,6 +55,7 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     rt.spawn(runstates.run(), name="runstates")
     rt.spawn(engine.run(), name="engine")
     rt.spawn(calls.run(), name="calls")
+    rt.on_stop(calls.drain, timeout=settings.call_drain_seconds)
     dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server(DispatcherServicer(senders), server)
     return [dispatcher_pb2.DESCRIPTOR.services_by_name["DispatcherService"].full_name]
 

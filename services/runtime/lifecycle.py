@@ -40,6 +40,8 @@ class Runtime:
     js: JetStreamContext | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Work that finishes rather than stops on shutdown (calls in progress), with how long it may take.
+    drainers: list[tuple[Callable[[], Awaitable[None]], float]] = field(default_factory=list)
 
     async def open(self, *, schema: str | None, migrations: Path | None) -> None:
         s = self.settings
@@ -64,6 +66,20 @@ class Runtime:
         task.add_done_callback(done)
         self.tasks.append(task)
         return task
+
+    def on_stop(self, drain: Callable[[], Awaitable[None]], *, timeout: float) -> None:
+        """`drain` runs when the process stops, before the background loops are cancelled."""
+        self.drainers.append((drain, timeout))
+
+    async def drain(self) -> None:
+        async def one(drain: Callable[[], Awaitable[None]], seconds: float) -> None:
+            try:
+                async with asyncio.timeout(seconds):
+                    await drain()
+            except TimeoutError:
+                log.warning("drain did not finish within %.0fs", seconds)
+
+        await asyncio.gather(*(one(d, t) for d, t in self.drainers), return_exceptions=True)
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -113,6 +129,7 @@ async def serve_grpc(settings: GrpcServiceSettings, *, schema: str, migrations: 
     log.info("shutting down: grace %.1fs", settings.shutdown_grace_seconds)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_seconds)
+    await rt.drain()
     await rt.close()
     log.info("stopped")
 

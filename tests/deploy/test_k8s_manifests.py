@@ -200,6 +200,9 @@ def test_termination_grace_outlasts_the_drain(name: str) -> None:
             value = _env_value(env["SHUTDOWN_GRACE_SECONDS"])
             assert value is not None, "SHUTDOWN_GRACE_SECONDS must not be a secret"
             drain = float(value)
+        # The dispatcher also lets calls in progress end after the gRPC drain.
+        if "CALL_DRAIN_SECONDS" in env:
+            drain += float(_env_value(env["CALL_DRAIN_SECONDS"]) or 0)
         needed = drain + _prestop_seconds(container)
         assert grace > needed, f"{name}: grace {grace}s does not outlast {needed}s of drain"
 

@@ -243,3 +243,42 @@ def test_a_dispatcher_killed_mid_call_loses_no_job_and_places_no_call_twice(base
         tries[job].append(attempt)
     # One round: each phone at most once (an attempt id is placed once, whatever the crash).
     assert all(sorted(t) in (["1.0"], ["1.0", "1.1"]) for t in tries.values()), tries
+
+
+def test_a_dispatcher_stopping_lets_its_calls_end_and_report(base_url: str, suite: Stack) -> None:
+    import signal
+
+    account_id, key = new_account(base_url)
+    settings = {
+        "max_attempts": 1,
+        "allowed_hours": {"start": "00:00", "end": "23:59"},
+        "days_of_week": [0, 1, 2, 3, 4, 5, 6],
+        "timezone": "America/Santiago",
+    }
+    r = httpx.post(
+        f"{base_url}/api/v1/batches/chile/marketing",
+        headers=key,
+        files={"file": ("deudores.xlsx", workbook(60), "application/vnd.ms-excel")},
+        data={"account_id": account_id, "call_settings_json": json.dumps(settings)},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    batch_id = r.json()["batch_id"]
+
+    def batch() -> dict[str, Any]:
+        return httpx.get(f"{base_url}/api/v1/batches/{batch_id}", headers=key).json()
+
+    wait_for("calls end", lambda: batch()["completed_jobs"] + batch()["failed_jobs"] >= 3, timeout=60)
+    old = suite.service_procs["dispatcher"]
+    old.popen.send_signal(signal.SIGTERM)  # a rolling update: lines are busy
+    assert old.popen.wait(60) == 0
+    # Every call it had placed ended and was recorded before it went.
+    assert asyncio.run(stuck_attempts(suite.database_url, batch_id)) == 0
+    port = int(suite.addrs["dispatcher"].rsplit(":", 1)[1])
+    new = suite.start_service("dispatcher", port=port)
+    suite.procs.append(new)
+    suite.service_procs["dispatcher"] = new
+    done = wait_for("the batch completes", lambda: (b := batch())["status"] == "completed" and b, timeout=120)
+    assert done["completed_jobs"] + done["failed_jobs"] == 60
+    unknown = httpx.get(f"{base_url}/api/v1/batches/{batch_id}/jobs", headers=key, params={"limit": 100}).json()
+    assert not [j for j in unknown if "outcome unknown" in str(j["call_result"])], "a call was cut by the stop"
