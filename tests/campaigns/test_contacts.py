@@ -631,3 +631,30 @@ def test_parse_date(value: object, parsed: date | None) -> None:
 def test_not_a_date(value: object) -> None:
     with pytest.raises(ValueError, match="is not a date"):
         parse_date(value)
+
+
+def test_a_legacy_xls_workbook_reads_like_the_xlsx(tmp_path: Path) -> None:
+    """.xls (Excel 97-2003) goes through calamine; the same rows give the same jobs."""
+    import xlwt
+
+    rows = [
+        ["RUT", "Nombre", "Saldo actualizado", "FechaVencimiento", "diasRetraso", "Teléfono móvil", "Teléfono fijo"],
+        [213731017.0, "Ana Pérez", 120500, "15/10/2025", 3, 987654321, "223456789"],
+        ["21.373.101-7", "Ana Pérez", "$ 45.300,50", "01/11/2025", 0, "+56 9 8765 4321", ""],
+        ["12.345.678-5", "Luis Soto", 1000, "2025-12-01", 1, "", "22 345 6789"],
+    ]
+    book = xlwt.Workbook()
+    sheet = book.add_sheet("Hoja1")
+    for r, row in enumerate(rows):
+        for c, value in enumerate(row):
+            sheet.write(r, c, value)
+    book.add_sheet("vacía")
+    path = tmp_path / "upload.xls"
+    book.save(str(path))
+
+    parsed = parse_contacts(path, "deudores.xls", today=date(2025, 10, 1))
+    assert parsed.detected_format == "chile_debt_collection" and parsed.total_rows == 3
+    ana, luis = sorted(parsed.contacts, key=lambda c: c.name)
+    assert ana.dni == "21.373.101-7" and ana.cantidad_cupones == 2 and ana.debt_amount == Decimal("165800.50")
+    assert ana.phones == ("+56987654321", "+56223456789")
+    assert luis.phones == ("+56223456789",) and luis.debt_amount == Decimal(1000)
