@@ -32,6 +32,9 @@ FETCH = 256
 Published = Callable[[asyncpg.Record], Awaitable[None]]
 
 
+_NOUNS = {"voice": ("Campaña de llamadas", "a", "completadas"), "whatsapp": ("Envío masivo", "o", "enviados")}
+
+
 def _today() -> str:
     return datetime.now(UTC).date().isoformat()
 
@@ -82,13 +85,16 @@ class Notifications:
             return None
         data = {"job_id": event.batch_id, "sent": event.sent, "failed": event.failed, "total": event.total}
         key = f"batch:{event.batch_id}:{event.type}"
+        # A voice batch counts completed calls where a bulk send counts sent messages; its
+        # noun is feminine ("suspendida").
+        noun, g, done = _NOUNS.get(event.channel, _NOUNS["whatsapp"])
         if event.type == "suspended":
             return await self.create(
                 account_id=event.account_id,
                 kind="batch_suspended",
                 level="warning",
-                title="Envío masivo suspendido",
-                message=f"{event.sent} de {event.total} enviados; {event.error}",
+                title=f"{noun} suspendid{g}",
+                message=f"{event.sent} de {event.total} {done}; {event.error}",
                 # One per suspension: a batch may be suspended again after a top-up.
                 source_key=f"{key}:{event.at.seconds}",
                 data={**data, "reason": event.error},
@@ -98,8 +104,8 @@ class Notifications:
                 account_id=event.account_id,
                 kind="batch_failed",
                 level="error",
-                title="Envío masivo fallido",
-                message=event.message or event.error or f"El envío masivo {event.batch_id} falló",
+                title=f"{noun} fallid{g}",
+                message=event.message or event.error or f"{noun} {event.batch_id}: falló",
                 source_key=key,
                 data={**data, "error": event.error},
             )
@@ -108,10 +114,10 @@ class Notifications:
             account_id=event.account_id,
             kind="batch_cancelled" if cancelled else "batch_completed",
             level="info" if cancelled else "success",
-            title="Envío masivo cancelado" if cancelled else "Envío masivo completado",
-            message=f"{event.sent} enviados, {event.failed} fallidos de {event.total}",
+            title=f"{noun} {'cancelad' if cancelled else 'completad'}{g}",
+            message=f"{event.sent} {done}, {event.failed} fallidos de {event.total}",
             source_key=key,
-            data=data,
+            data={**data, "channel": event.channel or "whatsapp"},
         )
 
     async def credit_level(self, *, account_id: str, plan_type: str, available: Decimal) -> asyncpg.Record | None:

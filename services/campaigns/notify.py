@@ -48,6 +48,7 @@ class Notifier:
             status=row["status"],
             devices_used=row["devices_used"],
             parallel_workers=len(row["sender_ids"]),
+            channel=row["channel"],
             outcomes=list(outcomes),
             at=to_timestamp(datetime.now(UTC)),
             **fields,  # type: ignore[arg-type]

@@ -86,6 +86,17 @@ async def test_a_redelivered_event_makes_one_notification(notes: tuple[Notificat
     assert await n.unread_count(ACME) == 2
 
 
+async def test_a_call_campaign_is_told_as_one(notes: tuple[Notifications, list]) -> None:
+    n, _ = notes
+    message = await n.batch_event(finished("b-bulk", "acme"))
+    call = finished("b-voice", "acme")
+    call.channel = "voice"
+    campaign = await n.batch_event(call)
+    assert message is not None and campaign is not None
+    assert message["title"] == "Envío masivo completado" and message["message"].startswith("3 enviados")
+    assert campaign["title"] == "Campaña de llamadas completada" and campaign["message"].startswith("3 completadas")
+
+
 async def test_scoping_by_account_and_user(notes: tuple[Notifications, list]) -> None:
     n, _ = notes
     acme = await n.batch_event(finished("b-a", "acme"))
