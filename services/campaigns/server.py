@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -81,13 +82,16 @@ def job_pb(row: asyncpg.Record) -> campaigns_pb2.Job:
     job_id, object_id = job_ids(row["id"])
     phones = list(row["phones"])
     index = row["next_phone_index"]
+    status = row["status"]
+    if status == "pending" and row["next_attempt_at"] > datetime.now(UTC):
+        status = "scheduled"  # waiting for its start, its window or its next round
     return campaigns_pb2.Job(
         job_id=job_id,
         object_id=object_id,
         batch_id=str(row["batch_id"]),
         batch_object_id=row["batch_object_id"] or "",
         account_id=row["account_id"],
-        status=row["status"],
+        status=status,
         attempts=row["attempts"],
         max_attempts=row["max_attempts"],
         created_at=to_timestamp(row["created_at"]),
