@@ -282,3 +282,25 @@ def test_a_dispatcher_stopping_lets_its_calls_end_and_report(base_url: str, suit
     assert done["completed_jobs"] + done["failed_jobs"] == 60
     unknown = httpx.get(f"{base_url}/api/v1/batches/{batch_id}/jobs", headers=key, params={"limit": 100}).json()
     assert not [j for j in unknown if "outcome unknown" in str(j["call_result"])], "a call was cut by the stop"
+
+
+def test_scheduled_jobs_start_at_their_time(base_url: str, suite: Stack) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    account_id, key = new_account(base_url)
+    settings = {"allowed_hours": {"start": "00:00", "end": "23:59"}, "days_of_week": [0, 1, 2, 3, 4, 5, 6]}
+    start = datetime.now(UTC) + timedelta(seconds=4)
+    r = httpx.post(
+        f"{base_url}/api/v1/batches/chile/marketing",
+        headers=key,
+        files={"file": ("deudores.xlsx", workbook(5), "application/vnd.ms-excel")},
+        data={"account_id": account_id, "call_settings_json": json.dumps(settings), "scheduled_at": start.isoformat()},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    batch_id = r.json()["batch_id"]
+    time.sleep(2)
+    assert asyncio.run(dispatcher_calls(suite.database_url, batch_id)) == [], "called before its time"
+    wait_for("calls start", lambda: asyncio.run(dispatcher_calls(suite.database_url, batch_id)), timeout=30)
+    first = min(c["created_at"] for c in asyncio.run(dispatcher_calls(suite.database_url, batch_id)))
+    assert first >= start
