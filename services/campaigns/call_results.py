@@ -72,12 +72,13 @@ class CallResults:
                 # Handed back before it rang (the dispatcher stopped): the same call again later.
                 await self.repo.book_call(conn, job_id=job["id"], status="pending", state=None, result=None, now=now)
                 continue
-            state = after_attempt(
-                JobState("pending", job["attempts"], job["next_phone_index"], len(job["phones"]), None),
-                outcome.status if outcome.status != "unknown" else "failed",
-                settings,
-                now,
-            )
+            before = JobState("pending", job["attempts"], job["next_phone_index"], len(job["phones"]), None)
+            if outcome.status == "unknown":
+                # Lost with a crashed dispatcher: the call may have reached the debtor, so calling
+                # on could contact them twice. The job ends here, failed, with the reason.
+                state = JobState("failed", job["attempts"] + 1, job["next_phone_index"], len(job["phones"]), None)
+            else:
+                state = after_attempt(before, outcome.status, settings, now)
             status = "pending" if state.status == "scheduled" else state.status
             if status == "pending" and batch["status"] == "cancelled":
                 status = "cancelled"
@@ -105,7 +106,7 @@ class CallResults:
                 batch_id=batch["batch_id"],
                 hour=now.replace(minute=0, second=0, microsecond=0),
                 completed=int(outcome.status == "completed"),
-                failed=int(outcome.status != "completed"),
+                failed=int(outcome.status != "completed"),  # unknown included: no conversation on record
                 cost=cost,
                 seconds=duration_s,
             )

@@ -82,6 +82,7 @@ class CallEngine:
         self.lines = asyncio.Semaphore(max_calls)
         self.tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
+        self.fetching_stopped = asyncio.Event()
 
     async def run(self) -> None:
         sub = await self.js.pull_subscribe(
@@ -100,6 +101,10 @@ class CallEngine:
                     msgs = await sub.fetch(FETCH, timeout=1)
                 except (TimeoutError, NatsTimeout):
                     continue
+                if not self.accepting:
+                    # Fetched as the stop came: another dispatcher takes them now.
+                    await asyncio.gather(*(m.nak() for m in msgs), return_exceptions=True)
+                    break
                 for msg in msgs:
                     task = asyncio.create_task(self._chunk(msg))
                     self.tasks.add(task)
@@ -110,6 +115,7 @@ class CallEngine:
                 task.cancel()
             raise
         finally:
+            self.fetching_stopped.set()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -117,6 +123,7 @@ class CallEngine:
         """On shutdown: take no new calls and let the ones in progress end and report (a call
         cut short is a debtor hung up on, and its outcome would be lost)."""
         self.accepting = False
+        await self.fetching_stopped.wait()  # no chunk starts after this
         if self.tasks:
             log.info("waiting for %d voice chunks with calls in progress", len(self.tasks))
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
@@ -181,9 +188,17 @@ class CallEngine:
         found = None
         with contextlib.suppress(Exception):
             found = await self.provider.lookup(item.attempt_id)
-        await self._report(data, item, found or CallResult(status="failed", error="outcome unknown after a restart"))
+        if found is not None:
+            await self._report(data, item, found)
+            return
+        # The call may have reached the debtor: `unknown`, never placed again (the contract's
+        # "never blindly re-sent"); campaigns ends the job there.
+        await self._report(data, item, CallResult(status="failed", error="outcome unknown after a restart"), "unknown")
 
-    async def _report(self, data: events_pb2.DispatchChunk, item: events_pb2.WorkItem, result: CallResult) -> None:
+    async def _report(
+        self, data: events_pb2.DispatchChunk, item: events_pb2.WorkItem, result: CallResult, status: str = ""
+    ) -> None:
+        status = status or result.status
         cost = None
         if data.price_per_minute or data.price_per_call:
             cost = call_cost(
@@ -197,12 +212,12 @@ class CallEngine:
         stored = {**shown, "_cost": str(cost) if cost is not None else ""}
         await self.attempts.finish_call(
             attempt_id=item.attempt_id,
-            status=result.status,
+            status=status,
             call_id=result.call_id,
             error=result.error,
             result_json=json.dumps(stored),
         )
-        await self._publish(data, item, result.status, shown, cost=str(cost) if cost is not None else "")
+        await self._publish(data, item, status, shown, cost=str(cost) if cost is not None else "")
 
     async def _publish(
         self,
