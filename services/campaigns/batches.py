@@ -129,7 +129,7 @@ class Batches:
             raise NotFound(f"job {batch_id} not found")
         return row
 
-    async def list(
+    async def list_batches(
         self, caller: Caller, *, channel: str, status: str, limit: int, skip: int, account_id: str = ""
     ) -> tuple[list[asyncpg.Record], int]:
         if not 1 <= limit <= 1000:

@@ -211,7 +211,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
     async def ListBatches(
         self, request: campaigns_pb2.ListBatchesRequest, context: grpc.aio.ServicerContext
     ) -> campaigns_pb2.ListBatchesResponse:
-        rows, total = await self.batches.list(
+        rows, total = await self.batches.list_batches(
             current_caller(),
             channel=request.channel,
             status=request.status,
