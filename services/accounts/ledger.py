@@ -233,9 +233,10 @@ class Ledger:
             raise NotFound(f"account {account_id} not found")
         return Balance.of(row)
 
-    async def top_up(
+    async def credit(
         self,
         caller: Caller,
+        kind: str,
         *,
         account_id: str,
         credits: str = "",
@@ -244,44 +245,16 @@ class Ledger:
         fingerprint: str = "",
         reason: str = "",
     ) -> LedgerResult:
-        unit, amount = one_amount(credits, minutes)
-        return await self._keyed(
-            caller,
-            account_id,
-            key=key,
-            fingerprint=fingerprint,
-            entry=NewEntry(kind="topup", unit=unit, amount=amount, cause="", note=reason),
-        )
-
-    async def refund(
-        self,
-        caller: Caller,
-        *,
-        account_id: str,
-        credits: str = "",
-        minutes: str = "",
-        key: str = "",
-        fingerprint: str = "",
-        reason: str = "",
-    ) -> LedgerResult:
-        unit, amount = one_amount(credits, minutes)
-        entry = NewEntry(kind="refund", unit=unit, amount=amount, used_change=-amount, cause="", note=reason)
+        """A top-up, a refund (gives back part of what was charged: `used` goes down by as
+        much) or an adjustment (signed), each retried safely under an idempotency key."""
+        unit, amount = one_amount(credits, minutes, signed=kind == "adjustment")
+        used = -amount if kind == "refund" else ZERO
+        entry = NewEntry(kind=kind, unit=unit, amount=amount, used_change=used, cause="", note=reason)
         return await self._keyed(caller, account_id, key=key, fingerprint=fingerprint, entry=entry)
 
-    async def adjust(
-        self,
-        caller: Caller,
-        *,
-        account_id: str,
-        credits: str = "",
-        minutes: str = "",
-        key: str = "",
-        fingerprint: str = "",
-        reason: str = "",
-    ) -> LedgerResult:
-        unit, amount = one_amount(credits, minutes, signed=True)
-        entry = NewEntry(kind="adjustment", unit=unit, amount=amount, cause="", note=reason)
-        return await self._keyed(caller, account_id, key=key, fingerprint=fingerprint, entry=entry)
+    top_up = functools.partialmethod(credit, kind="topup")
+    refund = functools.partialmethod(credit, kind="refund")
+    adjust = functools.partialmethod(credit, kind="adjustment")
 
     async def _keyed(
         self, caller: Caller, account_id: str, *, key: str, fingerprint: str, entry: NewEntry

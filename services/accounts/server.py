@@ -173,50 +173,35 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
     ) -> accounts_pb2.Balance:
         return balance_pb(await self.ledger.balance(current_caller(), request.account_id))
 
+    async def _credit(
+        self, kind: str, request: accounts_pb2.TopUpRequest | accounts_pb2.RefundRequest | accounts_pb2.AdjustRequest
+    ) -> accounts_pb2.LedgerReply:
+        result = await self.ledger.credit(
+            current_caller(),
+            kind,
+            account_id=request.account_id,
+            credits=request.credits,
+            minutes=request.minutes,
+            key=request.idempotency_key,
+            fingerprint=request.fingerprint,
+            reason=request.reason,
+        )
+        return reply_pb(result)
+
     async def TopUp(
         self, request: accounts_pb2.TopUpRequest, context: grpc.aio.ServicerContext
     ) -> accounts_pb2.LedgerReply:
-        return reply_pb(
-            await self.ledger.top_up(
-                current_caller(),
-                account_id=request.account_id,
-                credits=request.credits,
-                minutes=request.minutes,
-                key=request.idempotency_key,
-                fingerprint=request.fingerprint,
-                reason=request.reason,
-            )
-        )
+        return await self._credit("topup", request)
 
     async def Refund(
         self, request: accounts_pb2.RefundRequest, context: grpc.aio.ServicerContext
     ) -> accounts_pb2.LedgerReply:
-        return reply_pb(
-            await self.ledger.refund(
-                current_caller(),
-                account_id=request.account_id,
-                credits=request.credits,
-                minutes=request.minutes,
-                key=request.idempotency_key,
-                fingerprint=request.fingerprint,
-                reason=request.reason,
-            )
-        )
+        return await self._credit("refund", request)
 
     async def Adjust(
         self, request: accounts_pb2.AdjustRequest, context: grpc.aio.ServicerContext
     ) -> accounts_pb2.LedgerReply:
-        return reply_pb(
-            await self.ledger.adjust(
-                current_caller(),
-                account_id=request.account_id,
-                credits=request.credits,
-                minutes=request.minutes,
-                key=request.idempotency_key,
-                fingerprint=request.fingerprint,
-                reason=request.reason,
-            )
-        )
+        return await self._credit("adjustment", request)
 
     async def Hold(
         self, request: accounts_pb2.HoldRequest, context: grpc.aio.ServicerContext
