@@ -47,6 +47,16 @@ def scope_of(caller: Caller) -> str:
     return "" if caller.is_admin else caller.account_id
 
 
+def listing_scope(caller: Caller, *, account_id: str, limit: int, skip: int) -> str:
+    """The account scope of a listing, once its page is checked. Naming an account narrows an
+    admin's view; a member naming another gets NOT_FOUND."""
+    if not 1 <= limit <= 1000:
+        raise InvalidArgument("limit must be between 1 and 1000")
+    if skip < 0:
+        raise InvalidArgument("skip must not be negative")
+    return caller.account_scope(account_id) if account_id else scope_of(caller)
+
+
 def parse_batch_id(text: str) -> uuid.UUID:
     try:
         return uuid.UUID(text)
@@ -132,12 +142,7 @@ class Batches:
     async def list_batches(
         self, caller: Caller, *, channel: str, status: str, limit: int, skip: int, account_id: str = ""
     ) -> tuple[list[asyncpg.Record], int]:
-        if not 1 <= limit <= 1000:
-            raise InvalidArgument("limit must be between 1 and 1000")
-        if skip < 0:
-            raise InvalidArgument("skip must not be negative")
-        # Naming an account narrows an admin's view; a member naming another gets NOT_FOUND.
-        scope = caller.account_scope(account_id) if account_id else scope_of(caller)
+        scope = listing_scope(caller, account_id=account_id, limit=limit, skip=skip)
         return await self.repo.list_batches(scope=scope, channel=channel, status=status, limit=limit, skip=skip)
 
     async def pause(self, caller: Caller, batch_id: str) -> asyncpg.Record:

@@ -24,7 +24,7 @@ import asyncpg
 from services.runtime.errors import Conflict, InvalidArgument, NotFound, PayloadTooLarge
 from services.runtime.identity import Caller
 
-from .batches import Batches, scope_of
+from .batches import Batches, listing_scope, scope_of
 from .calling import CallSettings, parse_call_settings
 from .contacts import ARGENTINA, BadFile, Contact, ParsedFile, parse_contacts
 from .credit import AccountInfo, Credit
@@ -371,13 +371,9 @@ class VoiceBatches:
     async def jobs(
         self, caller: Caller, *, account_id: str, batch_id: str, status: str, limit: int, skip: int
     ) -> tuple[list[asyncpg.Record], int]:
-        if not 1 <= limit <= 1000:
-            raise InvalidArgument("limit must be between 1 and 1000")
-        if skip < 0:
-            raise InvalidArgument("skip must not be negative")
+        scope = listing_scope(caller, account_id=account_id, limit=limit, skip=skip)
         if status and status not in STATUSES:
             raise InvalidArgument(f"status must be one of {', '.join(STATUSES)}")
-        scope = caller.account_scope(account_id) if account_id else scope_of(caller)
         batch_key = (await self.get(caller, batch_id))["batch_id"] if batch_id else None
         # `scheduled` is a pending job whose time has not come; stored as pending.
         stored = "pending" if status == "scheduled" else status
@@ -426,11 +422,7 @@ class VoiceBatches:
     async def calls(
         self, caller: Caller, *, account_id: str, batch_id: str, status: str, limit: int, skip: int
     ) -> tuple[list[asyncpg.Record], int]:
-        if not 1 <= limit <= 1000:
-            raise InvalidArgument("limit must be between 1 and 1000")
-        if skip < 0:
-            raise InvalidArgument("skip must not be negative")
-        scope = caller.account_scope(account_id) if account_id else scope_of(caller)
+        scope = listing_scope(caller, account_id=account_id, limit=limit, skip=skip)
         key = (await self.get(caller, batch_id))["batch_id"] if batch_id else None
         return await self.repo.calls(scope=scope, batch_id=key, status=status, limit=limit, skip=skip)
 

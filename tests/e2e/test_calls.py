@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 import time
 import uuid
 from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -110,40 +112,67 @@ def most_at_once(calls: list[asyncpg.Record]) -> int:
     return peak
 
 
+# Marketing: the hours are the batch's own (debt collection would add Chile's legal ones,
+# and these tests must pass at any hour). One round: a failed first phone moves to the second.
+ALL_DAY = {
+    "max_attempts": 1,
+    "allowed_hours": {"start": "00:00", "end": "23:59"},
+    "days_of_week": [0, 1, 2, 3, 4, 5, 6],
+    "timezone": "America/Santiago",
+}
+
+
+def upload_campaign(
+    base_url: str, key: dict[str, str], account_id: str, debtors: int, settings: dict[str, Any], **data: str
+) -> dict[str, Any]:
+    r = httpx.post(
+        f"{base_url}/api/v1/batches/chile/marketing",
+        headers=key,
+        files={"file": ("deudores.xlsx", workbook(debtors), "application/vnd.ms-excel")},
+        data={"account_id": account_id, "call_settings_json": json.dumps(settings), **data},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def get_batch(base_url: str, key: dict[str, str], batch_id: str) -> dict[str, Any]:
+    return dict(httpx.get(f"{base_url}/api/v1/batches/{batch_id}", headers=key).json())
+
+
+def completed(base_url: str, key: dict[str, str], batch_id: str, timeout: float) -> dict[str, Any]:
+    return wait_for(
+        "the batch completes",
+        lambda: (b := get_batch(base_url, key, batch_id))["status"] == "completed" and b,
+        timeout=timeout,
+    )
+
+
+def stop_dispatcher(suite: Stack, sig: int) -> int:
+    """Stop the suite's dispatcher with `sig`; its exit code."""
+    old = suite.service_procs["dispatcher"]
+    old.popen.send_signal(sig)
+    return old.popen.wait(60)
+
+
+def start_dispatcher(suite: Stack) -> None:
+    """Another dispatcher on the same port, as an orchestrator would start it."""
+    port = int(suite.addrs["dispatcher"].rsplit(":", 1)[1])
+    new = suite.start_service("dispatcher", port=port)
+    suite.procs.append(new)
+    suite.service_procs["dispatcher"] = new
+
+
 def test_five_hundred_calls_keep_to_ten_lines_rotate_phones_and_stop_at_max_attempts(
     base_url: str, suite: Stack
 ) -> None:
     account_id, key = new_account(base_url)
-    # Marketing: the hours are the batch's own (debt collection would add Chile's legal ones,
-    # and this test must pass at any hour). One round: a failed first phone moves to the second.
-    settings = {
-        "max_attempts": 1,
-        "allowed_hours": {"start": "00:00", "end": "23:59"},
-        "days_of_week": [0, 1, 2, 3, 4, 5, 6],
-        "timezone": "America/Santiago",
-        "max_call_duration": 120,
-        "ring_timeout": 20,
-    }
-    r = httpx.post(
-        f"{base_url}/api/v1/batches/chile/marketing",
-        headers=key,
-        files={"file": ("deudores.xlsx", workbook(DEBTORS), "application/vnd.ms-excel")},
-        data={"account_id": account_id, "batch_name": "Prueba", "call_settings_json": json.dumps(settings)},
-        timeout=60,
-    )
-    if r.status_code != 200:
-        for name, proc in suite.service_procs.items():
-            print("=====", name, proc.tail(60))
-    assert r.status_code == 200, r.text
-    created = r.json()
+    settings = {**ALL_DAY, "max_call_duration": 120, "ring_timeout": 20}
+    created = upload_campaign(base_url, key, account_id, DEBTORS, settings, batch_name="Prueba")
     assert created["jobs_created"] == DEBTORS and created["duplicates_skipped"] == 0
     batch_id = created["batch_id"]
 
-    def finished() -> dict[str, Any] | None:
-        batch = httpx.get(f"{base_url}/api/v1/batches/{batch_id}", headers=key).json()
-        return batch if batch["status"] == "completed" else None
-
-    batch = wait_for("the batch completes", finished, timeout=180)
+    batch = completed(base_url, key, batch_id, timeout=180)
     assert batch["completed_jobs"] + batch["failed_jobs"] == DEBTORS
 
     calls = asyncio.run(dispatcher_calls(suite.database_url, batch_id))
@@ -202,38 +231,18 @@ async def stuck_attempts(database_url: str, batch_id: str) -> int:
 
 
 def test_a_dispatcher_killed_mid_call_loses_no_job_and_places_no_call_twice(base_url: str, suite: Stack) -> None:
-    import signal
-
     account_id, key = new_account(base_url)
-    settings = {
-        "max_attempts": 1,
-        "allowed_hours": {"start": "00:00", "end": "23:59"},
-        "days_of_week": [0, 1, 2, 3, 4, 5, 6],
-        "timezone": "America/Santiago",
-    }
-    r = httpx.post(
-        f"{base_url}/api/v1/batches/chile/marketing",
-        headers=key,
-        files={"file": ("deudores.xlsx", workbook(60), "application/vnd.ms-excel")},
-        data={"account_id": account_id, "call_settings_json": json.dumps(settings)},
-        timeout=60,
-    )
-    assert r.status_code == 200, r.text
-    batch_id = r.json()["batch_id"]
+    batch_id = upload_campaign(base_url, key, account_id, 60, ALL_DAY)["batch_id"]
 
-    def batch() -> dict[str, Any]:
-        return httpx.get(f"{base_url}/api/v1/batches/{batch_id}", headers=key).json()
+    def ended() -> int:
+        b = get_batch(base_url, key, batch_id)
+        return int(b["completed_jobs"] + b["failed_jobs"])
 
-    wait_for("calls end", lambda: batch()["completed_jobs"] + batch()["failed_jobs"] >= 5, timeout=60)
-    old = suite.service_procs["dispatcher"]
-    old.popen.send_signal(signal.SIGKILL)  # calls are up: their outcome dies with the process
-    old.popen.wait(10)
-    port = int(suite.addrs["dispatcher"].rsplit(":", 1)[1])
-    new = suite.start_service("dispatcher", port=port)
-    suite.procs.append(new)
-    suite.service_procs["dispatcher"] = new
+    wait_for("calls end", lambda: ended() >= 5, timeout=60)
+    stop_dispatcher(suite, signal.SIGKILL)  # calls are up: their outcome dies with the process
+    start_dispatcher(suite)
 
-    done = wait_for("the batch completes", lambda: (b := batch())["status"] == "completed" and b, timeout=120)
+    done = completed(base_url, key, batch_id, timeout=120)
     assert done["completed_jobs"] + done["failed_jobs"] == 60, done
     assert asyncio.run(stuck_attempts(suite.database_url, batch_id)) == 0
     calls = asyncio.run(dispatcher_calls(suite.database_url, batch_id))
@@ -250,59 +259,30 @@ def test_a_dispatcher_killed_mid_call_loses_no_job_and_places_no_call_twice(base
 
 
 def test_a_dispatcher_stopping_lets_its_calls_end_and_report(base_url: str, suite: Stack) -> None:
-    import signal
-
     account_id, key = new_account(base_url)
-    settings = {
-        "max_attempts": 1,
-        "allowed_hours": {"start": "00:00", "end": "23:59"},
-        "days_of_week": [0, 1, 2, 3, 4, 5, 6],
-        "timezone": "America/Santiago",
-    }
-    r = httpx.post(
-        f"{base_url}/api/v1/batches/chile/marketing",
-        headers=key,
-        files={"file": ("deudores.xlsx", workbook(60), "application/vnd.ms-excel")},
-        data={"account_id": account_id, "call_settings_json": json.dumps(settings)},
-        timeout=60,
-    )
-    assert r.status_code == 200, r.text
-    batch_id = r.json()["batch_id"]
+    batch_id = upload_campaign(base_url, key, account_id, 60, ALL_DAY)["batch_id"]
 
-    def batch() -> dict[str, Any]:
-        return httpx.get(f"{base_url}/api/v1/batches/{batch_id}", headers=key).json()
+    def ended() -> int:
+        b = get_batch(base_url, key, batch_id)
+        return int(b["completed_jobs"] + b["failed_jobs"])
 
-    wait_for("calls end", lambda: batch()["completed_jobs"] + batch()["failed_jobs"] >= 3, timeout=60)
-    old = suite.service_procs["dispatcher"]
-    old.popen.send_signal(signal.SIGTERM)  # a rolling update: lines are busy
-    assert old.popen.wait(60) == 0
-    # Every call it had placed ended and was recorded before it went.
+    wait_for("calls end", lambda: ended() >= 3, timeout=60)
+    # A rolling update while the lines are busy: a clean exit, after every call it had placed
+    # ended and was recorded.
+    assert stop_dispatcher(suite, signal.SIGTERM) == 0
     assert asyncio.run(stuck_attempts(suite.database_url, batch_id)) == 0
-    port = int(suite.addrs["dispatcher"].rsplit(":", 1)[1])
-    new = suite.start_service("dispatcher", port=port)
-    suite.procs.append(new)
-    suite.service_procs["dispatcher"] = new
-    done = wait_for("the batch completes", lambda: (b := batch())["status"] == "completed" and b, timeout=120)
+    start_dispatcher(suite)
+    done = completed(base_url, key, batch_id, timeout=120)
     assert done["completed_jobs"] + done["failed_jobs"] == 60
     unknown = httpx.get(f"{base_url}/api/v1/batches/{batch_id}/jobs", headers=key, params={"limit": 100}).json()
     assert not [j for j in unknown if "outcome unknown" in str(j["call_result"])], "a call was cut by the stop"
 
 
 def test_scheduled_jobs_start_at_their_time(base_url: str, suite: Stack) -> None:
-    from datetime import UTC, datetime, timedelta
-
     account_id, key = new_account(base_url)
-    settings = {"allowed_hours": {"start": "00:00", "end": "23:59"}, "days_of_week": [0, 1, 2, 3, 4, 5, 6]}
     start = datetime.now(UTC) + timedelta(seconds=4)
-    r = httpx.post(
-        f"{base_url}/api/v1/batches/chile/marketing",
-        headers=key,
-        files={"file": ("deudores.xlsx", workbook(5), "application/vnd.ms-excel")},
-        data={"account_id": account_id, "call_settings_json": json.dumps(settings), "scheduled_at": start.isoformat()},
-        timeout=60,
-    )
-    assert r.status_code == 200, r.text
-    batch_id = r.json()["batch_id"]
+    settings = {k: ALL_DAY[k] for k in ("allowed_hours", "days_of_week")}
+    batch_id = upload_campaign(base_url, key, account_id, 5, settings, scheduled_at=start.isoformat())["batch_id"]
     time.sleep(2)
     assert asyncio.run(dispatcher_calls(suite.database_url, batch_id)) == [], "called before its time"
     wait_for("calls start", lambda: asyncio.run(dispatcher_calls(suite.database_url, batch_id)), timeout=30)

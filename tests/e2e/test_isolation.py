@@ -14,7 +14,7 @@ import itertools
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,6 @@ VOICE_FILES = {
     "/api/v1/batches/chile/{use_case}": "chile_cobranza_basica.xlsx",
     "/api/v1/batches/argentina/{use_case}": "argentina.csv",
 }
-VOICE_MISSING = "the campaigns service does not implement the voice RPCs yet"
 
 # Known isolation bugs: (method, path) -> reason. Such cases run as strict xfails, so the
 # fix turns them red until the entry goes.
@@ -151,7 +150,6 @@ class World:
     doc: dict[str, Any]
     ids: dict[str, list[str]]  # path parameter name -> the admin's ids of that kind
     secrets: list[str]  # strings only the admin's resources hold; a member must never read them
-    unavailable: dict[str, str] = field(default_factory=dict)  # id kind -> why there is none yet
 
 
 def id_kind(path: str, name: str) -> str:
@@ -160,9 +158,8 @@ def id_kind(path: str, name: str) -> str:
     return "voice_job_id" if name == "job_id" and path.startswith("/api/v1/") else name
 
 
-def voice_world(admin: httpx.Client) -> tuple[dict[str, list[str]], list[str], dict[str, str]]:
-    """A voice campaign with its jobs in the other account: its ids, its secret name, or why
-    there is none (the campaigns side is not there yet: 501)."""
+def voice_world(admin: httpx.Client) -> tuple[dict[str, list[str]], list[str]]:
+    """A voice campaign with its jobs in the other account: its ids and its secret name."""
     name = f"iso-voice-{uuid.uuid4().hex[:8]}"
     with (FIXTURES / "chile_cobranza_basica.xlsx").open("rb") as f:
         r = admin.post(
@@ -170,15 +167,13 @@ def voice_world(admin: httpx.Client) -> tuple[dict[str, list[str]], list[str], d
             files={"file": ("iso.xlsx", f, "application/octet-stream")},
             data={"account_id": OTHER_ACCOUNT, "batch_name": name, "allow_duplicates": "true"},
         )
-    if r.status_code == 501:
-        return {}, [], {"batch_id": VOICE_MISSING, "voice_job_id": VOICE_MISSING}
     assert r.status_code == 200, r.text
     batch = r.json()["batch"]
     r = admin.get(f"/api/v1/batches/{batch['batch_id']}/jobs", params={"limit": 1})
     assert r.status_code == 200 and r.json(), r.text
     job = r.json()[0]
     ids = {"batch_id": [batch["batch_id"], batch["_id"]], "voice_job_id": [job["job_id"], job["_id"]]}
-    return ids, [name], {}
+    return ids, [name]
 
 
 def _client(base_url: str, headers: dict[str, str]) -> httpx.Client:
@@ -227,7 +222,7 @@ def world(base_url: str) -> Iterator[World]:
                 time.sleep(0.2)
         assert notification_id, f"no notification for job {job_id}"
 
-        voice_ids, voice_secrets, unavailable = voice_world(admin)
+        voice_ids, voice_secrets = voice_world(admin)
 
         doc = admin.get("/openapi.json").json()
         try:
@@ -242,7 +237,6 @@ def world(base_url: str) -> Iterator[World]:
                     **voice_ids,
                 },
                 secrets=[token, file_name, *voice_secrets],
-                unavailable=unavailable,
             )
         finally:
             admin.put(f"/devices/{device_id}", json={"status": "inactive"})
@@ -413,9 +407,6 @@ def walk_resource(
 ) -> None:
     names = path_params(op)
     kinds = [id_kind(path, n) for n in names]
-    for kind in kinds:
-        if kind in world.unavailable:
-            pytest.skip(world.unavailable[kind])
     missing = [k for k in kinds if k not in world.ids]
     assert not missing, f"{method} {path}: no foreign ids for {missing}; create such a resource in `world`"
     choices = []
@@ -444,8 +435,6 @@ def walk_list(
     kinds = [n for (_, p), o in operations(world.doc).items() for n in path_params(o) if p == f"{path}/{{{n}}}"]
     kinds = sorted({id_kind(path, n) for n in kinds})
     assert len(kinds) == 1, f"{path}: cannot tell what it lists ({kinds})"
-    if kinds[0] in world.unavailable:
-        pytest.skip(world.unavailable[kinds[0]])
     foreign = set(world.ids[kinds[0]])
     params: dict[str, Any] = {}
     query = query_params(op)
@@ -486,8 +475,6 @@ def walk_own(
         own_voice_upload(member, method, path, url)
     elif (method, path) == ("POST", "/api/v1/batches"):
         r = member.post(path, json={"name": "iso-own"})
-        if r.status_code == 501:
-            pytest.skip(VOICE_MISSING)
         assert r.status_code == 200 and r.json()["account_id"] == MEMBER_ACCOUNT, r.text
         assert member.get(f"/api/v1/batches/{r.json()['_id']}").status_code == 200
         assert member.delete(f"/api/v1/batches/{r.json()['batch_id']}").status_code == 200
@@ -529,8 +516,6 @@ def own_voice_upload(member: httpx.Client, method: str, path: str, url: str) -> 
             files={"file": (VOICE_FILES[path], f, "application/octet-stream")},
             data={"batch_name": "iso-own", "allow_duplicates": "true"},
         )
-    if r.status_code == 501:
-        pytest.skip(VOICE_MISSING)
     assert r.status_code == 200, f"{method} {url}: {r.status_code} {r.text[:300]}"
     if path.endswith("/preview"):
         assert r.json()["total_rows"] > 0, r.text
