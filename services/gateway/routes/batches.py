@@ -148,6 +148,11 @@ class ContactsUpload:
         self.file = file
         self.header = header
 
+    def aim(self, use_case: str | None, country: str | None) -> None:
+        """The use case and country the route gives ("" lets the campaigns service decide)."""
+        self.header.use_case = use_case or ""
+        self.header.country = country or ""
+
     def parts(self) -> AsyncIterator[campaigns_pb2.ContactsUploadRequest]:
         async def gen() -> AsyncIterator[campaigns_pb2.ContactsUploadRequest]:
             yield campaigns_pb2.ContactsUploadRequest(header=self.header)
@@ -361,15 +366,17 @@ async def preview_contacts(
     use_case: UseCaseForm = None,
     country: CountryForm = None,
 ) -> dict[str, Any]:
-    upload.header.use_case = use_case or ""
-    upload.header.country = country or ""
+    upload.aim(use_case, country)
     preview = await stub(request).PreviewContacts(
         upload.parts(), metadata=outgoing_metadata(caller), timeout=UPLOAD_TIMEOUT_S
     )
     return preview_json(preview, upload.header.file_name)
 
 
-async def _create_from_file(request: Request, caller: Caller, upload: ContactsUpload) -> dict[str, Any]:
+async def _create_from_file(
+    request: Request, caller: Caller, upload: ContactsUpload, use_case: str | None, country: str | None
+) -> dict[str, Any]:
+    upload.aim(use_case, country)
     created = await stub(request).CreateVoiceBatch(
         upload.parts(), metadata=outgoing_metadata(caller), timeout=UPLOAD_TIMEOUT_S
     )
@@ -384,9 +391,7 @@ async def create_from_file(
     use_case: UseCaseForm = None,
     country: CountryForm = None,
 ) -> dict[str, Any]:
-    upload.header.use_case = use_case or ""
-    upload.header.country = country or ""
-    return await _create_from_file(request, caller, upload)
+    return await _create_from_file(request, caller, upload, use_case, country)
 
 
 def _country_route(country: str) -> Any:
@@ -398,9 +403,7 @@ def _country_route(country: str) -> Any:
     ) -> dict[str, Any]:
         if use_case not in USE_CASES:
             raise ApiError(404, f"unknown use case {use_case!r}; use {' or '.join(USE_CASES)}")
-        upload.header.use_case = use_case
-        upload.header.country = COUNTRIES[country]
-        return await _create_from_file(request, caller, upload)
+        return await _create_from_file(request, caller, upload, use_case, COUNTRIES[country])
 
     create.__name__ = f"create_{country}_batch"
     return create
