@@ -28,6 +28,20 @@ def infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         stack.stop()
 
 
+@pytest.fixture
+def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A NATS JetStream server of the test's own, for service processes started outside the
+    suite: on the shared bus they would join the suite's durable consumers and take (or
+    leave behind) each other's dispatch chunks and results."""
+    from services.runtime.devstack import free_port, start_nats
+
+    proc, url = start_nats(tmp_path_factory.mktemp("nats"), port=free_port())
+    try:
+        yield url
+    finally:
+        proc.stop()
+
+
 def _with_database(url: str, name: str) -> str:
     base, _, _ = url.rpartition("/")
     return f"{base}/{name}"

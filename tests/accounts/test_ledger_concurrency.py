@@ -44,8 +44,8 @@ REFUSALS = {
 
 
 @pytest.fixture
-async def service(fresh_db: str, infra: Stack, tmp_path: Path) -> AsyncIterator[accounts_pb2_grpc.AccountsServiceStub]:
-    stack = Stack(data_dir=tmp_path, database_url=fresh_db, nats_url=infra.nats_url)
+async def service(fresh_db: str, own_nats: str, tmp_path: Path) -> AsyncIterator[accounts_pb2_grpc.AccountsServiceStub]:
+    stack = Stack(data_dir=tmp_path, database_url=fresh_db, nats_url=own_nats)
     stack.extra_env["LOG_LEVEL"] = "WARNING"
     proc: Proc = await asyncio.to_thread(stack.start_service, "accounts")
     ch = channel(stack.addrs["accounts"])

@@ -27,7 +27,6 @@ from services.campaigns.repo import CampaignsRepo
 from services.campaigns.voice_repo import VoiceRepo
 from services.runtime import bus
 from services.runtime.db import create_pool, migrate
-from services.runtime.devstack import Stack
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "campaigns" / "migrations"
 SANTIAGO = "America/Santiago"
@@ -81,12 +80,12 @@ class Env:
 
 
 @pytest.fixture
-async def env(fresh_db: str, infra: Stack) -> AsyncIterator[Env]:
+async def env(fresh_db: str, own_nats: str) -> AsyncIterator[Env]:
     conn = await asyncpg.connect(fresh_db)
     await migrate(conn, schema="campaigns", directory=MIGRATIONS)
     await conn.close()
     pool = await create_pool(fresh_db, schema="campaigns")
-    nc = await nats.connect(infra.nats_url)
+    nc = await nats.connect(own_nats)
     js = nc.jetstream()
     await bus.ensure_topology(js)
     released: list[events_pb2.DispatchChunk] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,13 +22,13 @@ SERVICES = ("accounts", "campaigns", "dispatcher")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def stack_on(infra: Stack, database_url: str, tmp_path: Path) -> Stack:
-    return Stack(data_dir=tmp_path, database_url=database_url, nats_url=infra.nats_url)
+def stack_on(nats_url: str, database_url: str, tmp_path: Path) -> Stack:
+    return Stack(data_dir=tmp_path, database_url=database_url, nats_url=nats_url)
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_sigterm_turns_not_serving_then_exits_zero(service: str, infra: Stack, fresh_db: str, tmp_path: Path) -> None:
-    stack = stack_on(infra, fresh_db, tmp_path)
+def test_sigterm_turns_not_serving_then_exits_zero(service: str, own_nats: str, fresh_db: str, tmp_path: Path) -> None:
+    stack = stack_on(own_nats, fresh_db, tmp_path)
     grace = 3.0
     proc = stack.start_service(service, SHUTDOWN_GRACE_SECONDS=str(grace))
     addr = stack.addrs[service]
@@ -50,7 +51,10 @@ def test_sigterm_turns_not_serving_then_exits_zero(service: str, infra: Stack, f
     assert watching.wait(10)
     started = time.monotonic()
     proc.popen.send_signal(signal.SIGTERM)
-    code = proc.popen.wait(timeout=grace + 10)
+    try:
+        code = proc.popen.wait(timeout=grace + 10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{service} still running {grace + 10:.0f}s after SIGTERM:\n{proc.tail()}")
     watcher.join(5)
     assert code == 0, proc.tail()
     assert time.monotonic() - started < grace + 5
@@ -60,9 +64,9 @@ def test_sigterm_turns_not_serving_then_exits_zero(service: str, infra: Stack, f
 
 @pytest.mark.parametrize("service", SERVICES)
 async def test_two_replicas_on_an_empty_database_both_start(
-    service: str, infra: Stack, fresh_db: str, tmp_path: Path
+    service: str, own_nats: str, fresh_db: str, tmp_path: Path
 ) -> None:
-    stack = stack_on(infra, fresh_db, tmp_path)
+    stack = stack_on(own_nats, fresh_db, tmp_path)
     try:
         procs = [stack.start_service(service, wait=False), stack.start_service(service, wait=False)]
         deadline = time.monotonic() + 60
