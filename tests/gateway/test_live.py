@@ -28,7 +28,6 @@ from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
 from services.gateway.live import LiveHub, Subscriber, batch_event, percentage, render
 from services.gateway.routes import ws
-from services.runtime.devstack import Stack
 from services.runtime.identity import Caller
 
 pytestmark = pytest.mark.timeout(20)
@@ -330,7 +329,7 @@ class Live:
 
 
 @pytest.fixture
-async def live(infra: Stack) -> AsyncIterator[Live]:
+async def live(own_nats: str) -> AsyncIterator[Live]:
     async def fake_snapshot(batch_id: str, caller: Caller) -> events_pb2.BatchEvent | None:
         live.callers.append(caller)
         if live.during_snapshot is not None:
@@ -339,7 +338,7 @@ async def live(infra: Stack) -> AsyncIterator[Live]:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nc = await nats.connect(infra.nats_url)
+        nc = await nats.connect(own_nats)
         app.state.live = LiveHub()
         await app.state.live.start(nc)
         try:
@@ -358,7 +357,7 @@ async def live(infra: Stack) -> AsyncIterator[Live]:
 
     server = _Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
     serving = asyncio.create_task(server.serve())
-    live.publisher = await nats.connect(infra.nats_url)
+    live.publisher = await nats.connect(own_nats)
     try:
         async with asyncio.timeout(5):
             while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event

@@ -12,11 +12,10 @@ import nats
 from nats.aio.msg import Msg
 
 from services.runtime import bus
-from services.runtime.devstack import Stack
 
 
-async def test_a_poison_message_is_set_aside_and_the_rest_go_through(infra: Stack) -> None:
-    nc = await nats.connect(infra.nats_url)
+async def test_a_poison_message_is_set_aside_and_the_rest_go_through(own_nats: str) -> None:
+    nc = await nats.connect(own_nats)
     js = nc.jetstream()
     await bus.ensure_topology(js)
     subject = f"events.test.{uuid.uuid4().hex}"
