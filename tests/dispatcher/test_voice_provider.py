@@ -230,10 +230,11 @@ async def test_time_scale_shortens_the_wait() -> None:
     result = await provider.call(request("scaled", config))
     elapsed = time.monotonic() - started
     assert result.duration_ms == 50_000  # billed in simulated time
-    # 50 s of conversation after 2-10 s of ringing, at 1/100.
-    assert 0.52 <= elapsed < 0.60 + 0.25
+    # 50 s of conversation after 2-10 s of ringing, at 1/100 (the upper bound leaves room for
+    # a loaded machine; unscaled it would be a minute).
+    assert 0.52 <= elapsed < 2.0
     assert result.started_at is not None and result.ended_at is not None
-    assert 0.52 <= (result.ended_at - result.started_at).total_seconds() < 0.85
+    assert 0.52 <= (result.ended_at - result.started_at).total_seconds() < 2.0
 
 
 async def test_unanswered_calls_ring_for_the_ring_timeout() -> None:
@@ -241,7 +242,7 @@ async def test_unanswered_calls_ring_for_the_ring_timeout() -> None:
     started = time.monotonic()
     result = await provider.call(request("ringing", {"time_scale": 0.01, "answer_ratio": 0}, ring_timeout_s=40))
     assert result.status == "no_answer" and result.duration_ms == 0
-    assert 0.40 <= time.monotonic() - started < 0.40 + 0.25
+    assert 0.40 <= time.monotonic() - started < 2.0
 
 
 async def test_calls_in_progress_are_counted() -> None:
