@@ -82,16 +82,33 @@ class Runtime:
         await asyncio.gather(*(one(d, t) for d, t in self.drainers), return_exceptions=True)
 
     async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await stop_tasks(self.tasks)
         if self.nc is not None and self.nc.is_connected:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
         if self.pool is not None:
             await self.pool.close()
+
+
+async def stop_tasks(tasks: list[asyncio.Task[Any]], *, within: float = 10.0) -> None:
+    """Cancel the tasks and wait until they have ended. A cancellation is repeated while a
+    task goes on: on Python 3.11 `asyncio.wait_for` (inside nats-py's fetch, among others)
+    swallows one that lands just as the awaited call completes (CPython gh-86296), and a
+    loop that lost it would keep the process up for ever."""
+    deadline = asyncio.get_running_loop().time() + within
+    pending = [t for t in tasks if not t.done()]
+    while pending:
+        for task in pending:
+            task.cancel()
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            log.warning("tasks still running at exit: %s", ", ".join(t.get_name() for t in pending))
+            return
+        _, still = await asyncio.wait(pending, timeout=min(0.5, left))
+        pending = list(still)
+    for task in tasks:  # collect their outcomes, so none is reported as never retrieved
+        if not task.cancelled():
+            task.exception()
 
 
 # A service's own wiring: add servicers to the server, start background loops; returns the

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.runtime.db import migration_files
 from services.runtime.devstack import Stack, grpc_serving
+from services.runtime.lifecycle import stop_tasks
 
 SERVICES = ("accounts", "campaigns", "dispatcher")
 REPO = Path(__file__).resolve().parents[2]
@@ -107,3 +108,26 @@ def test_service_without_database_fails_fast(infra: Stack, tmp_path: Path) -> No
     stack = Stack(data_dir=tmp_path, database_url="postgresql://postgres@127.0.0.1:1/none", nats_url=infra.nats_url)
     proc = stack.start_service("accounts", wait=False)
     assert proc.popen.wait(timeout=60) != 0
+
+
+async def test_stopping_ends_a_loop_that_lost_a_cancellation() -> None:
+    """As a loop around nats-py's fetch does on Python 3.11 when the cancellation lands as the
+    fetch's own wait_for completes: the CancelledError never reaches the loop."""
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if swallowed < 3:
+                    swallowed += 1
+                    continue
+                raise
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    await asyncio.sleep(0.05)
+    async with asyncio.timeout(5):
+        await stop_tasks([task])
+    assert task.cancelled() and swallowed == 3
