@@ -3,18 +3,26 @@ and the whole suite behind Envoy for end-to-end tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import nats
 import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
+from services.runtime import bus
 from services.runtime.devstack import Stack
 
 ADMIN_TOKEN = "test-admin-token"
 MEMBER_TOKEN = "test-member-token-acme"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +48,42 @@ def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
     finally:
         proc.stop()
+
+
+async def service_pool(database_url: str, service: str) -> asyncpg.Pool:
+    """A pool on `service`'s schema in that database, migrated as the service would at start."""
+    from services.runtime.db import create_pool, migrate
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn, schema=service, directory=REPO / "services" / service / "migrations")
+    finally:
+        await conn.close()
+    return await create_pool(database_url, schema=service)
+
+
+async def bus_client(nats_url: str) -> tuple[NATS, JetStreamContext]:
+    """A connection to that NATS with the streams and buckets the services expect."""
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await bus.ensure_topology(js)
+    return nc, js
+
+
+@contextlib.asynccontextmanager
+async def collected(nc: NATS, subject: str, decode: Callable[[bytes], Any]) -> AsyncIterator[list[Any]]:
+    """Everything published on `subject` while inside, decoded, in arrival order (a plain
+    subscription: the stream keeps the messages for the consumers as well)."""
+    seen: list[Any] = []
+
+    async def collect(msg: Msg) -> None:
+        seen.append(decode(msg.data))
+
+    sub = await nc.subscribe(subject, cb=collect)
+    try:
+        yield seen
+    finally:
+        await sub.unsubscribe()
 
 
 def _with_database(url: str, name: str) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from decimal import Decimal
@@ -85,16 +86,20 @@ class CallEngine:
         self.fetching_stopped = asyncio.Event()
 
     async def run(self) -> None:
-        sub = await self.js.pull_subscribe(
-            "dispatch.voice.>",
-            durable=DURABLE,
-            stream=DISPATCH_STREAM,
-            config=js_api.ConsumerConfig(
-                ack_policy=js_api.AckPolicy.EXPLICIT,
-                ack_wait=self.ack_wait,
-                max_ack_pending=10_000,
-            ),
-        )
+        try:
+            sub = await self.js.pull_subscribe(
+                "dispatch.voice.>",
+                durable=DURABLE,
+                stream=DISPATCH_STREAM,
+                config=js_api.ConsumerConfig(
+                    ack_policy=js_api.AckPolicy.EXPLICIT,
+                    ack_wait=self.ack_wait,
+                    max_ack_pending=10_000,
+                ),
+            )
+        except BaseException:
+            self.fetching_stopped.set()  # nothing was fetched: a drain has nothing to wait for
+            raise
         try:
             while self.accepting:
                 try:
@@ -165,11 +170,12 @@ class CallEngine:
         spec = json.loads(item.variables_json or "{}")
         request = CallRequest(
             attempt_id=item.attempt_id,
-            sender=SenderConfig(id=0, account_id=data.account_id, provider="simulated", config=self.line_config),
+            sender=SenderConfig(id=0, account_id=data.account_id, provider=self.provider.name, config=self.line_config),
             to=item.to,
             variables={str(k): str(v) for k, v in (spec.get("variables") or {}).items()},
             max_call_duration_s=int(spec.get("max_call_duration") or 300),
             ring_timeout_s=int(spec.get("ring_timeout") or 30),
+            on_placed=functools.partial(self.attempts.placed, item.attempt_id),
         )
         async with self.lines:
             try:
@@ -187,7 +193,7 @@ class CallEngine:
             return
         found = None
         with contextlib.suppress(Exception):
-            found = await self.provider.lookup(item.attempt_id)
+            found = await self.provider.lookup(item.attempt_id, (row["provider_message_id"] or "") if row else "")
         if found is not None:
             await self._report(data, item, found)
             return

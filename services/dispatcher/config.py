@@ -1,5 +1,5 @@
 import json
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import SecretStr, model_validator
 
@@ -23,6 +23,15 @@ class DispatcherSettings(GrpcServiceSettings):
     # How the `simulated` voice line behaves (JSON; see providers/voice.py): outcome ratios,
     # durations, and `time_scale` (0.01 makes a 60-s call take 0.6 s).
     simulated_voice_config: str = "{}"
+    # Who places the calls: `simulated` (the line above) or `retell` (a Retell-style API at
+    # RETELL_API_URL; the agent and the caller id a call uses unless its line says otherwise).
+    voice_provider: Literal["simulated", "retell"] = "simulated"
+    retell_api_url: str = "https://api.retellai.com"
+    retell_api_key: SecretStr = SecretStr("")
+    retell_agent_id: str = ""
+    retell_from_number: str = ""
+    # How often a call in progress is asked about (calls last minutes; the result waits for it).
+    retell_poll_seconds: float = 2.0
     # Calls this dispatcher keeps up at once (campaigns bounds each account's by its lines).
     max_calls: int = 2_000
     # On shutdown, calls in progress may go on this long (the pod's termination grace period
@@ -37,6 +46,22 @@ class DispatcherSettings(GrpcServiceSettings):
         except ValueError as exc:
             raise ValueError(f"SIMULATED_VOICE_CONFIG is not JSON: {exc}") from exc
         SimulatedVoiceBehaviour.from_config(config)  # says which key is wrong
+        return self
+
+    @model_validator(mode="after")
+    def _retell_is_complete(self) -> Self:
+        if self.voice_provider == "retell":
+            missing = [
+                name
+                for name, value in (
+                    ("RETELL_API_KEY", self.retell_api_key.get_secret_value()),
+                    ("RETELL_AGENT_ID", self.retell_agent_id),
+                    ("RETELL_FROM_NUMBER", self.retell_from_number),
+                )
+                if not value
+            ]
+            if missing:
+                raise ValueError(f"VOICE_PROVIDER=retell needs {', '.join(missing)}")
         return self
 
     @model_validator(mode="after")

@@ -16,14 +16,27 @@ from .calls import CallEngine
 from .config import DispatcherSettings
 from .crypto import SecretBox
 from .engine import Engine, SenderCache
+from .providers.retell import RetellVoiceProvider
 from .providers.simulated import make_simulated
-from .providers.voice import SimulatedVoiceProvider
+from .providers.voice import SimulatedVoiceProvider, VoiceProvider
 from .repo import AttemptQ, AttemptsRepo, SenderQ, SendersRepo
 from .runstate import RunStates
 from .senders import Senders
 from .server import DispatcherServicer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def voice_provider(settings: DispatcherSettings) -> VoiceProvider:
+    if settings.voice_provider == "retell":
+        return RetellVoiceProvider(
+            base_url=settings.retell_api_url,
+            api_key=settings.retell_api_key.get_secret_value(),
+            agent_id=settings.retell_agent_id,
+            from_number=settings.retell_from_number,
+            poll_seconds=settings.retell_poll_seconds,
+        )
+    return SimulatedVoiceProvider()
 
 
 async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
@@ -47,7 +60,7 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     calls = CallEngine(
         js=rt.js,
         attempts=AttemptsRepo(rt.pool),
-        provider=SimulatedVoiceProvider(),
+        provider=voice_provider(settings),
         line_config=json.loads(settings.simulated_voice_config or "{}"),
         ack_wait=settings.dispatch_ack_wait_seconds,
         max_calls=settings.max_calls,

@@ -188,6 +188,8 @@ class AttemptQ:
     EXISTING = """
         SELECT attempt_id, status, sender_id, provider_message_id, error, result FROM attempts
         WHERE attempt_id = ANY($1::text[])"""
+    PLACED = """
+        UPDATE attempts SET provider_message_id = $2 WHERE attempt_id = $1 AND status = 'sending'"""
     FINISH_CALL = """
         UPDATE attempts SET status = $2, provider_message_id = nullif($3, ''), error = nullif($4, ''),
                result = $5::jsonb, finished_at = now()
@@ -224,6 +226,10 @@ class AttemptsRepo:
             [r[3] for r in rows],
             [r[4] for r in rows],
         )
+
+    async def placed(self, attempt_id: str, call_id: str) -> None:
+        """The provider accepted the call: its id, kept before the call ends."""
+        await self.pool.execute(AttemptQ.PLACED, attempt_id, call_id)
 
     async def finish_call(self, *, attempt_id: str, status: str, call_id: str, error: str, result_json: str) -> None:
         await self.pool.execute(AttemptQ.FINISH_CALL, attempt_id, status, call_id, error, result_json)

@@ -12,11 +12,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import asyncpg
-import nats
 import pytest
 from pregonero.events.v1 import events_pb2
 
@@ -25,10 +23,8 @@ from services.campaigns.dialer import Dialer
 from services.campaigns.notify import Notifier
 from services.campaigns.repo import CampaignsRepo
 from services.campaigns.voice_repo import VoiceRepo
-from services.runtime import bus
-from services.runtime.db import create_pool, migrate
+from tests.conftest import bus_client, collected, service_pool
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "campaigns" / "migrations"
 SANTIAGO = "America/Santiago"
 
 
@@ -81,24 +77,12 @@ class Env:
 
 @pytest.fixture
 async def env(fresh_db: str, own_nats: str) -> AsyncIterator[Env]:
-    conn = await asyncpg.connect(fresh_db)
-    await migrate(conn, schema="campaigns", directory=MIGRATIONS)
-    await conn.close()
-    pool = await create_pool(fresh_db, schema="campaigns")
-    nc = await nats.connect(own_nats)
-    js = nc.jetstream()
-    await bus.ensure_topology(js)
-    released: list[events_pb2.DispatchChunk] = []
-
-    async def collect(msg: Any) -> None:
-        released.append(events_pb2.DispatchChunk.FromString(msg.data))
-
-    # A plain subscription sees what the dialer publishes (the stream keeps it as well).
-    sub = await nc.subscribe("dispatch.voice.>", cb=collect)
+    pool = await service_pool(fresh_db, "campaigns")
+    nc, js = await bus_client(own_nats)
     try:
-        yield Env(pool, VoiceRepo(pool), CampaignsRepo(pool), js, nc, released)
+        async with collected(nc, "dispatch.voice.>", events_pb2.DispatchChunk.FromString) as released:
+            yield Env(pool, VoiceRepo(pool), CampaignsRepo(pool), js, nc, released)
     finally:
-        await sub.unsubscribe()
         await nc.close()
         await pool.close()
 

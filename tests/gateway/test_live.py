@@ -4,7 +4,6 @@ WebSocket end to end over a real NATS server."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,7 +14,6 @@ from typing import Any
 import grpc
 import nats
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -29,6 +27,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.live import LiveHub, Subscriber, batch_event, percentage, render
 from services.gateway.routes import ws
 from services.runtime.identity import Caller
+from tests.http_server import serving
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -306,12 +305,6 @@ async def test_a_socket_whose_send_fails_is_removed_and_the_others_go_on() -> No
 # --- end to end: uvicorn, a real WebSocket client, real NATS -----------------------------
 
 
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Any:  # the test process keeps its own signal handlers
-        yield
-
-
 @dataclass
 class Live:
     app: FastAPI
@@ -355,20 +348,13 @@ async def live(own_nats: str) -> AsyncIterator[Live]:
     app.dependency_overrides[ws.snapshot_source] = lambda: fake_snapshot
     live = Live(app)
 
-    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    serving = asyncio.create_task(server.serve())
     live.publisher = await nats.connect(own_nats)
     try:
-        async with asyncio.timeout(5):
-            while not server.started:  # noqa: ASYNC110 - uvicorn exposes a flag, not an event
-                await asyncio.sleep(0.01)
-        live.url = f"ws://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-        yield live
+        async with serving(app, lifespan="on") as address:
+            live.url = f"ws://{address}"
+            yield live
     finally:
         await live.publisher.close()
-        server.should_exit = True
-        async with asyncio.timeout(5):
-            await serving
 
 
 async def recv(conn: ClientConnection) -> dict[str, Any]:

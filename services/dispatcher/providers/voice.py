@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import math
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -32,6 +33,9 @@ class CallRequest:
     max_call_duration_s: int = 300  # the provider hangs up after this much conversation
     ring_timeout_s: int = 30  # and gives up on a phone that rings this long
     agent_config: dict[str, Any] = field(default_factory=dict)  # the voice agent: id, voice, prompt …
+    # Told the provider's call id as soon as the call is placed, before it ends: the record
+    # that lets a restarted dispatcher find the call instead of calling again.
+    on_placed: Callable[[str], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +63,10 @@ class VoiceProvider(Protocol):
         """Place the call and return once it has ended."""
         ...
 
-    async def lookup(self, attempt_id: str) -> CallResult | None:
-        """The provider's own record of an attempt whose outcome we lost in a crash: None
-        when the provider never placed it."""
+    async def lookup(self, attempt_id: str, call_id: str = "") -> CallResult | None:
+        """The provider's own record of an attempt whose outcome we lost in a crash (by the
+        call id `on_placed` reported, when there is one), awaited to its end: None when the
+        provider never placed it."""
         ...
 
     async def close(self) -> None: ...
@@ -318,7 +323,7 @@ class SimulatedVoiceProvider:
             ended.set_result(result)
         return result
 
-    async def lookup(self, attempt_id: str) -> CallResult | None:
+    async def lookup(self, attempt_id: str, call_id: str = "") -> CallResult | None:
         """A call still in progress is awaited: "never placed" would license a second call."""
         found = self.calls.get(attempt_id)
         if found is not None:
