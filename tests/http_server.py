@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import uvicorn
 
@@ -34,3 +36,48 @@ async def serving(app: Any, *, lifespan: str = "off") -> AsyncIterator[str]:
         server.should_exit = True
         async with asyncio.timeout(5):
             await task
+
+
+@contextlib.contextmanager
+def serving_in_thread(app: Any) -> Iterator[str]:
+    """As `serving`, on a thread with its own event loop: for synchronous tests, whose
+    blocking calls would otherwise stall a server on their loop."""
+    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, name="fake-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the fake HTTP server did not start")
+        time.sleep(0.01)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    try:
+        yield f"{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+
+
+class Fake(Protocol):
+    """A fake provider: an ASGI app, and the URL it is reached at once served."""
+
+    url: str
+
+    def app(self) -> Any: ...
+
+
+F = TypeVar("F", bound=Fake)
+
+
+@contextlib.asynccontextmanager
+async def running(fake: F) -> AsyncIterator[F]:
+    async with serving(fake.app()) as address:
+        fake.url = f"http://{address}"
+        yield fake
+
+
+@contextlib.contextmanager
+def running_in_thread(fake: F) -> Iterator[F]:
+    with serving_in_thread(fake.app()) as address:
+        fake.url = f"http://{address}"
+        yield fake

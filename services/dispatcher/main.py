@@ -16,6 +16,7 @@ from .calls import CallEngine
 from .config import DispatcherSettings
 from .crypto import SecretBox
 from .engine import Engine, SenderCache
+from .providers import whatsapp_cloud
 from .providers.retell import RetellVoiceProvider
 from .providers.simulated import make_simulated
 from .providers.voice import SimulatedVoiceProvider, VoiceProvider
@@ -52,7 +53,10 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
         js=rt.js,
         attempts=AttemptsRepo(rt.pool),
         load_senders=SenderCache(senders.load_for_dispatch).get,
-        providers={"simulated": make_simulated(settings.simulated_provider_url or None)},
+        providers={
+            "simulated": make_simulated(settings.simulated_provider_url or None),
+            whatsapp_cloud.NAME: whatsapp_cloud.WhatsAppCloudProvider(),
+        },
         runstates=runstates,
         max_in_flight=settings.max_in_flight,
         ack_wait=settings.dispatch_ack_wait_seconds,

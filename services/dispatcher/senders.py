@@ -15,6 +15,7 @@ from services.runtime.errors import InvalidArgument, NotFound
 from services.runtime.identity import Caller
 
 from .crypto import InvalidToken, SecretBox, hint_of
+from .providers import whatsapp_cloud
 from .providers.base import SenderConfig
 from .providers.simulated import SimulatedBehaviour
 from .repo import SendersRepo
@@ -52,15 +53,12 @@ UPDATABLE = frozenset(
 )
 
 
-def _simulated_config(config: dict[str, Any]) -> None:
-    try:
-        SimulatedBehaviour.from_config(config)
-    except ValueError as exc:
-        raise InvalidArgument(f"provider_config: {exc}") from exc
-
-
-# Each provider checks its own provider_config; a provider is accepted only once it is here.
-PROVIDERS: dict[str, Callable[[dict[str, Any]], None]] = {"simulated": _simulated_config}
+# Each provider checks its own provider_config (ValueError says what is wrong); a provider is
+# accepted only once it is here.
+PROVIDERS: dict[str, Callable[[dict[str, Any]], object]] = {
+    "simulated": SimulatedBehaviour.from_config,
+    whatsapp_cloud.NAME: whatsapp_cloud.check_config,
+}
 
 
 def _text(value: object, field: str, *, max_len: int, required: bool = False) -> str:
@@ -137,7 +135,10 @@ def _json_object(text: str, field: str) -> dict[str, Any]:
 
 
 def _check_provider_config(provider: str, config: dict[str, Any]) -> None:
-    PROVIDERS[provider](config)
+    try:
+        PROVIDERS[provider](config)
+    except ValueError as exc:
+        raise InvalidArgument(f"provider_config: {exc}") from exc
 
 
 def provider_config_of(row: asyncpg.Record) -> dict[str, Any]:

@@ -5,17 +5,13 @@ of the create); everything received is kept for the test to inspect."""
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-
-from tests.http_server import serving
 
 API_KEY = "key_test_retell"
 
@@ -130,10 +126,3 @@ class FakeRetell:
             return JSONResponse(self.view(call))
 
         return app
-
-
-@contextlib.asynccontextmanager
-async def running(fake: FakeRetell) -> AsyncIterator[FakeRetell]:
-    async with serving(fake.app()) as address:
-        fake.url = f"http://{address}"
-        yield fake

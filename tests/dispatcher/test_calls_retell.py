@@ -24,7 +24,8 @@ from services.dispatcher.providers.retell import RetellVoiceProvider
 from services.dispatcher.repo import AttemptsRepo
 from services.runtime import bus
 from tests.conftest import bus_client, collected, service_pool
-from tests.dispatcher.fake_retell import API_KEY, FakeRetell, Script, running
+from tests.dispatcher.fake_retell import API_KEY, FakeRetell, Script
+from tests.http_server import running
 
 
 @dataclass

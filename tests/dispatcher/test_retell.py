@@ -13,7 +13,8 @@ from services.dispatcher.providers import retell
 from services.dispatcher.providers.base import SenderConfig
 from services.dispatcher.providers.retell import RetellVoiceProvider
 from services.dispatcher.providers.voice import CallRequest
-from tests.dispatcher.fake_retell import API_KEY, FakeRetell, Script, running
+from tests.dispatcher.fake_retell import API_KEY, FakeRetell, Script
+from tests.http_server import running
 
 AGENT = "agent_cobranza"
 FROM = "+56229998877"
