@@ -35,6 +35,7 @@ bench: $(GEN_STAMP)
 
 lint: $(GEN_STAMP)
 	$(PY) -m ruff check services tests bench
+	$(PY) -m mypy services
 
 fmt: $(STAMP)
 	$(PY) -m ruff format services tests bench

@@ -9,12 +9,12 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 from pregonero.events.v1 import events_pb2
 
-from .calling import JobState, after_attempt
+from .calling import CallOutcome, JobState, after_attempt
 from .dialer import settings_of
 from .voice_repo import VoiceRepo
 
@@ -78,8 +78,9 @@ class CallResults:
                 # on could contact them twice. The job ends here, failed, with the reason.
                 state = JobState("failed", job["attempts"] + 1, job["next_phone_index"], len(job["phones"]), None)
             else:
-                state = after_attempt(before, outcome.status, settings, now)
-            status = "pending" if state.status == "scheduled" else state.status
+                # A string off the wire: after_attempt rejects any status that is not a CallOutcome.
+                state = after_attempt(before, cast(CallOutcome, outcome.status), settings, now)
+            status: str = "pending" if state.status == "scheduled" else state.status
             if status == "pending" and batch["status"] == "cancelled":
                 status = "cancelled"
             first_calls += job["call_ended_at"] is None

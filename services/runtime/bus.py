@@ -66,6 +66,7 @@ async def connect(url: str, *, name: str) -> NATS:
 async def ensure_topology(js: JetStreamContext) -> None:
     """Create or update the streams and the KV bucket; safe when replicas race."""
     for config in STREAMS:
+        assert config.name is not None  # every stream above is named (StreamConfig allows none)
         try:
             await js.stream_info(config.name)
         except NotFoundError:

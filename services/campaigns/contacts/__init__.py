@@ -13,6 +13,7 @@ the whole put together.
 from __future__ import annotations
 
 import gc
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from itertools import chain
@@ -95,7 +96,7 @@ class ParsedFile:
 # --- matching the columns -----------------------------------------------------------------------
 
 
-def _match_columns(names: list[str], fields: dict[str, tuple[str, ...]]) -> dict[str, int]:
+def _match_columns(names: list[str], fields: Mapping[str, tuple[str, ...]]) -> dict[str, int]:
     """Field → column index: exact spellings first, for every field, then containment."""
     found: dict[str, int] = {}
     for name, variants in fields.items():
@@ -107,11 +108,11 @@ def _match_columns(names: list[str], fields: dict[str, tuple[str, ...]]) -> dict
         if name in found:
             continue
         for variant in variants:
-            index = next(
+            column = next(
                 (i for i, header in enumerate(names) if i not in found.values() and _contains(header, variant)), None
             )
-            if index is not None:
-                found[name] = index
+            if column is not None:
+                found[name] = column
                 break
     return found
 

@@ -208,15 +208,15 @@ class ChileBuilder(_Builder):
     @staticmethod
     def _days_late(debtor: _Debtor, number: int, late: object) -> int | None:
         if isinstance(late, float) and late.is_integer():
-            days: int | None = int(late)
+            days = int(late)
         elif late == "":
             return None
         else:
             text = cell_text(late)
-            days = int(text) if text.isdigit() else None
-            if days is None:
+            if not text.isdigit():
                 debtor.warnings.append(Problem(number, f"days late '{shown(text)}' is not a number of days"))
                 return None
+            days = int(text)
         if debtor.days_late is None or days > debtor.days_late:
             debtor.days_late = days
         return days

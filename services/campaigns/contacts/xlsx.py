@@ -168,7 +168,8 @@ class XlsxRows:
         for piece in self._rows_xml():
             if b"<x:row" in piece or b"<c>" in piece or (b"<c " in piece and b'<c r="' not in piece):
                 raise Unsupported("cells without references or prefixed XML")
-            current, cells = -1, []
+            current = -1
+            cells: list[object] = []
             for m in _ANY_CELL.finditer(piece):
                 number = int(m.group(2))
                 if number != current:
@@ -196,10 +197,13 @@ class XlsxRows:
         )
         strings = self._strings.get
         for piece in self._rows_xml():
-            current, cells = b"", None
+            # No row yet while `current` is b"" (a row number never is): `cells` is a typed
+            # placeholder, not an `| None` that the per-cell store would have to narrow.
+            current = b""
+            cells: list[object] = []
             for letters, number, attributes, v, inner in pattern.findall(piece):
                 if number != current:
-                    if cells is not None:
+                    if current:
                         yield int(current), cells
                     current, cells = number, [""] * width
                 if v:
@@ -212,5 +216,5 @@ class XlsxRows:
                 else:
                     value = self._value(attributes, inner) if inner else ""
                 cells[index_of[letters]] = value
-            if cells is not None:
+            if current:
                 yield int(current), cells

@@ -15,13 +15,20 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypedDict
 
 from services.dispatcher.providers.base import SenderConfig
 from services.dispatcher.providers.simulated import NAME, _number
 
 CallStatus = Literal["completed", "no_answer", "busy", "voicemail", "failed"]
 Sentiment = Literal["Positive", "Neutral", "Negative"]
+
+
+class _Links(TypedDict):
+    """A simulated call's links, spread into its CallResult."""
+
+    recording_url: str
+    public_log_url: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +169,7 @@ def _plan(request: CallRequest, behaviour: SimulatedVoiceBehaviour) -> tuple[flo
     rng, call_id = _rng_and_call_id(behaviour.seed, request.attempt_id)
     draw = rng.random()
     ring = min(rng.uniform(2.0, 10.0), request.ring_timeout_s)  # until someone (or something) picks up
-    links = {"recording_url": f"{SIM_URL}/recordings/{call_id}.wav", "public_log_url": f"{SIM_URL}/calls/{call_id}"}
+    links = _Links(recording_url=f"{SIM_URL}/recordings/{call_id}.wav", public_log_url=f"{SIM_URL}/calls/{call_id}")
 
     threshold = behaviour.answer_ratio
     if draw < threshold:
@@ -217,7 +224,7 @@ def _promised_amount(rng: random.Random, monto_total: str) -> int:
 
 
 def _conversation(
-    rng: random.Random, request: CallRequest, call_id: str, duration_ms: int, links: dict[str, str]
+    rng: random.Random, request: CallRequest, call_id: str, duration_ms: int, links: _Links
 ) -> CallResult:
     variables = request.variables
     debt = variables.get("monto_total", "")
@@ -291,7 +298,10 @@ class SimulatedVoiceProvider:
             # A repeat of a placed attempt gets the original call, as a provider honouring an
             # idempotency key does: one attempt never rings the debtor twice.
             self.duplicate_attempts += 1
-            return self.calls.get(attempt_id) or await asyncio.shield(self._ringing[attempt_id])
+            # Not `get(...) or await shield(...)`: mypy would type the shield from the `| None` on its left.
+            if attempt_id in self.calls:
+                return self.calls[attempt_id]
+            return await asyncio.shield(self._ringing[attempt_id])
         try:
             behaviour = SimulatedVoiceBehaviour.from_config(request.sender.config)
         except ValueError as exc:

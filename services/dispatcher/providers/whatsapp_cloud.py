@@ -104,7 +104,7 @@ class WhatsAppCloudProvider:
             if message_id:
                 return SendResult(status="sent", provider_message_id=message_id)
             return SendResult(status="failed", error="graph: reply without a message id")
-        error = data.get("error") if isinstance(data.get("error"), dict) else {}
+        error = found if isinstance(found := data.get("error"), dict) else {}
         code = error.get("code")
         text = f"graph {reply.status_code}" + (f" ({code})" if code is not None else "")
         text += f": {str(error.get('message') or reply.text)[:200]}"
