@@ -7,6 +7,7 @@ times in the batch's zone, evaluated with zoneinfo so daylight-saving changes ar
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -16,17 +17,22 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import holidays
+
 from services.runtime.errors import InvalidArgument
 
 DEFAULT_TIMEZONE = "America/Santiago"
+# Countries whose public holidays a batch can keep free of calls (`skip_holidays`).
+HOLIDAY_COUNTRIES = frozenset({"CL", "AR"})
 DEBT_COLLECTION = "debt_collection"
 
 # Days as the dashboard numbers them: 0 = Sunday … 6 = Saturday.
 MONDAY_TO_SATURDAY = frozenset(range(1, 7))
 
 # Chile's consumer-protection law (Ley 19.496, art. 37) limits extrajudicial debt collection; as
-# applied here: calls only Monday to Saturday, 08:00-20:00 local time, and at most one answered
-# contact per debtor per week. A batch may narrow these limits, never widen them.
+# applied here: calls only Monday to Saturday, 08:00-20:00 local time, never on a public
+# holiday, and at most one answered contact per debtor per week. A batch may narrow these
+# limits, never widen them.
 LEGAL_DAYS = MONDAY_TO_SATURDAY
 LEGAL_START = time(8, 0)
 LEGAL_END = time(20, 0)
@@ -54,13 +60,15 @@ SETTINGS_KEYS = frozenset(
         "allowed_hours",
         "days_of_week",
         "timezone",
+        "skip_holidays",
     }
 )
 _HH_MM = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
 
-# Each scan for the next window covers two weeks and a day: even a batch allowed on a single
-# weekday whose window a daylight-saving jump swallows once finds the window a week later.
-_SCAN_DAYS = 15
+# Each scan for the next window covers three weeks and a day: even a batch allowed on a single
+# weekday finds its window when that weekday is a holiday twice running (Christmas and New
+# Year) or a daylight-saving jump swallows it.
+_SCAN_DAYS = 22
 # Offset changes are looked for in steps this long; no zone changes offset twice within one.
 _OFFSET_STEP_S = 6 * 3600
 
@@ -78,6 +86,7 @@ class CallSettings:
     days_of_week: frozenset[int]  # 0 = Sunday … 6 = Saturday
     timezone: str
     weekly_contact_limit: bool = False  # Chilean debt collection: one answered contact per week
+    holidays_of: str = ""  # no calls on this country's public holidays ("" = holidays are workdays)
 
     @property
     def zone(self) -> ZoneInfo:
@@ -94,6 +103,7 @@ class CallSettings:
             "allowed_hours": {"start": self.window_start.strftime("%H:%M"), "end": self.window_end.strftime("%H:%M")},
             "days_of_week": sorted(self.days_of_week),
             "timezone": self.timezone,
+            "skip_holidays": bool(self.holidays_of),
         }
 
 
@@ -108,8 +118,10 @@ def parse_call_settings(
     midnight (start >= end) are refused: overnight calling is not a use case, and keeping each
     window inside one day keeps its weekday unambiguous. For country "CL" and use case
     "debt_collection" ("" counts as debt collection, as in the API) the window is the
-    intersection of the requested one with Monday-Saturday 08:00-20:00 in a Chilean zone;
-    an empty intersection is refused. Any problem raises InvalidArgument."""
+    intersection of the requested one with Monday-Saturday 08:00-20:00 in a Chilean zone,
+    outside Chile's public holidays; an empty intersection is refused. `skip_holidays` keeps
+    any other batch of a Chilean or Argentine account off its country's holidays. Any
+    problem raises InvalidArgument."""
     settings = _settings_object(raw)
     unknown = sorted(str(k) for k in settings.keys() - SETTINGS_KEYS)
     if unknown:
@@ -122,8 +134,13 @@ def parse_call_settings(
     ring_timeout = _integer(settings, "ring_timeout", RING_TIMEOUT_S)
     max_attempts = _integer(settings, "max_attempts", MAX_ATTEMPTS)
     retry_delay = _number(settings, "retry_delay_hours", RETRY_DELAY_HOURS)
+    skip_holidays = settings.get("skip_holidays")
+    if skip_holidays is not None and not isinstance(skip_holidays, bool):
+        raise InvalidArgument("call_settings.skip_holidays must be true or false")
+    country = country.strip().upper()
+    holidays_of = country if skip_holidays and country in HOLIDAY_COUNTRIES else ""
 
-    regulated = country.strip().upper() == "CL" and (use_case.strip().lower() or DEBT_COLLECTION) == DEBT_COLLECTION
+    regulated = country == "CL" and (use_case.strip().lower() or DEBT_COLLECTION) == DEBT_COLLECTION
     if regulated:
         if zone_name not in CHILEAN_ZONES:
             raise InvalidArgument(
@@ -140,6 +157,7 @@ def parse_call_settings(
             raise InvalidArgument(
                 "call_settings.days_of_week: debt collection in Chile is allowed only Monday to Saturday"
             )
+        holidays_of = "CL"  # whatever the batch asked
 
     return CallSettings(
         max_call_duration_s=max_duration,
@@ -151,6 +169,7 @@ def parse_call_settings(
         days_of_week=frozenset(days),
         timezone=zone_name,
         weekly_contact_limit=regulated,
+        holidays_of=holidays_of,
     )
 
 
@@ -263,9 +282,18 @@ def in_window(settings: CallSettings, at: datetime) -> bool:
     Being a wall-clock rule, a window hour that daylight saving skips does not exist that day,
     and one that it repeats is in the window both times."""
     local = _aware(at).astimezone(settings.zone)
+    day = local.date()
     return (
-        _weekday(local.date()) in settings.days_of_week and settings.window_start <= local.time() < settings.window_end
+        _weekday(day) in settings.days_of_week
+        and settings.window_start <= local.time() < settings.window_end
+        and not (settings.holidays_of and day in _public_holidays(settings.holidays_of))
     )
+
+
+@functools.cache
+def _public_holidays(country: str) -> holidays.HolidayBase:
+    # One calendar per country, extended a year at a time as dates are asked about.
+    return holidays.country_holidays(country)
 
 
 def next_window_start(settings: CallSettings, at: datetime) -> datetime:
@@ -283,7 +311,9 @@ def next_window_start(settings: CallSettings, at: datetime) -> datetime:
     openings: list[datetime] = []
     for offset in range(_SCAN_DAYS):
         day = first_day + timedelta(days=offset)
-        if _weekday(day) in settings.days_of_week:
+        if _weekday(day) in settings.days_of_week and not (
+            settings.holidays_of and day in _public_holidays(settings.holidays_of)
+        ):
             wall = datetime.combine(day, settings.window_start)
             openings.extend(wall.replace(tzinfo=zone, fold=fold).astimezone(UTC) for fold in (0, 1))
     openings.extend(_offset_changes(zone, at, at + timedelta(days=_SCAN_DAYS)))

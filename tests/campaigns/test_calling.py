@@ -77,6 +77,7 @@ def test_given_values_are_kept_and_round_trip_through_to_json() -> None:
         "allowed_hours": {"start": "10:15", "end": "18:45"},
         "days_of_week": [5, 1, 1, 3],
         "timezone": "America/New_York",
+        "skip_holidays": True,
     }
     parsed = marketing(raw)
     assert parsed.max_call_duration_s == 600
@@ -187,6 +188,29 @@ def test_only_chilean_debt_collection_is_clamped(country: str, use_case: str, cl
     assert (parsed.window_start == time(8, 0)) is clamped
     assert (parsed.days_of_week == {6}) is clamped
     assert parsed.weekly_contact_limit is clamped
+
+
+def test_chilean_debt_collection_never_calls_on_a_public_holiday() -> None:
+    # Friday 18 and Saturday 19 September 2026 are Fiestas Patrias; Sunday is never allowed.
+    legal = collection({"skip_holidays": False})  # the batch cannot opt out
+    assert legal.holidays_of == "CL" and legal.to_json()["skip_holidays"] is True
+    assert in_window(legal, santiago(2026, 9, 17, 10, 0))
+    assert not in_window(legal, santiago(2026, 9, 18, 10, 0))
+    assert next_window_start(legal, santiago(2026, 9, 17, 20, 0)) == santiago(2026, 9, 21, 9, 0)
+
+
+def test_other_batches_keep_holidays_free_only_when_asked() -> None:
+    may_revolution = datetime(2026, 5, 25, 15, 0, tzinfo=ZoneInfo("America/Argentina/Buenos_Aires"))
+    zone = "America/Argentina/Buenos_Aires"
+    assert in_window(marketing(timezone=zone), may_revolution)
+    off = marketing({"skip_holidays": True}, timezone=zone)
+    assert off.holidays_of == "AR" and not in_window(off, may_revolution)
+    assert next_window_start(off, may_revolution) == datetime(2026, 5, 26, 9, 0, tzinfo=ZoneInfo(zone))
+    # Chile's holidays are not Argentina's: 25 May is a workday in Chile.
+    chilean_marketing = marketing({"skip_holidays": True}, country="CL")
+    assert in_window(chilean_marketing, santiago(2026, 5, 25, 15, 0))
+    with pytest.raises(InvalidArgument, match="skip_holidays must be true or false"):
+        marketing({"skip_holidays": "yes"})
 
 
 # --- The calling window ----------------------------------------------------------------------
@@ -330,7 +354,9 @@ def call_settings(draw: st.DrawFn) -> CallSettings:
             "allowed_hours": {"start": f"{start // 60:02d}:{start % 60:02d}", "end": f"{end // 60:02d}:{end % 60:02d}"},
             "days_of_week": days,
             "timezone": draw(st.sampled_from(ZONES)),
-        }
+            "skip_holidays": draw(st.booleans()),
+        },
+        country=draw(st.sampled_from(["CL", "AR"])),
     )
 
 
