@@ -32,6 +32,8 @@ PATCH_FIELDS = frozenset(
 )
 INITIAL_CAUSE = "initial"
 
+E164 = re.compile(r"\+[1-9]\d{7,14}")
+
 
 def new_account_id() -> str:
     return f"acc-{secrets.token_hex(6)}"
@@ -53,6 +55,13 @@ def _check_features(features: dict[str, Any]) -> None:
     limit = features.get("max_concurrent_calls")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise InvalidArgument("features.max_concurrent_calls must be a whole number, zero or more")
+    # The account's own voice agent and the number its calls come from (else the platform's).
+    agent = features.get("voice_agent_id")
+    if agent is not None and (not isinstance(agent, str) or not 0 < len(agent) <= 200):
+        raise InvalidArgument("features.voice_agent_id must be the voice agent's id, a string")
+    caller = features.get("voice_caller_id")
+    if caller is not None and (not isinstance(caller, str) or not E164.fullmatch(caller)):
+        raise InvalidArgument("features.voice_caller_id must be a phone number in E.164 form, e.g. +56229998877")
 
 
 def _check_timezone(name: str) -> str:

@@ -6,6 +6,7 @@ calls, not one per window. What a block does not use is released when the batch 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
@@ -44,6 +45,10 @@ class AccountInfo:
     unit: str  # credits | minutes
     cost_per_minute: Decimal
     cost_per_call_setup: Decimal
+    # features.voice_agent_id / voice_caller_id: the account's own agent and calling number
+    # ("" = the dispatcher's defaults).
+    voice_agent_id: str = ""
+    voice_caller_id: str = ""
 
     def per_call_estimate(self, max_call_duration_s: int) -> Decimal:
         """What one call may cost at most, in the account's unit: the call setup plus its
@@ -93,6 +98,7 @@ class Credit:
         )
         minutes = account.plan_type == "minutes_based"
         balance = account.balance
+        features = json.loads(account.features_json or "{}")
         return AccountInfo(
             account_id=account.account_id,
             plan_type=account.plan_type,
@@ -104,6 +110,8 @@ class Credit:
             unit="minutes" if minutes else "credits",
             cost_per_minute=Decimal(account.cost_per_minute or "0"),
             cost_per_call_setup=Decimal(account.cost_per_call_setup or "0"),
+            voice_agent_id=str(features.get("voice_agent_id") or ""),
+            voice_caller_id=str(features.get("voice_caller_id") or ""),
         )
 
     async def price(self, account_id: str) -> Price:

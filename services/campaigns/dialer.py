@@ -155,7 +155,7 @@ class Dialer:
             )
             calls = due[: cover.count]
             if calls:
-                items = [self._item(batch, job, settings, now) for job in calls]
+                items = [self._item(batch, job, settings, now, account) for job in calls]
                 await self.repo.mark_calling(
                     conn, ids=[j["id"] for j in calls], attempts=[i.attempt_id for i in items], now=now
                 )
@@ -201,7 +201,9 @@ class Dialer:
             await self.repo.postpone(conn, ids=[i for i, _ in later], until=[t for _, t in later])
         return keep
 
-    def _item(self, batch: Any, job: Any, settings: CallSettings, now: datetime) -> events_pb2.WorkItem:
+    def _item(
+        self, batch: Any, job: Any, settings: CallSettings, now: datetime, account: AccountInfo
+    ) -> events_pb2.WorkItem:
         payload = job["payload"] if isinstance(job["payload"], dict) else json.loads(job["payload"] or "{}")
         info = payload.get("additional_info") or {}
         phones = list(job["phones"])
@@ -228,6 +230,8 @@ class Dialer:
                     "variables": variables,
                     "max_call_duration": settings.max_call_duration_s,
                     "ring_timeout": settings.ring_timeout_s,
+                    "agent_id": account.voice_agent_id,
+                    "from_number": account.voice_caller_id,
                 }
             ),
         )

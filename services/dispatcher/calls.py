@@ -175,6 +175,8 @@ class CallEngine:
             variables={str(k): str(v) for k, v in (spec.get("variables") or {}).items()},
             max_call_duration_s=int(spec.get("max_call_duration") or 300),
             ring_timeout_s=int(spec.get("ring_timeout") or 30),
+            # The account's own agent and calling number, when it has them.
+            agent_config={k: str(spec[k]) for k in ("agent_id", "from_number") if spec.get(k)},
             on_placed=functools.partial(self.attempts.placed, item.attempt_id),
         )
         async with self.lines:

@@ -187,6 +187,24 @@ async def test_a_window_that_opens_and_closes_and_the_accounts_lines(env: Env) -
     assert waiting == 3, "jobs outside their window wait without spending an attempt"
 
 
+async def test_calls_go_out_with_the_accounts_own_agent_and_number(env: Env) -> None:
+    own = account(voice_agent_id="agent_acme_cobranza", voice_caller_id="+56229998877")
+    platform = account()
+    all_day = {"allowed_hours": {"start": "00:00", "end": "23:59"}, "days_of_week": list(range(7))}
+    clock = [santiago(5, 9, 0)]
+    for info in (own, platform):
+        batch = await make_batch(env, info, jobs=1, settings=all_day, use_case="marketing")
+        assert await dialer(env, FakeAccounts(info), clock).release(batch["batch_id"], info) == 1
+    await wait_released(env, 2)
+    specs = {c.account_id: json.loads(c.items[0].variables_json) for c in env.released}
+    assert (specs[own.account_id]["agent_id"], specs[own.account_id]["from_number"]) == (
+        "agent_acme_cobranza",
+        "+56229998877",
+    )
+    # Without its own, the dispatcher's defaults apply.
+    assert (specs[platform.account_id]["agent_id"], specs[platform.account_id]["from_number"]) == ("", "")
+
+
 async def test_chilean_debt_collection_keeps_the_legal_hours_and_one_contact_a_week(env: Env) -> None:
     info = account(max_concurrent_calls=10)
     accounts = FakeAccounts(info)

@@ -77,7 +77,14 @@ async def release_call(env: Env, to: str) -> tuple[str, str]:
                 attempt_id=attempt_id,
                 to=to,
                 attempt_no=1,
-                variables_json=json.dumps({"variables": {"nombre": "Ana"}, "max_call_duration": 120}),
+                variables_json=json.dumps(
+                    {
+                        "variables": {"nombre": "Ana"},
+                        "max_call_duration": 120,
+                        "agent_id": "agent_acme",
+                        "from_number": "+56229990000",
+                    }
+                ),
             )
         ],
         price_per_minute="100",
@@ -124,7 +131,8 @@ async def test_a_call_cut_by_a_crash_is_followed_to_its_end_by_the_next_dispatch
         with contextlib.suppress(asyncio.CancelledError):
             await running_second
 
-    assert len(env.fake.placed_to(to)) == 1, "the debtor was called once"
+    (placed,) = env.fake.placed_to(to)  # the debtor was called once, by the account's own agent and number
+    assert (placed.body["override_agent_id"], placed.body["from_number"]) == ("agent_acme", "+56229990000")
     (outcome,) = env.outcomes
     assert (outcome.attempt_id, outcome.status, outcome.provider_message_id) == (attempt_id, "completed", call_id)
     # 10 for the call + 66 started seconds at 100 a minute, rounded up.

@@ -205,6 +205,11 @@ def test_patch_suspend_activate(base_url: str) -> None:
     assert_error(httpx.patch(url(base_url, account_id), headers=ADMIN, json={"status": "gone"}), 422, "status")
     bad = {"features": {"max_concurrent_calls": -1}}
     assert_error(httpx.patch(url(base_url, account_id), headers=ADMIN, json=bad), 422, "max_concurrent_calls")
+    bad = {"features": {"voice_caller_id": "2299988"}}
+    assert_error(httpx.patch(url(base_url, account_id), headers=ADMIN, json=bad), 400, "E.164")
+    own = {"features": {"voice_agent_id": "agent_acme", "voice_caller_id": "+56229998877"}}
+    r = httpx.patch(url(base_url, account_id), headers=ADMIN, json=own)
+    assert r.status_code == 200 and r.json()["features"]["voice_caller_id"] == "+56229998877"
 
 
 def test_topup_is_idempotent_per_key(base_url: str) -> None:

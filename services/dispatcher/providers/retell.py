@@ -73,7 +73,9 @@ class RetellVoiceProvider:
     async def call(self, request: CallRequest) -> CallResult:
         started_at = datetime.now(UTC)
         body = {
-            "from_number": str(request.sender.config.get("from_number") or self.from_number),
+            "from_number": str(
+                request.agent_config.get("from_number") or request.sender.config.get("from_number") or self.from_number
+            ),
             "to_number": request.to,
             "override_agent_id": str(request.agent_config.get("agent_id") or self.agent_id),
             # The agent's prompt reads these as {{name}}; the API takes strings only.

@@ -39,7 +39,7 @@ class CallRequest:
     variables: dict[str, str] = field(default_factory=dict)  # the agent's per-call variables (all strings)
     max_call_duration_s: int = 300  # the provider hangs up after this much conversation
     ring_timeout_s: int = 30  # and gives up on a phone that rings this long
-    agent_config: dict[str, Any] = field(default_factory=dict)  # the voice agent: id, voice, prompt …
+    agent_config: dict[str, Any] = field(default_factory=dict)  # the voice agent: agent_id, from_number …
     # Told the provider's call id as soon as the call is placed, before it ends: the record
     # that lets a restarted dispatcher find the call instead of calling again.
     on_placed: Callable[[str], Awaitable[None]] | None = None
