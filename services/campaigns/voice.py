@@ -375,9 +375,7 @@ class VoiceBatches:
         if status and status not in STATUSES:
             raise InvalidArgument(f"status must be one of {', '.join(STATUSES)}")
         batch_key = (await self.get(caller, batch_id))["batch_id"] if batch_id else None
-        # `scheduled` is a pending job whose time has not come; stored as pending.
-        stored = "pending" if status == "scheduled" else status
-        return await self.repo.list_jobs(scope=scope, batch_id=batch_key, status=stored, limit=limit, skip=skip)
+        return await self.repo.list_jobs(scope=scope, batch_id=batch_key, status=status, limit=limit, skip=skip)
 
     async def job(self, caller: Caller, job_id: str) -> asyncpg.Record:
         row = await self.repo.get_job(job_id=parse_job_ref(job_id), scope=scope_of(caller))

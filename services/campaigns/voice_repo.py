@@ -31,6 +31,14 @@ JOB_COLUMNS = (
 ACTIVE_JOB = ("pending", "in_progress", "suspended")
 
 
+def _status_is(param: str) -> str:
+    """The job-status filter of the listings, on the listing's status parameter ('' = any)."""
+    return (
+        f"({param} = '' OR j.status = {param} AND ({param} <> 'pending' OR j.next_attempt_at <= now())"
+        f" OR {param} = 'scheduled' AND j.status = 'pending' AND j.next_attempt_at > now())"
+    )
+
+
 class Q:
     INSERT_BATCH = """
         INSERT INTO batches (account_id, channel, name, status, description, priority, call_settings, use_case,
@@ -55,21 +63,29 @@ class Q:
     GET_JOB = JOB_SELECT + " WHERE j.id = $1 AND ($2 = '' OR j.account_id = $2)"
     # One query per way of listing, each walking its own index in order: a million-job
     # account never sorts. Newest first across an account; file order inside a batch.
+    # `scheduled` is a stored `pending` job whose time has not come, `pending` one that is due.
     JOBS_OF_BATCH = (
         JOB_SELECT
         + """
-        WHERE j.batch_id = $1 AND ($2 = '' OR j.status = $2) ORDER BY j.id LIMIT $3 OFFSET $4"""
+        WHERE j.batch_id = $1 AND """
+        + _status_is("$2")
+        + " ORDER BY j.id LIMIT $3 OFFSET $4"
     )
     JOBS_OF_ACCOUNT = (
         JOB_SELECT
         + """
-        WHERE j.account_id = $1 AND ($2 = '' OR j.status = $2) ORDER BY j.id DESC LIMIT $3 OFFSET $4"""
+        WHERE j.account_id = $1 AND """
+        + _status_is("$2")
+        + " ORDER BY j.id DESC LIMIT $3 OFFSET $4"
     )
-    JOBS_ALL = (
-        JOB_SELECT
-        + """
-        WHERE ($1 = '' OR j.status = $1) ORDER BY j.id DESC LIMIT $2 OFFSET $3"""
-    )
+    JOBS_ALL = JOB_SELECT + " WHERE " + _status_is("$1") + " ORDER BY j.id DESC LIMIT $2 OFFSET $3"
+    # How many of the pending jobs wait for a later time, over the due-jobs index of each batch.
+    SCHEDULED_JOBS = """
+        SELECT count(*) FROM voice_jobs
+        WHERE status = 'pending' AND next_attempt_at > now()
+          AND batch_id IN (SELECT batch_id FROM batches
+                           WHERE channel = 'voice' AND ($1 = '' OR account_id = $1)
+                             AND ($2::uuid IS NULL OR batch_id = $2))"""
     # Totals come from the batch counters (kept by every change of a job), never from counting rows.
     JOB_COUNTERS = """
         SELECT coalesce(sum(total_jobs), 0) AS total, coalesce(sum(sent_jobs), 0) AS completed,
@@ -300,7 +316,11 @@ class VoiceRepo:
             rows = await self.pool.fetch(Q.JOBS_ALL, status, limit, skip)
         c = await self.pool.fetchrow(Q.JOB_COUNTERS, scope, batch_id)
         others = c["completed"] + c["failed"] + c["cancelled"] + c["suspended"] + c["in_progress"]
-        total = {"": c["total"], "pending": c["total"] - others, **{k: c[k] for k in _COUNTED_FIELDS}}.get(status)
+        waiting = c["total"] - others  # pending and scheduled: the counters do not tell them apart
+        if status in ("pending", "scheduled"):
+            scheduled = int(await self.pool.fetchval(Q.SCHEDULED_JOBS, scope, batch_id))
+            return rows, scheduled if status == "scheduled" else int(waiting) - scheduled
+        total = {"": c["total"], **{k: c[k] for k in _COUNTED_FIELDS}}.get(status)
         return rows, int(total if total is not None else 0)
 
     async def cancel_job(self, *, job_id: int, scope: str, reason: str) -> asyncpg.Record | None:

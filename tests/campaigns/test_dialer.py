@@ -252,3 +252,18 @@ async def test_calls_beyond_the_credit_are_suspended(env: Env) -> None:
             "SELECT status, suspended_jobs, suspension_reason FROM batches WHERE batch_id = $1", batch["batch_id"]
         )
     assert row["status"] == "suspended" and row["suspended_jobs"] == 3 and "credit" in row["suspension_reason"]
+
+
+async def test_listings_tell_jobs_waiting_for_their_time_from_due_ones(env: Env) -> None:
+    info = account()
+    batch = await make_batch(env, info, jobs=6, settings={}, use_case="marketing")  # due since 2026-01-01
+    rows, total = await env.voice.list_jobs(scope=info.account_id, batch_id=None, status="pending", limit=100, skip=0)
+    assert (len(rows), total) == (6, 6)
+    later = datetime.now(UTC) + timedelta(days=2)
+    async with env.pool.acquire() as conn:
+        await env.voice.postpone(conn, ids=[r["id"] for r in rows[:4]], until=[later] * 4)
+    for status, expected in (("scheduled", 4), ("pending", 2), ("", 6)):
+        rows, total = await env.voice.list_jobs(
+            scope=info.account_id, batch_id=batch["batch_id"], status=status, limit=100, skip=0
+        )
+        assert (len(rows), total) == (expected, expected), status

@@ -234,6 +234,12 @@ def test_jobs_of_the_campaign(api: httpx.Client, campaign: dict[str, Any]) -> No
         assert job["batch_id"] == campaign["batch_id"] and job["status"] == "scheduled"
     r = api.get("/jobs", params={"batch_id": campaign["batch_id"], "limit": 2})
     assert len(r.json()) == 2 and int(r.headers["X-Total-Count"]) == campaign["jobs_created"]
+    # The filters tell a job waiting for its time from one that is due.
+    r = api.get("/jobs", params={"batch_id": campaign["batch_id"], "status": "scheduled"})
+    assert len(r.json()) == int(r.headers["X-Total-Count"]) == campaign["jobs_created"]
+    assert all(job["status"] == "scheduled" for job in r.json())
+    r = api.get("/jobs", params={"batch_id": campaign["batch_id"], "status": "pending"})
+    assert r.json() == [] and r.headers["X-Total-Count"] == "0"
     one = jobs[0]
     assert api.get(f"/jobs/{one['job_id']}").json()["_id"] == one["_id"]
     assert api.get(f"/jobs/{one['_id']}").json()["job_id"] == one["job_id"]
