@@ -23,6 +23,8 @@ from services.runtime.devstack import Stack
 ADMIN_TOKEN = "test-admin-token"
 MEMBER_TOKEN = "test-member-token-acme"
 REPO = Path(__file__).resolve().parents[1]
+WHATSAPP_APP_SECRET = "meta-app-secret-for-tests"
+WHATSAPP_VERIFY_TOKEN = "verify-me-please"
 
 
 @pytest.fixture(scope="session")
@@ -130,6 +132,9 @@ def suite(infra: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
             "DISPATCH_ACK_WAIT_SECONDS": "4",
             # Simulated calls at 1/100 of their length: a 60-s conversation takes 0.6 s.
             "SIMULATED_VOICE_CONFIG": '{"time_scale": 0.01}',
+            # The WhatsApp Cloud API webhook, as a Meta app would be set up to call it.
+            "WHATSAPP_APP_SECRET": WHATSAPP_APP_SECRET,
+            "WHATSAPP_VERIFY_TOKEN": WHATSAPP_VERIFY_TOKEN,
         }
     )
     try:

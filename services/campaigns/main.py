@@ -20,6 +20,7 @@ from .batches import Batches
 from .call_results import CallResults
 from .config import CampaignsSettings
 from .credit import Credit
+from .delivery import DeliveryApplier
 from .dialer import Dialer
 from .feeder import Feeder
 from .notify import Notifier
@@ -52,6 +53,7 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     rt.spawn(feeder.run(), name="feeder")
     rt.spawn(dialer.run(), name="dialer")
     rt.spawn(results.run(), name="results")
+    rt.spawn(DeliveryApplier(repo, rt.js).run(), name="delivery")
     rt.spawn(AccountEvents(repo, batches, rt.js, wake=feeder.wake).run(), name="account-events")
     dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(channel(settings.dispatcher_addr))
     voice = VoiceBatches(calls, batches, credit)

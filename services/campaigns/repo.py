@@ -183,9 +183,27 @@ class Q:
                updated_at = now()
         WHERE batch_id = $1 RETURNING *"""
     LIST_RESULTS = """
-        SELECT job_id, phone, status, sender_id, error, attempts, finished_at FROM jobs
+        SELECT job_id, phone, status, sender_id, error, attempts, finished_at,
+               delivery, delivered_at, read_at, delivery_error FROM jobs
         WHERE batch_id = $1 AND job_id > $2 AND ($3 = '' OR status = $3)
         ORDER BY job_id LIMIT $4"""
+
+    # A report only moves a sent message forward (delivered → read, or failed) and keeps the
+    # earliest time of each step: reports come out of order and repeated, and a late
+    # `delivered` must not undo a `read` (though it may tell when the delivery happened).
+    APPLY_DELIVERY = """
+        UPDATE jobs j
+        SET delivery = CASE WHEN r.rank > coalesce(array_position(ARRAY['delivered', 'read', 'failed'], j.delivery), 0)
+                            THEN r.status ELSE j.delivery END,
+            delivered_at = least(j.delivered_at, r.delivered_at),
+            read_at = least(j.read_at, r.read_at),
+            delivery_error = coalesce(j.delivery_error, r.error)
+        FROM (SELECT u.*, array_position(ARRAY['delivered', 'read', 'failed'], u.status) AS rank
+              FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::text[])
+                   AS u(batch_id, job_id, status, delivered_at, read_at, error)) r
+        WHERE j.batch_id = r.batch_id AND j.job_id = r.job_id AND j.status = 'sent'
+          AND (r.rank > coalesce(array_position(ARRAY['delivered', 'read', 'failed'], j.delivery), 0)
+               OR r.delivered_at < j.delivered_at OR r.read_at < j.read_at)"""
 
 
 class CampaignsRepo:
@@ -256,6 +274,14 @@ class CampaignsRepo:
 
     async def list_results(self, *, batch_id: UUID, after: int, status: str, limit: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(Q.LIST_RESULTS, batch_id, after, status, limit)
+
+    async def apply_delivery(self, *, rows: Sequence[tuple[UUID, int, str, Any, Any, str | None]]) -> int:
+        """rows: (batch_id, job_id, status, delivered_at, read_at, error), one per job."""
+        if not rows:
+            return 0
+        columns = list(zip(*rows, strict=True))
+        done = await self.pool.execute(Q.APPLY_DELIVERY, *(list(c) for c in columns))
+        return int(done.split()[-1])
 
     # --- feeder and results: called inside the caller's transaction ---
 

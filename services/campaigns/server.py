@@ -258,6 +258,10 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
                     error=r["error"] or "",
                     attempts=r["attempts"],
                     finished_at=to_timestamp(r["finished_at"]),
+                    delivery=r["delivery"] or "",
+                    delivered_at=to_timestamp(r["delivered_at"]),
+                    read_at=to_timestamp(r["read_at"]),
+                    delivery_error=r["delivery_error"] or "",
                 )
                 for r in rows
             ],

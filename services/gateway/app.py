@@ -20,7 +20,7 @@ from .clients import Backends
 from .config import GatewaySettings
 from .live import LiveHub
 from .notify_live import NotificationHub
-from .routes import accounts, auth, batches, bulk, dashboard, devices, jobs, notifications, system, ws
+from .routes import accounts, auth, batches, bulk, dashboard, devices, jobs, notifications, system, webhooks, ws
 
 log = logging.getLogger("pregonero.gateway.access")
 
@@ -93,4 +93,5 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(batches.router)
     app.include_router(jobs.router)
     app.include_router(dashboard.router)
+    app.include_router(webhooks.router)
     return app

@@ -1,4 +1,4 @@
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from services.runtime.settings import BaseServiceSettings
 
@@ -27,6 +27,11 @@ class GatewaySettings(BaseServiceSettings):
     # Proxies (addresses or CIDRs) whose X-Forwarded-For is believed: Envoy. The login limit
     # counts per client address, which only they can tell.
     pregonero_trusted_proxies: str = "127.0.0.1,::1"
+
+    # The WhatsApp Cloud API webhook (/webhooks/whatsapp): the Meta app's secret, which signs
+    # every delivery, and the token the operator typed when subscribing. Unset: no webhook.
+    whatsapp_app_secret: SecretStr = SecretStr("")
+    whatsapp_verify_token: SecretStr = SecretStr("")
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

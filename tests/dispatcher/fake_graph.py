@@ -28,6 +28,7 @@ class Refusal:
 class FakeGraph:
     refusals: dict[str, Refusal] = field(default_factory=dict)  # by destination (digits)
     accepted: list[dict[str, Any]] = field(default_factory=list)
+    message_ids: dict[str, str] = field(default_factory=dict)  # wamid by destination
     paths: list[str] = field(default_factory=list)
     url: str = ""
 
@@ -53,11 +54,12 @@ class FakeGraph:
                 headers = {"Retry-After": refusal.retry_after} if refusal.retry_after else None
                 return error(refusal.status, refusal.code, refusal.message, headers)
             self.accepted.append(body)
+            wamid = self.message_ids[body["to"]] = f"wamid.{secrets.token_hex(12)}"
             return JSONResponse(
                 {
                     "messaging_product": "whatsapp",
                     "contacts": [{"input": body["to"], "wa_id": body["to"]}],
-                    "messages": [{"id": f"wamid.{secrets.token_hex(12)}"}],
+                    "messages": [{"id": wamid}],
                 }
             )
 

@@ -38,6 +38,9 @@ PUBLIC = {
     ("GET", "/.well-known/jwks.json"),
     ("POST", "/api/auth/login"),
     ("POST", "/api/auth/refresh"),
+    # Called by Meta, signed with the app secret: no account's data goes out.
+    ("GET", "/webhooks/whatsapp"),
+    ("POST", "/webhooks/whatsapp"),
 }
 
 RESOURCE = "resource"  # the path names a resource of another account: 404 for a member

@@ -181,6 +181,11 @@ async def job_results(
                 "error": r.error or None,
                 "attempts": r.attempts,
                 "finished_at": iso(from_timestamp(r.finished_at)),
+                # After `sent`: what the provider reported (WhatsApp Cloud API devices).
+                "delivery": r.delivery or None,
+                "delivered_at": iso(from_timestamp(r.delivered_at)),
+                "read_at": iso(from_timestamp(r.read_at)),
+                "delivery_error": r.delivery_error or None,
             }
             for r in reply.results
         ],
