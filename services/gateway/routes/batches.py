@@ -366,21 +366,20 @@ async def preview_contacts(
     use_case: UseCaseForm = None,
     country: CountryForm = None,
 ) -> dict[str, Any]:
-    upload.aim(use_case, country)
-    preview = await stub(request).PreviewContacts(
-        upload.parts(), metadata=outgoing_metadata(caller), timeout=UPLOAD_TIMEOUT_S
-    )
+    preview = await _stream(stub(request).PreviewContacts, caller, upload, use_case, country)
     return preview_json(preview, upload.header.file_name)
+
+
+async def _stream(rpc: Any, caller: Caller, upload: ContactsUpload, use_case: str | None, country: str | None) -> Any:
+    """The file, aimed at its use case and country, streamed to a campaigns upload RPC."""
+    upload.aim(use_case, country)
+    return await rpc(upload.parts(), metadata=outgoing_metadata(caller), timeout=UPLOAD_TIMEOUT_S)
 
 
 async def _create_from_file(
     request: Request, caller: Caller, upload: ContactsUpload, use_case: str | None, country: str | None
 ) -> dict[str, Any]:
-    upload.aim(use_case, country)
-    created = await stub(request).CreateVoiceBatch(
-        upload.parts(), metadata=outgoing_metadata(caller), timeout=UPLOAD_TIMEOUT_S
-    )
-    return created_json(created)
+    return created_json(await _stream(stub(request).CreateVoiceBatch, caller, upload, use_case, country))
 
 
 @router.post("/excel/create", summary="A voice campaign from a contacts file (.xlsx, .xls, .csv)")
