@@ -188,10 +188,10 @@ async def test_latency_is_applied() -> None:
     started = time.perf_counter()
     assert (await provider.send(req(s))).status == "sent"
     assert time.perf_counter() - started >= 0.045
-    # Sends sleep concurrently, not one after the other.
+    # Sends sleep concurrently, not one after the other (that would take 20 x 50 ms = 1 s).
     started = time.perf_counter()
     await asyncio.gather(*(provider.send(req(s)) for _ in range(20)))
-    assert 0.045 <= time.perf_counter() - started < 0.5
+    assert 0.045 <= time.perf_counter() - started < 0.9
 
 
 async def test_jitter_spreads_latency_around_the_mean() -> None:
@@ -202,7 +202,8 @@ async def test_jitter_spreads_latency_around_the_mean() -> None:
         started = time.perf_counter()
         await provider.send(req(s))
         took.append(time.perf_counter() - started)
-    assert min(took) >= 0.009 and max(took) < 0.2
+    # The upper bound only rules out a runaway delay; a loaded machine adds its own wait.
+    assert min(took) >= 0.009 and max(took) < 1.0
     assert max(took) - min(took) > 0.01  # not a constant delay
 
 

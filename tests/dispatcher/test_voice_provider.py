@@ -267,7 +267,7 @@ async def test_lookup_finds_placed_calls_and_awaits_calls_in_progress() -> None:
     assert await provider.lookup("never") is None
     config = {"answer_ratio": 1, "duration_s": 10, "duration_spread_s": 0, "time_scale": 0.01}
     call = asyncio.create_task(provider.call(request("looked-up", config)))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one turn: the call has started (a timed sleep could outlast it)
     during = await provider.lookup("looked-up")  # ends with the call
     result = await call
     assert during == result and await provider.lookup("looked-up") is result
@@ -278,7 +278,7 @@ async def test_a_repeated_attempt_gets_the_original_call() -> None:
     provider = SimulatedVoiceProvider()
     config = {"answer_ratio": 1, "duration_s": 10, "duration_spread_s": 0, "time_scale": 0.01}
     first = asyncio.create_task(provider.call(request("once", config)))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one turn: the call has started (a timed sleep could outlast it)
     while_ringing = asyncio.create_task(provider.call(request("once", config)))
     results = await asyncio.gather(first, while_ringing)
     afterwards = await provider.call(request("once", config))
@@ -290,7 +290,7 @@ async def test_a_repeated_attempt_gets_the_original_call() -> None:
 async def test_a_cancelled_call_is_recorded_as_failed() -> None:
     provider = SimulatedVoiceProvider()
     call = asyncio.create_task(provider.call(request("hung-up", {"answer_ratio": 1, "time_scale": 1})))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one turn: the call has started (a timed sleep could outlast it)
     waiter = asyncio.create_task(provider.lookup("hung-up"))
     await asyncio.sleep(0)
     call.cancel()
