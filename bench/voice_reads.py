@@ -26,7 +26,7 @@ ACCOUNT = "bench-voice"
 FILL = """
 INSERT INTO campaigns.voice_jobs (batch_id, account_id, status, debtor_key, name, dni, phones, payload,
                                   attempts, call_result, call_started_at, call_ended_at, call_duration_seconds,
-                                  cost, estimated_cost, finished_at)
+                                  cost, estimated_cost, finished_at, next_attempt_at)
 SELECT $1, $2,
        CASE WHEN g % 20 < 12 THEN 'completed' WHEN g % 20 < 17 THEN 'failed' ELSE 'pending' END,
        'rut-' || g, 'Deudor ' || g, g || '-K', ARRAY['+5697' || lpad(g::text, 7, '0')],
@@ -38,7 +38,10 @@ SELECT $1, $2,
        CASE WHEN g % 20 < 17 THEN now() - (g || ' seconds')::interval + interval '45 seconds' END,
        CASE WHEN g % 20 < 17 THEN 45 END,
        CASE WHEN g % 20 < 17 THEN 0.1325 ELSE 0 END, 0.47,
-       CASE WHEN g % 20 < 17 THEN now() - (g || ' seconds')::interval + interval '45 seconds' END
+       CASE WHEN g % 20 < 17 THEN now() - (g || ' seconds')::interval + interval '45 seconds' END,
+       -- Of the waiting jobs a third is due, two thirds wait for tomorrow's round (both sides of
+       -- the due-jobs index are large: the status poll's scheduled count at its dearest).
+       CASE WHEN g % 20 = 17 THEN now() - interval '1 hour' ELSE now() + interval '1 day' END
 FROM generate_series(1, $3) g"""
 
 COUNTERS = """
@@ -104,8 +107,12 @@ def measure(start: Callable[[bool, Path], Stack], headers: dict[str, str], jobs:
                 filled = time.perf_counter() - filled
                 status = client.get(f"/api/v1/batches/{batch_id}/status").json()
                 assert status["total_jobs"] == jobs, status
+                waiting = jobs - status["completed_jobs"] - status["failed_jobs"]
+                assert status["scheduled_jobs"] + status["pending_jobs"] == waiting, status
                 return {
                     "jobs": jobs,
+                    "due_jobs": status["pending_jobs"],
+                    "scheduled_jobs": status["scheduled_jobs"],
                     "fill_s": round(filled, 1),
                     "status_poll": _timed(client, f"/api/v1/batches/{batch_id}/status", 1000),
                     "dashboard_overview": _timed(client, "/api/v1/dashboard/overview", 300, account_id=ACCOUNT),

@@ -11,7 +11,7 @@ from pregonero.dispatcher.v1 import dispatcher_pb2_grpc
 
 from services.runtime.bus import BATCH_STATE_BUCKET
 from services.runtime.db import check_queries
-from services.runtime.lifecycle import Runtime, serve_grpc
+from services.runtime.lifecycle import Rounds, Runtime, serve_grpc
 from services.runtime.rpc import channel
 
 from . import voice_repo
@@ -30,6 +30,7 @@ from .server import CampaignsServicer
 from .voice import VoiceBatches
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+WAITING_FOLD_S = 5.0
 
 
 async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
@@ -54,6 +55,9 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     rt.spawn(dialer.run(), name="dialer")
     rt.spawn(results.run(), name="results")
     rt.spawn(DeliveryApplier(repo, rt.js).run(), name="delivery")
+    # The per-minute counts of waiting voice jobs grow a row per batch and minute per write:
+    # folded every few seconds, a status poll sums a handful of rows.
+    rt.spawn(Rounds(calls.fold_waiting, name="waiting-fold", idle_wait=WAITING_FOLD_S).run(), name="waiting-fold")
     rt.spawn(AccountEvents(repo, batches, rt.js, wake=feeder.wake).run(), name="account-events")
     dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(channel(settings.dispatcher_addr))
     voice = VoiceBatches(calls, batches, credit)

@@ -19,11 +19,11 @@ from services.runtime.protos import from_timestamp, to_timestamp
 from services.runtime.rpc import outgoing_metadata
 
 from .batches import Batches, SenderChoice
-from .voice import SAMPLE_ROWS, Checked, Upload, VoiceBatches, job_ids, sample_of
+from .voice import SAMPLE_ROWS, Checked, Upload, VoiceBatches, job_ids, sample_of, waiting_jobs
 
 
-def batch_pb(row: asyncpg.Record) -> campaigns_pb2.Batch:
-    done = row["sent_jobs"] + row["failed_jobs"] + row["cancelled_jobs"] + row["unknown_jobs"]
+def batch_pb(row: asyncpg.Record, scheduled: int = 0) -> campaigns_pb2.Batch:
+    """`scheduled`: how many of the waiting jobs wait for a later time (voice); the rest are pending."""
     return campaigns_pb2.Batch(
         batch_id=str(row["batch_id"]),
         account_id=row["account_id"],
@@ -59,8 +59,9 @@ def batch_pb(row: asyncpg.Record) -> campaigns_pb2.Batch:
             cancelled=row["cancelled_jobs"],
             in_flight=row["queued_jobs"],
             suspended=row["suspended_jobs"],
-            pending=max(row["total_jobs"] - done - row["queued_jobs"] - row["suspended_jobs"], 0),
+            pending=waiting_jobs(row) - scheduled,
         ),
+        scheduled_jobs=scheduled,
         created_at=to_timestamp(row["created_at"]),
         updated_at=to_timestamp(row["updated_at"]),
         started_at=to_timestamp(row["started_at"]),
@@ -203,10 +204,10 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
             senders=[SenderChoice(s.id, s.rate_per_minute) for s in senders.senders],
             chunks=chunks(),
         )
-        return batch_pb(row)
+        return await self._batch(row)
 
     async def GetBatch(self, request: campaigns_pb2.BatchRef, context: grpc.aio.ServicerContext) -> campaigns_pb2.Batch:
-        return batch_pb(await self.voice.get(current_caller(), request.batch_id))
+        return await self._batch(await self.voice.get(current_caller(), request.batch_id))
 
     async def ListBatches(
         self, request: campaigns_pb2.ListBatchesRequest, context: grpc.aio.ServicerContext
@@ -219,27 +220,28 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
             skip=request.skip,
             account_id=request.account_id,
         )
-        return campaigns_pb2.ListBatchesResponse(batches=[batch_pb(r) for r in rows], total=total)
+        return campaigns_pb2.ListBatchesResponse(batches=await self._batches(rows), total=total)
 
     async def PauseBatch(
         self, request: campaigns_pb2.BatchRef, context: grpc.aio.ServicerContext
     ) -> campaigns_pb2.Batch:
-        return batch_pb(await self.batches.pause(current_caller(), await self._key(request.batch_id)))
+        return await self._batch(await self.batches.pause(current_caller(), await self._key(request.batch_id)))
 
     async def ResumeBatch(
         self, request: campaigns_pb2.BatchRef, context: grpc.aio.ServicerContext
     ) -> campaigns_pb2.Batch:
-        return batch_pb(await self.batches.resume(current_caller(), await self._key(request.batch_id)))
+        return await self._batch(await self.batches.resume(current_caller(), await self._key(request.batch_id)))
 
     async def CancelBatch(
         self, request: campaigns_pb2.CancelBatchRequest, context: grpc.aio.ServicerContext
     ) -> campaigns_pb2.Batch:
-        return batch_pb(await self.batches.cancel(current_caller(), await self._key(request.batch_id), request.reason))
+        key = await self._key(request.batch_id)
+        return await self._batch(await self.batches.cancel(current_caller(), key, request.reason))
 
     async def RetryFailed(
         self, request: campaigns_pb2.BatchRef, context: grpc.aio.ServicerContext
     ) -> campaigns_pb2.Batch:
-        return batch_pb(await self.batches.retry_failed(current_caller(), request.batch_id))
+        return await self._batch(await self.batches.retry_failed(current_caller(), request.batch_id))
 
     async def ListJobResults(
         self, request: campaigns_pb2.ListJobResultsRequest, context: grpc.aio.ServicerContext
@@ -272,6 +274,13 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
         """The batch id behind either of its forms (`batch_id` or `_id`)."""
         return str((await self.voice.get(current_caller(), batch_id))["batch_id"])
 
+    async def _batch(self, row: asyncpg.Record) -> campaigns_pb2.Batch:
+        return (await self._batches([row]))[0]
+
+    async def _batches(self, rows: list[asyncpg.Record]) -> list[campaigns_pb2.Batch]:
+        scheduled = await self.voice.scheduled(rows)
+        return [batch_pb(r, scheduled.get(r["batch_id"], 0)) for r in rows]
+
     # --- voice ---
 
     async def PreviewContacts(
@@ -287,7 +296,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
         header, chunks = await _upload(request_iterator)
         row, checked = await self.voice.create(current_caller(), upload_of(header), chunks)
         return campaigns_pb2.VoiceBatchCreated(
-            batch=batch_pb(row),
+            batch=await self._batch(row),
             jobs_created=row["total_jobs"],
             contacts_processed=checked.parsed.total_rows,
             duplicates_skipped=checked.duplicates,
@@ -310,7 +319,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
             use_case=request.use_case,
             country=request.country,
         )
-        return batch_pb(row)
+        return await self._batch(row)
 
     async def UpdateBatch(
         self, request: campaigns_pb2.UpdateBatchRequest, context: grpc.aio.ServicerContext
@@ -321,7 +330,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
             raise InvalidArgument("patch_json is not JSON") from exc
         if not isinstance(patch, dict):
             raise InvalidArgument("the patch must be a JSON object")
-        return batch_pb(await self.voice.update(current_caller(), request.batch_id, patch))
+        return await self._batch(await self.voice.update(current_caller(), request.batch_id, patch))
 
     async def DeleteBatch(
         self, request: campaigns_pb2.DeleteBatchRequest, context: grpc.aio.ServicerContext
@@ -338,7 +347,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
     ) -> campaigns_pb2.BatchSummary:
         row, hours = await self.voice.summary(current_caller(), request.batch_id)
         return campaigns_pb2.BatchSummary(
-            batch=batch_pb(row),
+            batch=await self._batch(row),
             hourly_stats=[
                 campaigns_pb2.HourlyStat(
                     hour=to_timestamp(h["hour"]),
@@ -385,7 +394,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
     async def GetDashboard(
         self, request: campaigns_pb2.DashboardRequest, context: grpc.aio.ServicerContext
     ) -> campaigns_pb2.Dashboard:
-        scope, c, recent, today = await self.voice.dashboard(current_caller(), request.account_id)
+        scope, c, scheduled, recent, today = await self.voice.dashboard(current_caller(), request.account_id)
         done = c["completed_jobs"] + c["failed_jobs"] + c["cancelled_jobs"] + c["suspended_jobs"]
         return campaigns_pb2.Dashboard(
             account_id=scope,
@@ -395,7 +404,8 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
             completed_batches=c["completed_batches"],
             cancelled_batches=c["cancelled_batches"],
             total_jobs=c["total_jobs"],
-            pending_jobs=max(c["total_jobs"] - done - c["in_progress_jobs"], 0),
+            pending_jobs=max(c["total_jobs"] - done - c["in_progress_jobs"] - scheduled, 0),
+            scheduled_jobs=scheduled,
             in_progress_jobs=c["in_progress_jobs"],
             completed_jobs=c["completed_jobs"],
             failed_jobs=c["failed_jobs"],

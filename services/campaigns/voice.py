@@ -12,12 +12,13 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from uuid import UUID
 
 import asyncpg
 
@@ -56,6 +57,21 @@ def parse_job_ref(text: str) -> int:
     if text.isdigit() and len(text) <= 18:
         return int(text)
     raise NotFound(f"job {text} not found")
+
+
+def waiting_jobs(batch: asyncpg.Record) -> int:
+    """A batch's jobs still to be started: neither finished, nor at a provider, nor suspended
+    (stored `pending`, whether due or `scheduled` for later)."""
+    done = batch["sent_jobs"] + batch["failed_jobs"] + batch["cancelled_jobs"] + batch["unknown_jobs"]
+    return max(batch["total_jobs"] - done - batch["queued_jobs"] - batch["suspended_jobs"], 0)
+
+
+class Dashboard(NamedTuple):
+    scope: str
+    counters: asyncpg.Record
+    scheduled: int
+    recent: list[asyncpg.Record]
+    calls_today: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,12 +426,19 @@ class VoiceBatches:
 
     # --- dashboard ---
 
-    async def dashboard(self, caller: Caller, account_id: str) -> tuple[str, asyncpg.Record, list[asyncpg.Record], int]:
+    async def scheduled(self, rows: Sequence[asyncpg.Record]) -> dict[UUID, int]:
+        """How many jobs of each of these voice batches wait for a later time."""
+        waiting = {r["batch_id"]: waiting_jobs(r) for r in rows if r["channel"] == "voice"}
+        return await self.repo.scheduled({batch_id: n for batch_id, n in waiting.items() if n > 0})
+
+    async def dashboard(self, caller: Caller, account_id: str) -> Dashboard:
         scope = caller.account_scope(account_id) if account_id else scope_of(caller)
         counters = await self.repo.dashboard(scope=scope)
+        scheduled = sum((await self.repo.scheduled(await self.repo.waiting(scope=scope))).values())
         recent, _ = await self.repo.calls(scope=scope, batch_id=None, status="", limit=10, skip=0, count=False)
         today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-        return scope, counters, recent, await self.repo.calls_since(scope=scope, since=today)
+        calls_today = await self.repo.calls_since(scope=scope, since=today)
+        return Dashboard(scope, counters, scheduled, recent, calls_today)
 
     async def calls(
         self, caller: Caller, *, account_id: str, batch_id: str, status: str, limit: int, skip: int

@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 from pregonero.events.v1 import events_pb2
 
+from services.campaigns import voice_repo
 from services.campaigns.credit import AccountInfo, NoCredit
 from services.campaigns.dialer import Dialer
 from services.campaigns.notify import Notifier
@@ -267,3 +268,48 @@ async def test_listings_tell_jobs_waiting_for_their_time_from_due_ones(env: Env)
             scope=info.account_id, batch_id=batch["batch_id"], status=status, limit=100, skip=0
         )
         assert (len(rows), total) == (expected, expected), status
+    rows, total = await env.voice.list_jobs(scope="", batch_id=batch["batch_id"], status="pending", limit=1, skip=0)
+    assert (len(rows), total) == (1, 2)
+
+
+async def test_the_scheduled_count_follows_every_change_of_the_jobs(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = account()
+    batch = await make_batch(env, info, jobs=8, settings={}, use_case="marketing")  # due since 2026-01-01
+    key = batch["batch_id"]
+
+    async def scheduled() -> int:
+        counted = (await env.voice.scheduled(await env.voice.waiting(scope=info.account_id))).get(key, 0)
+        truth = await env.pool.fetchval(
+            "SELECT count(*) FROM voice_jobs WHERE batch_id = $1 AND status = 'pending' AND next_attempt_at > now()",
+            key,
+        )
+        assert counted == truth
+        return counted
+
+    assert await scheduled() == 0
+    rows, _ = await env.voice.list_jobs(scope=info.account_id, batch_id=key, status="", limit=100, skip=0)
+    ids = sorted(r["id"] for r in rows)
+    now = datetime.now(UTC)
+    # Tomorrow's round for three, one in a few hours, and two within the minute or the next.
+    until = [now + timedelta(days=1)] * 3 + [now + timedelta(hours=3)] + [now + timedelta(seconds=40)] * 2
+    async with env.pool.acquire() as conn:
+        await env.voice.postpone(conn, ids=ids[:6], until=until)
+    assert await scheduled() == 6
+    # However the current minute is counted in the index (whole, from its due side, or ahead).
+    for bound in (1, 2, 1000):
+        monkeypatch.setattr(voice_repo, "_SPLIT_BOUND", bound)
+        assert await scheduled() == 6
+    # Folded: one row per minute that has jobs, and the same count.
+    await env.voice.fold_waiting()
+    assert await env.pool.fetchval("SELECT count(*) FROM voice_waiting WHERE batch_id = $1", key) <= 3
+    assert await scheduled() == 6
+    # Cancelled, deleted and retried jobs move it; the batch deleted leaves nothing behind.
+    await env.voice.cancel_job(job_id=ids[0], scope=info.account_id, reason="no")
+    assert await scheduled() == 5
+    await env.voice.delete_job(job_id=ids[1], scope=info.account_id)
+    assert await scheduled() == 4
+    await env.voice.retry_job(job_id=ids[0], scope=info.account_id)  # due again at once
+    assert await scheduled() == 4
+    await env.voice.delete_batch(batch_id=key, delete_jobs=True, reason="")
+    await env.voice.fold_waiting()
+    assert await env.pool.fetchval("SELECT count(*) FROM voice_waiting WHERE batch_id = $1", key) == 0

@@ -213,6 +213,8 @@ def test_pause_and_resume(api: httpx.Client, campaign: dict[str, Any]) -> None:
     assert r.json()["batch"]["is_active"] is False
     status = api.get(f"/batches/{campaign['batch_id']}/status").json()
     assert status["is_active"] is False and status["total_jobs"] == campaign["jobs_created"]
+    # Tomorrow's campaign: every job waits for its time, none is due yet.
+    assert (status["scheduled_jobs"], status["pending_jobs"]) == (campaign["jobs_created"], 0)
     r = api.patch(f"/batches/{campaign['batch_id']}", json={"is_active": True})
     assert r.json()["message"] == "Batch resumed" and r.json()["batch"]["is_active"] is True
     # The legacy routes do the same.
@@ -331,6 +333,8 @@ def test_dashboard(api: httpx.Client, account: str) -> None:
     for key in ("total_batches", "active_batches", "total_jobs", "pending_jobs", "completed_jobs", "failed_jobs"):
         assert isinstance(stats[key], int), key
     assert isinstance(stats["total_cost"], int | float) and isinstance(stats["total_minutes"], int | float)
+    # Every campaign of this account starts tomorrow: what waits is scheduled, nothing is due.
+    assert stats["pending_jobs"] == 0 and isinstance(stats["scheduled_jobs"], int)
 
     body = api.get("/dashboard/overview", params={"account_id": account}).json()
     assert body["success"] is True and ISO.match(body["timestamp"])
@@ -339,6 +343,7 @@ def test_dashboard(api: httpx.Client, account: str) -> None:
     assert {"jobs", "batches"} <= set(body["detailed_stats"])
     assert {"total", "active", "paused", "completed"} <= set(body["batches"])
     assert {"total", "pending", "in_progress", "completed", "failed"} <= set(body["jobs"])
+    assert (body["jobs"]["pending"], body["jobs"]["scheduled"]) == (0, stats["scheduled_jobs"])
     assert {"total_spent", "total_minutes", "average_per_call"} <= set(body["costs"])
     assert isinstance(body["recent_activity"], list)
 
