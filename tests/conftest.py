@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -86,6 +87,20 @@ async def collected(nc: NATS, subject: str, decode: Callable[[bytes], Any]) -> A
         yield seen
     finally:
         await sub.unsubscribe()
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
+    """The first truthy answer of `probe`, asked every `every` seconds; fails with the last
+    answer after `timeout` (bounds generous enough for a loaded machine: they only end a
+    test that would otherwise hang)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"{what}: still {last!r}")
 
 
 def _with_database(url: str, name: str) -> str:

@@ -14,6 +14,7 @@ import asyncpg
 
 from services.runtime.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from services.runtime.identity import Caller
+from services.runtime.protos import json_object
 
 from .ledger import CREDITS, MINUTES, parse_amount
 from .repo import AccountsRepo, NewEntry
@@ -37,18 +38,6 @@ E164 = re.compile(r"\+[1-9]\d{7,14}")
 
 def new_account_id() -> str:
     return f"acc-{secrets.token_hex(6)}"
-
-
-def _json_object(text: str, field: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"{field} is not valid JSON") from exc
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{field} must be an object")
-    return value
 
 
 def _check_features(features: dict[str, Any]) -> None:
@@ -130,9 +119,9 @@ class Accounts:
         country = (country or "CL").upper()
         if country not in COUNTRIES:
             raise InvalidArgument("country must be CL or AR")
-        features = _json_object(features_json, "features")
+        features = json_object(features_json, "features")
         _check_features(features)
-        settings = _json_object(settings_json, "settings")
+        settings = json_object(settings_json, "settings")
         timezone = _check_timezone(timezone or str(settings.get("timezone") or "") or COUNTRIES[country])
         initial = [
             NewEntry(
@@ -173,7 +162,7 @@ class Accounts:
     async def update(self, caller: Caller, account_id: str, patch_json: str) -> asyncpg.Record:
         """PATCH: only the fields given change; features and settings merge key by key."""
         scoped = caller.account_scope(account_id)
-        patch = _json_object(patch_json, "patch")
+        patch = json_object(patch_json, "patch")
         unknown = sorted(set(patch) - PATCH_FIELDS)
         if unknown:
             raise InvalidArgument(f"cannot change {', '.join(unknown)}")

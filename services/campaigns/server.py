@@ -15,7 +15,7 @@ from pregonero.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
 from services.runtime.errors import InvalidArgument
 from services.runtime.identity import MEMBER, Caller, current_caller
-from services.runtime.protos import from_timestamp, to_timestamp
+from services.runtime.protos import from_timestamp, json_object, to_timestamp
 from services.runtime.rpc import outgoing_metadata
 
 from .batches import Batches, SenderChoice
@@ -324,12 +324,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
     async def UpdateBatch(
         self, request: campaigns_pb2.UpdateBatchRequest, context: grpc.aio.ServicerContext
     ) -> campaigns_pb2.Batch:
-        try:
-            patch = json.loads(request.patch_json or "{}")
-        except ValueError as exc:
-            raise InvalidArgument("patch_json is not JSON") from exc
-        if not isinstance(patch, dict):
-            raise InvalidArgument("the patch must be a JSON object")
+        patch = json_object(request.patch_json, "patch_json")
         return await self._batch(await self.voice.update(current_caller(), request.batch_id, patch))
 
     async def DeleteBatch(

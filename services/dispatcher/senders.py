@@ -13,6 +13,7 @@ import asyncpg
 
 from services.runtime.errors import InvalidArgument, NotFound
 from services.runtime.identity import Caller
+from services.runtime.protos import json_object
 
 from .crypto import InvalidToken, SecretBox, hint_of
 from .providers import whatsapp_cloud
@@ -122,18 +123,6 @@ def _config_object(value: object) -> dict[str, Any]:
     return value
 
 
-def _json_object(text: str, field: str) -> dict[str, Any]:
-    if not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"{field} is not valid JSON") from exc
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{field} must be a JSON object")
-    return value
-
-
 def _check_provider_config(provider: str, config: dict[str, Any]) -> None:
     try:
         PROVIDERS[provider](config)
@@ -178,7 +167,7 @@ class Senders:
         provider = _choice(provider or "simulated", "provider", tuple(PROVIDERS))
         token = _text(token, "token", max_len=MAX_TOKEN, required=True)
         secret = _text(secret, "secret", max_len=MAX_SECRET, required=True)
-        config = _config_object(_json_object(provider_config_json, "provider_config"))
+        config = _config_object(json_object(provider_config_json, "provider_config"))
         _check_provider_config(provider, config)
         return await self.repo.insert(
             account_id=account,
@@ -226,7 +215,7 @@ class Senders:
     async def update(self, caller: Caller, sender_id: int, patch_json: str) -> asyncpg.Record:
         """Apply a JSON object of fields to change; provider_config is replaced, not merged."""
         account = caller.account_scope()
-        patch = _json_object(patch_json, "patch_json")
+        patch = json_object(patch_json, "patch_json")
         unknown = sorted(set(patch) - UPDATABLE)
         if unknown:
             raise InvalidArgument(f"unknown fields: {', '.join(unknown)}; allowed: {', '.join(sorted(UPDATABLE))}")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
+
+from .errors import InvalidArgument
 
 
 def to_timestamp(value: datetime | None) -> Timestamp | None:
@@ -26,3 +30,16 @@ def iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def json_object(text: str, field: str) -> dict[str, Any]:
+    """A JSON object carried in a string field of a request (`*_json`); empty means {}."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{field} is not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{field} must be a JSON object")
+    return value

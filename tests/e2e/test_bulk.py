@@ -15,7 +15,7 @@ import pytest
 from websockets.sync.client import connect
 
 from services.runtime.devstack import Stack
-from tests.conftest import ADMIN_TOKEN, MEMBER_TOKEN
+from tests.conftest import ADMIN_TOKEN, MEMBER_TOKEN, wait_for
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -66,22 +66,15 @@ def get_job(base_url: str, job_id: str) -> dict[str, Any]:
 
 
 def wait_job(base_url: str, job_id: str, *, statuses: tuple[str, ...] = ("completed",), timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached() -> dict | None:
         job = get_job(base_url, job_id)
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.2)
-    raise AssertionError(f"job {job_id} still {job['status']}: {job['progress']}")
+        return job if job["status"] in statuses else None
+
+    return wait_for(f"job {job_id} in {statuses}", reached, timeout)  # type: ignore[no-any-return]
 
 
 def wait_sent(base_url: str, job_id: str, at_least: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if get_job(base_url, job_id)["progress"]["sent"] >= at_least:
-            return
-        time.sleep(0.05)
-    raise AssertionError("sending did not start")
+    wait_for("sending starts", lambda: get_job(base_url, job_id)["progress"]["sent"] >= at_least, timeout, every=0.05)
 
 
 def record(suite: Stack) -> list[list[Any]]:

@@ -21,7 +21,7 @@ import pytest
 from openpyxl import Workbook
 
 from services.runtime.devstack import Stack
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, wait_for
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 LINES = 10
@@ -79,17 +79,6 @@ def new_account(base_url: str) -> tuple[str, dict[str, str]]:
     r = httpx.post(f"{base_url}/api/auth/api-keys", headers=ADMIN, json={"name": "dashboard", "account_id": account_id})
     assert r.status_code == 201, r.text
     return account_id, {"Authorization": f"Bearer {r.json()['key']}"}
-
-
-def wait_for(what: str, probe: Any, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: still {last!r}")
 
 
 async def dispatcher_calls(database_url: str, batch_id: str) -> list[asyncpg.Record]:

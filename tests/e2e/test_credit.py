@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from services.runtime.devstack import Stack
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, wait_for
 from tests.e2e.test_bulk import make_file, phones, sends_to
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -44,17 +44,6 @@ def upload(base_url: str, headers: dict[str, str], numbers: list[str]) -> str:
     )
     assert r.status_code == 200, r.text
     return str(r.json()["job"]["id"])
-
-
-def wait_for(what: str, probe: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: still {last!r}")
 
 
 def job(base_url: str, headers: dict[str, str], job_id: str) -> dict[str, Any]:
