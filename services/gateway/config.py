@@ -19,6 +19,12 @@ class GatewaySettings(BaseServiceSettings):
     # Off by default; set on private-network deployments whose clients send no token.
     pregonero_anonymous_account: str = ""
     db_pool_max: int = 2
+    # How long an idle keep-alive connection stays open. Longer than the proxy's idle timeout
+    # for its upstream connections (Envoy: 60 s, deploy/envoy and deploy/k8s), so it is always
+    # the proxy that closes one: were it the gateway, a request the proxy sends on the
+    # connection as it closes would be lost (a 503 "upstream reset" at the client; uvicorn's
+    # default of 5 s met the dashboard's 5-second poll exactly).
+    http_keep_alive_seconds: int = Field(75, ge=1)
     # JWTs are checked against the accounts service's public key (fetched from it) and issuer.
     pregonero_jwt_issuer: str = "pregonero"
     # How long a session or API key check is reused. This bounds how late a logout, a

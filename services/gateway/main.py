@@ -21,5 +21,6 @@ def main() -> None:
         proxy_headers=True,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         ws_ping_interval=20,
+        timeout_keep_alive=settings.http_keep_alive_seconds,
     )
     uvicorn.Server(config).run()

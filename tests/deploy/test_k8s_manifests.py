@@ -279,9 +279,22 @@ def test_jwks_uri_points_at_the_gateway_service() -> None:
             assert uri.port in {p["port"] for p in SERVICES[service]["spec"]["ports"]}
 
 
-def test_policies_target_existing_routes() -> None:
-    routes = _of_kind("HTTPRoute")
+def test_policies_target_existing_routes_or_gateways() -> None:
+    targets = {kind: _of_kind(kind) for kind in ("HTTPRoute", "Gateway")}
     for kind in ("BackendTrafficPolicy", "SecurityPolicy"):
         for policy in _of_kind(kind).values():
             for ref in policy["spec"]["targetRefs"]:
-                assert ref["kind"] == "HTTPRoute" and ref["name"] in routes, policy
+                assert ref["name"] in targets.get(ref["kind"], {}), policy
+
+
+def test_envoy_closes_idle_gateway_connections_before_the_gateway_does() -> None:
+    """Each policy replaces the Gateway's for its route, so each names the idle timeout; it
+    stays below the gateway's keep-alive, or a request sent as the gateway closes is lost."""
+    from services.gateway.config import GatewaySettings
+
+    keep_alive = GatewaySettings.model_fields["http_keep_alive_seconds"].default
+    policies = _of_kind("BackendTrafficPolicy")
+    assert any(t["kind"] == "Gateway" for p in policies.values() for t in p["spec"]["targetRefs"])
+    for name, policy in policies.items():
+        idle = policy["spec"]["timeout"]["http"]["connectionIdleTimeout"]
+        assert idle.endswith("s") and int(idle[:-1]) < keep_alive, name

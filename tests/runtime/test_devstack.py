@@ -7,7 +7,9 @@ from pathlib import Path
 
 import httpx
 import psutil
+import yaml
 
+from services.gateway.config import GatewaySettings
 from services.runtime.devstack import Stack, dev_admin_token, envoy_binary, render_envoy_config
 
 
@@ -25,6 +27,21 @@ def test_envoy_config_in_repo_validates(tmp_path: Path) -> None:
 def test_websocket_upgrades_are_enabled_in_envoy() -> None:
     text = render_envoy_config(listen_host="127.0.0.1", listen_port=1, gateway_port=2, admin_port=3)
     assert "upgrade_type: websocket" in text
+
+
+def test_envoy_closes_idle_gateway_connections_first_and_resends_only_gets() -> None:
+    """Envoy's idle timeout for its connections to the gateway is below the gateway's
+    keep-alive (otherwise a request sent as the gateway closes one is lost: a 503), and only
+    a GET is sent again after a reset."""
+    config = yaml.safe_load(render_envoy_config(listen_host="127.0.0.1", listen_port=1, gateway_port=2, admin_port=3))
+    (cluster,) = config["static_resources"]["clusters"]
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    idle = options["common_http_protocol_options"]["idle_timeout"]
+    assert int(idle.removesuffix("s")) < GatewaySettings.model_fields["http_keep_alive_seconds"].default
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
+    retry = route["route"]["retry_policy"]
+    assert retry["retriable_request_headers"] == [{"name": ":method", "string_match": {"exact": "GET"}}]
 
 
 def test_dev_admin_token_is_generated_once(tmp_path: Path) -> None:
