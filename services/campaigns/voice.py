@@ -434,7 +434,7 @@ class VoiceBatches:
     async def dashboard(self, caller: Caller, account_id: str) -> Dashboard:
         scope = caller.account_scope(account_id) if account_id else scope_of(caller)
         counters = await self.repo.dashboard(scope=scope)
-        scheduled = sum((await self.repo.scheduled(await self.repo.waiting(scope=scope))).values())
+        scheduled = await self.repo.scheduled_in(scope=scope)
         recent, _ = await self.repo.calls(scope=scope, batch_id=None, status="", limit=10, skip=0, count=False)
         today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         calls_today = await self.repo.calls_since(scope=scope, since=today)

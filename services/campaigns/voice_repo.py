@@ -353,15 +353,15 @@ class VoiceRepo:
         others = c["completed"] + c["failed"] + c["cancelled"] + c["suspended"] + c["in_progress"]
         waiting = c["total"] - others  # pending and scheduled: the counters do not tell them apart
         if status in ("pending", "scheduled"):
-            scheduled = sum((await self.scheduled(await self.waiting(scope=scope, batch_id=batch_id))).values())
+            scheduled = await self.scheduled_in(scope=scope, batch_id=batch_id)
             return rows, scheduled if status == "scheduled" else int(waiting) - scheduled
         total = {"": c["total"], **{k: c[k] for k in _COUNTED_FIELDS}}.get(status)
         return rows, int(total if total is not None else 0)
 
-    async def waiting(self, *, scope: str, batch_id: UUID | None = None) -> dict[UUID, int]:
-        """The voice batches (of the scope, or the one) with jobs waiting, and how many."""
+    async def scheduled_in(self, *, scope: str, batch_id: UUID | None = None) -> int:
+        """How many jobs wait for a later time over the voice batches of the scope (or the one)."""
         rows = await self.pool.fetch(Q.WAITING_BATCHES, scope, batch_id)
-        return {r["batch_id"]: int(r["waiting"]) for r in rows}
+        return sum((await self.scheduled({r["batch_id"]: int(r["waiting"]) for r in rows})).values())
 
     async def scheduled(self, waiting: dict[UUID, int]) -> dict[UUID, int]:
         """How many of each batch's waiting jobs wait for a later time (their start, window or

@@ -278,7 +278,7 @@ async def test_the_scheduled_count_follows_every_change_of_the_jobs(env: Env, mo
     key = batch["batch_id"]
 
     async def scheduled() -> int:
-        counted = (await env.voice.scheduled(await env.voice.waiting(scope=info.account_id))).get(key, 0)
+        counted = await env.voice.scheduled_in(scope=info.account_id, batch_id=key)
         truth = await env.pool.fetchval(
             "SELECT count(*) FROM voice_jobs WHERE batch_id = $1 AND status = 'pending' AND next_attempt_at > now()",
             key,
