@@ -3,11 +3,13 @@
 Results arrive in chunks on `events.job.>`; each attempt that carries a cost is charged
 once (captures are idempotent per attempt id, so a redelivered chunk charges nothing more).
 Captures are booked in batches, one ledger transaction per account per fetch: one gRPC call
-per result would cap the pipeline far below the dispatchers' pace."""
+per result would cap the pipeline far below the dispatchers' pace.
+
+Results naming an unknown account are poison (bus.Poison: dead-lettered, not dropped); a
+database failure propagates and is retried by the consumer for as long as it lasts."""
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
@@ -20,8 +22,6 @@ from services.runtime.errors import NotFound
 from services.runtime.identity import ADMIN, Caller
 
 from .ledger import MAX_CAPTURE_ITEMS, Balance, CaptureItem, Ledger
-
-log = logging.getLogger("pregonero.accounts.charges")
 
 DURABLE = "accounts-charges"
 SYSTEM = Caller(role=ADMIN, account_id="", user_id="accounts-charges")
@@ -60,9 +60,10 @@ class Charges:
                     result = await self.ledger.capture(
                         SYSTEM, account_id=account_id, items=items[start : start + MAX_CAPTURE_ITEMS]
                     )
-                except NotFound:
-                    log.warning("results for unknown account %s: nothing to charge", account_id)
-                    break
+                except NotFound as exc:
+                    # Never dropped: dead-lettered, to be replayed once the account is sorted
+                    # out. A database that is away is not this: it is retried until it is back.
+                    raise bus.Poison(f"results charge unknown account {account_id!r}") from exc
                 balance = result.balance
             if balance is not None:
                 await self.on_charged(balance)

@@ -227,11 +227,8 @@ async def consume_batch_events(js: JetStreamContext, notifications: Notification
 
     async def handle(msgs: list[Msg]) -> None:
         for msg in msgs:
-            try:
-                event = events_pb2.BatchEvent.FromString(msg.data)
-            except Exception:  # noqa: BLE001 - undecodable: it will never decode
-                log.warning("undecodable batch event skipped")
-                continue
+            # Undecodable, it fails the batch: the consumer dead-letters it, not the others.
+            event = events_pb2.BatchEvent.FromString(msg.data)
             await notifications.batch_event(event)
             if event.type == "cancelled":
                 actor = Caller(role=event.actor_role, account_id=event.actor_account, user_id=event.actor_user_id)

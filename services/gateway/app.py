@@ -20,7 +20,7 @@ from .clients import Backends
 from .config import GatewaySettings
 from .live import LiveHub
 from .notify_live import NotificationHub
-from .routes import accounts, auth, batches, bulk, dashboard, devices, jobs, notifications, system, webhooks, ws
+from .routes import accounts, admin, auth, batches, bulk, dashboard, devices, jobs, notifications, system, webhooks, ws
 
 log = logging.getLogger("pregonero.gateway.access")
 
@@ -94,4 +94,5 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(dashboard.router)
     app.include_router(webhooks.router)
+    app.include_router(admin.router)
     return app

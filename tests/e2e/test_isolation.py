@@ -121,6 +121,9 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/calls/history"): SELF,
     # A fixed catalogue, nothing of any account's.
     ("GET", "/api/v1/use-cases"): SELF,
+    # The operator's: events no consumer could handle, of no one account.
+    ("GET", "/api/v1/admin/dead-letters"): ADMIN_ONLY,
+    ("POST", "/api/v1/admin/dead-letters/{dead_letter_id}/replay"): ADMIN_ONLY,
 }
 
 # Path parameters of OWN routes that are not ids: the value to call with.
