@@ -137,19 +137,14 @@ class CallEngine:
         data = events_pb2.DispatchChunk.FromString(msg.data)
         pinger = asyncio.create_task(self._keep_alive(msg))
         try:
-            new = set(
-                await self.attempts.claim(
-                    batch_id=data.batch_id, items=[(i.attempt_id, i.job_id) for i in data.items], sender_id=0
-                )
-            )
-            known = await self.attempts.existing(
-                attempt_ids=[i.attempt_id for i in data.items if i.attempt_id not in new]
-            )
+            # What an earlier delivery of this chunk left on record: those calls are never
+            # placed again.
+            known = await self.attempts.existing(attempt_ids=[i.attempt_id for i in data.items])
             await asyncio.gather(
                 *(
-                    self._call(data, item)
-                    if item.attempt_id in new
-                    else self._recover(data, item, known.get(item.attempt_id))
+                    self._recover(data, item, known[item.attempt_id])
+                    if item.attempt_id in known
+                    else self._call(data, item)
                     for item in data.items
                 )
             )
@@ -180,6 +175,15 @@ class CallEngine:
             on_placed=functools.partial(self.attempts.placed, item.attempt_id),
         )
         async with self.lines:
+            # Claimed when its line is free, just before it is placed: a call still waiting for
+            # a line when this process dies was never placed, and the redelivery places it.
+            claimed = await self.attempts.claim(
+                batch_id=data.batch_id, items=[(item.attempt_id, item.job_id)], sender_id=0
+            )
+            if not claimed:  # another delivery of this chunk placed it meanwhile
+                known = await self.attempts.existing(attempt_ids=[item.attempt_id])
+                await self._recover(data, item, known.get(item.attempt_id))
+                return
             try:
                 result = await self.provider.call(request)
             except Exception as exc:  # noqa: BLE001 - a broken call is a failed call, retried by the rules

@@ -38,6 +38,12 @@ class DispatcherSettings(GrpcServiceSettings):
     # must be longer); a call still up then is cut, and reported failed after the restart.
     call_drain_seconds: float = 60.0
     dispatch_ack_wait_seconds: float = 15.0
+    # On shutdown, messages at a provider get this long to answer before their outcome is
+    # left to the redelivery (providers time out within 15 s).
+    send_drain_seconds: float = 20.0
+    # A claimed send whose outcome was lost is looked up at the provider once it is this old
+    # (longer than any send can be under way), and sent again only if the provider never got it.
+    send_grace_seconds: float = 30.0
 
     @model_validator(mode="after")
     def _voice_config_is_json(self) -> Self:

@@ -1,23 +1,39 @@
 """The fan-out: pull work chunks from DISPATCH only as fast as there are free send slots, pace
-each sender to its own rate, record every attempt before the provider sees it, and publish
-the outcomes in chunks to EVENTS.
+each sender to its own rate, claim every attempt just before the provider sees it, and
+publish the outcomes in chunks to EVENTS.
 
 Backpressure: a slow provider keeps items in the lanes, the free-slot count stays low, the
-fetch waits, the batch's window stays full and the feeder stops releasing."""
+fetch waits, the batch's window stays full and the feeder stops releasing.
+
+Nothing lost, nothing sent twice:
+- A chunk is acked only once every item has an outcome on record and published; a chunk
+  that cannot be finished here (its flush failed, the process stops) is handed back unacked
+  and its unsent items go out from the redelivery.
+- The claim (a row in `attempts`) is the only licence to send, taken just before the request
+  leaves, through the sender version the lane holds. A second copy of the same work (a
+  redelivered chunk, a job released twice) finds the claim and never sends; a sender that was
+  edited, disabled or deleted refuses the claim, and its queued work moves to the senders as
+  they are now. So only sends really in flight can lose their outcome.
+- A claim whose outcome is lost is resolved from the provider's record once no send can still
+  be under way (`send_grace`); a provider that cannot say makes it `unknown`, never resent."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import asyncpg
+from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
@@ -36,17 +52,22 @@ log = logging.getLogger("pregonero.dispatcher.engine")
 FLUSH_EVERY_S = 0.25
 FLUSH_AT = 500
 RATE_LIMIT_RETRIES = 5
+# Longer than any one send can be under way (providers time out within 15 s): a claim this
+# old whose outcome never came is settled by asking the provider.
+SEND_GRACE_S = 30.0
 
 LoadSenders = Callable[[Sequence[int]], Awaitable[dict[int, SenderConfig]]]
 
 
 class SenderCache:
     """Sender configurations for a few seconds: a chunk every few milliseconds must not each
-    read the database, and an edited device takes effect within the TTL."""
+    read the database. An edit is seen within the TTL, or at once when a claim through the
+    old version is refused (`forget`)."""
 
-    def __init__(self, load: LoadSenders, ttl: float = 2.0) -> None:
+    def __init__(self, load: LoadSenders, ttl: float = 2.0, size: int = 1000) -> None:
         self.load = load
         self.ttl = ttl
+        self.size = size
         self.cache: dict[tuple[int, ...], tuple[float, dict[int, SenderConfig]]] = {}
 
     async def get(self, ids: Sequence[int]) -> dict[int, SenderConfig]:
@@ -55,11 +76,15 @@ class SenderCache:
         now = time.monotonic()
         if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
-        if len(self.cache) > 1000:
-            self.cache.clear()
         value = await self.load(key)
+        self.cache.pop(key, None)
         self.cache[key] = (now, value)
+        while len(self.cache) > self.size:  # the oldest entry goes first (dicts keep insertion order)
+            del self.cache[next(iter(self.cache))]
         return value
+
+    def forget(self) -> None:
+        self.cache.clear()
 
 
 @dataclass
@@ -69,19 +94,26 @@ class Chunk:
 
     msg: Msg
     data: events_pb2.DispatchChunk
-    remaining: int
+    remaining: int  # items with no outcome yet that this delivery still works on
     outcomes: list[events_pb2.JobOutcome] = field(default_factory=list)
-    sent_attempts: list[tuple[str, str, str, str, int]] = field(default_factory=list)
-    handed_back: list[str] = field(default_factory=list)
+    finished: list[tuple[str, str, str, str, int]] = field(default_factory=list)
     last_ping: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    broken: bool = False  # a flush failed: never ack, let JetStream redeliver
+    # A flush failed: send nothing more of it; flush what it has, then hand it back.
+    broken: bool = False
+    dropped: int = 0  # items left unsent for the redelivery
+    failures: int = 0
+    retry_at: float = 0.0
+    closed: bool = False
 
     def __hash__(self) -> int:
         return id(self)
 
     def __eq__(self, other: object) -> bool:
         return self is other
+
+
+Entry = tuple[Chunk, events_pb2.WorkItem]
 
 
 class Lane:
@@ -95,7 +127,10 @@ class Lane:
     When requests take much longer than usual (a busy host, a slow network) the grid alone
     can let arrivals bunch; so a send also waits until the send `per_second` places before
     it has been answered for a second. The provider accepted that one before answering, so
-    no one-second window at the provider ever holds more than `per_second` of our sends."""
+    no one-second window at the provider ever holds more than `per_second` of our sends.
+
+    A lane whose sender changed is retired: its workers finish the send they are in, pass
+    the queued items on to the senders as they are now, and end."""
 
     MARGIN = 1.05
 
@@ -108,13 +143,15 @@ class Lane:
         self.jitter = sender.jitter_ms / 1000.0
         self.next_at = 0.0
         self.pace_lock = asyncio.Lock()
-        self.queue: asyncio.Queue[tuple[Chunk, events_pb2.WorkItem]] = asyncio.Queue()
+        self.queue: asyncio.Queue[Entry | None] = asyncio.Queue()
         self.workers: list[asyncio.Task[None]] = []
+        self.retired = False
 
     async def send(
-        self, provider: Provider, request: SendRequest, still_wanted: Callable[[], bool]
-    ) -> SendResult | None:
-        """One paced send; None when the batch stopped while waiting for its turn."""
+        self, provider: Provider, request: SendRequest, go: Callable[[], Awaitable[str]]
+    ) -> SendResult | str:
+        """One paced send. `go` is asked when the turn has come, just before the request
+        leaves: an empty answer sends, any other is the reason nothing was sent (returned)."""
         if self.interval or self.jitter:
             async with self.pace_lock:
                 loop = asyncio.get_running_loop()
@@ -130,9 +167,10 @@ class Lane:
                     if answered_at + 1.0 > loop.time():
                         await asyncio.sleep(answered_at + 1.0 - loop.time())
                         slot = max(slot, loop.time())
-                # Checked after the waits: a pause must stop sends within the second.
-                if not still_wanted():
-                    return None
+                # Asked after the waits: a pause or an edit must stop sends within the second.
+                reason = await go()
+                if reason:
+                    return reason
                 if cold:
                     result = await self._timed(provider, request, self._place())
                     self.next_at = loop.time() + gap
@@ -140,8 +178,9 @@ class Lane:
                 self.next_at = slot + gap
                 place = self._place()
             return await self._timed(provider, request, place)
-        if not still_wanted():
-            return None
+        reason = await go()
+        if reason:
+            return reason
         return await provider.send(request)
 
     def _place(self) -> asyncio.Future[float] | None:
@@ -161,30 +200,72 @@ class Lane:
                 answered.set_result(asyncio.get_running_loop().time())
 
 
+ClaimRow = tuple[str, str, int, int, int]
+
+
+class SendClaims:
+    """Claims of attempts, grouped: each send asks just before its request goes out, and the
+    asks of one moment share one statement (while one is at the database, the next group
+    gathers), so a claim per send costs about what a claim per chunk did."""
+
+    def __init__(self, attempts: AttemptsRepo) -> None:
+        self.attempts = attempts
+        self.waiting: list[tuple[ClaimRow, asyncio.Future[bool]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def claim(self, row: ClaimRow) -> bool:
+        """True when this send owns the attempt; raises when the database cannot say."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.waiting.append((row, future))
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run(), name="claims")
+        return await future
+
+    async def _run(self) -> None:
+        while self.waiting:
+            group, self.waiting = self.waiting, []
+            try:
+                claimed = await self.attempts.claim_sends(rows=[row for row, _ in group])
+            except Exception as exc:  # noqa: BLE001 - each send decides what to do about it
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for row, future in group:
+                if not future.done():
+                    future.set_result(row[0] in claimed)
+
+
 class Engine:
     def __init__(
         self,
         *,
         js: JetStreamContext,
         attempts: AttemptsRepo,
-        load_senders: LoadSenders,
+        senders: SenderCache,
         providers: dict[str, Provider],
         runstates: RunStates,
         channel: str = "whatsapp",
         max_in_flight: int = 20_000,
         ack_wait: float = 15.0,
+        send_grace: float = SEND_GRACE_S,
     ) -> None:
         self.js = js
         self.attempts = attempts
-        self.load_senders = load_senders
+        self.senders = senders
         self.providers = providers
         self.runstates = runstates
         self.channel = channel
         self.max_in_flight = max_in_flight
         # A chunk whose dispatcher died is redelivered after this; live ones say "in
-        # progress" three times per period so slow sends are never taken for dead.
+        # progress" four times per period so slow sends are never taken for dead.
         self.ack_wait = ack_wait
+        self.send_grace = send_grace
+        self.claims = SendClaims(attempts)
         self.in_flight = 0
+        self.sending = 0  # requests at a provider right now
+        self.idle = asyncio.Event()  # set whenever none is
+        self.idle.set()
         self.room = asyncio.Event()
         self.room.set()
         self.lanes: dict[int, Lane] = {}
@@ -192,7 +273,21 @@ class Engine:
         self.by_seq: dict[int, Chunk] = {}
         # Provider look-ups after a crash come in thousands at once; a few at a time is faster.
         self.recovering = asyncio.Semaphore(32)
+        # Tasks the engine starts and does not await: kept, so none is collected mid-flight.
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = False
         self._rr = 0
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("engine task %s failed", task.get_name(), exc_info=task.exception())
 
     # --- intake ---
 
@@ -207,7 +302,7 @@ class Engine:
         )
         flusher = asyncio.create_task(self._flush_loop(), name="flusher")
         try:
-            while True:
+            while not self.stopping:
                 free = self.max_in_flight - self.in_flight
                 if free <= 0:
                     self.room.clear()
@@ -218,11 +313,27 @@ class Engine:
                 except (TimeoutError, NatsTimeout):
                     continue
                 for msg in msgs:
+                    if self.stopping:
+                        await msg.nak()
+                        continue
                     await self._start_chunk(msg)
         finally:
             flusher.cancel()
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def drain(self) -> None:
+        """On shutdown: start no new send, let those at a provider finish, record and publish
+        every outcome, then hand back what is left (unacked work goes to another dispatcher
+        at once). A send cut off mid-request would be an outcome lost."""
+        self.stopping = True
+        for lane in self.lanes.values():  # wake idle workers so they see the stop
+            for _ in lane.workers:
+                lane.queue.put_nowait(None)
+        if self.sending:
+            await self.idle.wait()
+        for chunk in list(self.chunks):
+            await self._flush(chunk, final=True)
 
     async def _start_chunk(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
@@ -232,36 +343,84 @@ class Engine:
             # it: keep working the first copy and ack through the newest delivery.
             working.msg = msg
             return
-        data = events_pb2.DispatchChunk.FromString(msg.data)
+        try:
+            data = events_pb2.DispatchChunk.FromString(msg.data)
+        except DecodeError as exc:
+            # Never sendable: set aside where an admin can see and replay it.
+            log.error("dispatch message %s on %s does not decode; dead-lettered", seq, msg.subject)
+            with contextlib.suppress(Exception):
+                await bus.dead_letter(
+                    self.js, msg, durable=f"dispatch-{self.channel}", error=exc, deliveries=msg.metadata.num_delivered
+                )
+                await msg.term()
+            return
+        try:
+            senders = await self.senders.get(list(data.sender_ids))
+            # What an earlier delivery of this work left on record.
+            known = await self.attempts.existing(attempt_ids=[i.attempt_id for i in data.items])
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("chunk %s put back: the database is unavailable (%s)", data.chunk_seq, exc)
+            await msg.nak(delay=2)
+            return
         chunk = Chunk(msg=msg, data=data, remaining=len(data.items))
         self.chunks.add(chunk)
         self.by_seq[seq] = chunk
         self.in_flight += chunk.remaining
-        if not self.runstates.active(data.batch_id):
-            for item in data.items:
-                self._resolve(chunk, item, "requeue")
-            return
-        senders = await self.load_senders(list(data.sender_ids))
-        if not senders:
-            for item in data.items:
-                self._resolve(chunk, item, "failed", error="no active device for this job")
-            return
-        # Record first, then send: an attempt already on record was sent (or is being
-        # resolved) by an earlier delivery of this chunk.
-        new = set(
-            await self.attempts.claim(
-                batch_id=data.batch_id, items=[(i.attempt_id, i.job_id) for i in data.items], sender_id=0
-            )
-        )
-        redelivered = [i for i in data.items if i.attempt_id not in new]
-        known = await self.attempts.existing(attempt_ids=[i.attempt_id for i in redelivered]) if redelivered else {}
+        active = self.runstates.active(data.batch_id)
         lanes = [self._lane(s) for s in senders.values()]
+        unsendable: list[events_pb2.WorkItem] = []
         for item in data.items:
-            if item.attempt_id in new:
-                self._enqueue(chunk, item, lanes)
-                continue
             row = known.get(item.attempt_id)
-            if row is not None and row["status"] in ("sent", "failed", "unknown"):
+            if row is not None:
+                self._spawn(self._recover(chunk, item, row), name="recover")
+            elif not active:
+                self._resolve(chunk, item, "requeue")
+            elif lanes:
+                self._enqueue(chunk, item, lanes)
+            else:
+                unsendable.append(item)
+        if unsendable:
+            await self._fail_unsent(chunk, unsendable, "no active device for this job")
+
+    async def _fail_unsent(self, chunk: Chunk, items: list[events_pb2.WorkItem], error: str) -> None:
+        """Items that cannot be sent end failed, on record first: a copy of this work that
+        already claimed one of them decides its outcome instead."""
+        recorded = await self._retrying(
+            lambda: self.attempts.record_unsent(batch_id=chunk.data.batch_id, items=items, error=error)
+        )
+        for item in items:
+            if item.attempt_id in recorded:
+                self._resolve(chunk, item, "failed", error=error, record=False)
+            else:
+                self._spawn(self._recover(chunk, item, await self._row(item.attempt_id)), name="recover")
+
+    async def _row(self, attempt_id: str) -> asyncpg.Record | None:
+        """The attempt's record, as it is now."""
+        found = await self._retrying(lambda: self.attempts.existing(attempt_ids=[attempt_id]))
+        return found.get(attempt_id)  # type: ignore[no-any-return]
+
+    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """A database call that must happen: retried with back-off while the database is away."""
+        delay = 0.5
+        while True:
+            try:
+                return await call()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("database unavailable (%s); trying again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _recover(self, chunk: Chunk, item: events_pb2.WorkItem, row: asyncpg.Record | None) -> None:
+        """An attempt another send has claimed: an earlier delivery whose process died, or a
+        copy of this work still sending. Its outcome is the record's once there is one, or
+        the provider's when it has the message; otherwise it waits until no send of it can
+        still be under way, and only then is it `unknown` (the provider cannot say) or sent
+        again (the provider never got it)."""
+        while True:
+            if row is None:  # the claim was given up (see below): ours to send
+                await self._route(chunk, item)
+                return
+            if row["status"] != "sending":
                 self._resolve(
                     chunk,
                     item,
@@ -271,50 +430,94 @@ class Engine:
                     provider_message_id=row["provider_message_id"] or "",
                     record=False,
                 )
+                return
+            found = await self._look_up(chunk, item, row["sender_id"])
+            if isinstance(found, SendResult):  # the provider has it: that is the outcome
+                self._resolve(
+                    chunk,
+                    item,
+                    "sent" if found.status == "sent" else "failed",
+                    sender_id=row["sender_id"],
+                    provider_message_id=found.provider_message_id,
+                    error=found.error,
+                )
+                return
+            wait = self.send_grace - row["age"]
+            if wait > 0:
+                # A send of it may still be under way: its owner records the outcome, or the
+                # provider gets it, or the claim grows old enough to be given up.
+                await asyncio.sleep(min(wait, 5.0))
+            elif found == "unknown":
+                self._resolve(
+                    chunk, item, "unknown", sender_id=row["sender_id"], error="outcome unknown after a restart"
+                )
+                return
             else:
-                asyncio.create_task(self._recover(chunk, item, senders, lanes))
+                # Never at the provider: give the stale claim up (only if it is still the same
+                # one), and the item is sent again through a fresh claim.
+                await self._retrying(
+                    functools.partial(
+                        self.attempts.unclaim,
+                        attempt_id=item.attempt_id,
+                        claimed_at=row["created_at"],
+                        older_than_s=self.send_grace,
+                    )
+                )
+            row = await self._row(item.attempt_id)
 
-    async def _recover(
-        self, chunk: Chunk, item: events_pb2.WorkItem, senders: dict[int, SenderConfig], lanes: list[Lane]
-    ) -> None:
-        """An attempt recorded but never resolved: the process that sent it died. Ask the
-        provider; send only if the provider never accepted it."""
+    async def _look_up(self, chunk: Chunk, item: events_pb2.WorkItem, sender_id: int) -> SendResult | str:
+        """The provider's record of a lost send: a result, "absent", or "unknown"."""
         try:
-            for sender in senders.values():
+            senders = await self._retrying(lambda: self.senders.get(list(chunk.data.sender_ids)))
+            # Asked through the sender that claimed it when it is still there, else through
+            # each provider among the job's senders (a provider's record is per attempt id).
+            ordered = sorted(senders.values(), key=lambda s: s.id != sender_id)
+            if not ordered:
+                return "unknown"
+            asked: set[str] = set()
+            for sender in ordered:
+                if sender.provider in asked:
+                    continue
+                asked.add(sender.provider)
                 async with self.recovering:
                     found = await self.providers[sender.provider].lookup(item.attempt_id, sender)
                 if found is not None:
-                    self._resolve(
-                        chunk,
-                        item,
-                        "sent" if found.status == "sent" else "failed",
-                        sender_id=sender.id,
-                        provider_message_id=found.provider_message_id,
-                        error=found.error,
-                    )
-                    return
+                    return found
         except Exception as exc:  # noqa: BLE001 - the outcome cannot be known: say so, never re-send
             log.warning("could not resolve attempt %s: %s", item.attempt_id, exc)
-            self._resolve(chunk, item, "unknown", error="outcome unknown after a restart")
-            return
-        self._enqueue(chunk, item, lanes)
+            return "unknown"
+        return "absent"
 
     # --- sending ---
 
     def _lane(self, sender: SenderConfig) -> Lane:
         lane = self.lanes.get(sender.id)
-        if lane is None or lane.sender != sender:
-            if lane is not None:  # configuration changed: new pace, old workers finish their items
-                for w in lane.workers:
-                    w.cancel()
-            lane = self.lanes[sender.id] = Lane(sender)
-            lane.workers = [
-                asyncio.create_task(self._worker(lane), name=f"lane-{sender.id}")
-                for _ in range(max(1, sender.concurrency))
-            ]
+        if lane is not None and lane.sender == sender:
+            return lane
+        if lane is not None:
+            self._retire(lane)
+        lane = self.lanes[sender.id] = Lane(sender)
+        lane.workers = [
+            self._spawn(self._worker(lane), name=f"lane-{sender.id}") for _ in range(max(1, sender.concurrency))
+        ]
         return lane
 
+    def _retire(self, lane: Lane) -> None:
+        """The sender changed: new work goes to a new lane; this one's workers finish their
+        send and pass the queue on (never cancelled mid-send: that request may be out)."""
+        if lane.retired:
+            return
+        lane.retired = True
+        if self.lanes.get(lane.sender.id) is lane:
+            del self.lanes[lane.sender.id]
+        for _ in lane.workers:
+            lane.queue.put_nowait(None)  # wakes a worker waiting on an empty queue
+
     def _enqueue(self, chunk: Chunk, item: events_pb2.WorkItem, lanes: list[Lane]) -> None:
+        lanes = [lane for lane in lanes if not lane.retired]
+        if not lanes:  # retired while this chunk was being started
+            self._spawn(self._route(chunk, item), name="route")
+            return
         # The least-loaded lane in send time; round robin among equals.
         self._rr += 1
         best = min(
@@ -323,44 +526,120 @@ class Engine:
         )
         lanes[best].queue.put_nowait((chunk, item))
 
+    async def _route(self, chunk: Chunk, item: events_pb2.WorkItem) -> None:
+        """Send an item through the job's senders as they are now."""
+        if chunk.broken or self.stopping:
+            self._drop(chunk)
+        elif not self.runstates.active(chunk.data.batch_id):
+            self._resolve(chunk, item, "requeue")
+        else:
+            senders = await self._retrying(lambda: self.senders.get(list(chunk.data.sender_ids)))
+            if senders:
+                self._enqueue(chunk, item, [self._lane(s) for s in senders.values()])
+            else:
+                await self._fail_unsent(chunk, [item], "no active device for this job")
+
     async def _worker(self, lane: Lane) -> None:
         provider = self.providers[lane.sender.provider]
         while True:
-            chunk, item = await lane.queue.get()
-            try:
-                await self._send(lane, provider, chunk, item)
-            except asyncio.CancelledError:
-                self._resolve(chunk, item, "requeue")
-                raise
-            except Exception as exc:  # noqa: BLE001 - one bad send must not kill the lane
-                log.exception("send failed unexpectedly")
-                self._resolve(chunk, item, "failed", sender_id=lane.sender.id, error=type(exc).__name__)
+            entry = await lane.queue.get()
+            if entry is None:
+                if lane.retired or self.stopping:
+                    return
+                continue
+            chunk, item = entry
+            if chunk.broken or self.stopping:
+                self._drop(chunk)
+            elif lane.retired:
+                await self._route(chunk, item)
+            else:
+                try:
+                    await self._send(lane, provider, chunk, item)
+                except Exception:  # noqa: BLE001 - one bad send must not kill the lane
+                    log.exception("send of %s failed unexpectedly", item.attempt_id)
+                    self._resolve(chunk, item, "unknown", sender_id=lane.sender.id, error="internal error")
+            if self.stopping and lane.queue.empty():
+                return
 
     async def _send(self, lane: Lane, provider: Provider, chunk: Chunk, item: events_pb2.WorkItem) -> None:
         batch_id = chunk.data.batch_id
-        if not self.runstates.active(batch_id):
-            self._resolve(chunk, item, "requeue")
-            return
-        request = SendRequest(attempt_id=item.attempt_id, sender=lane.sender, to=item.to, text=item.text)
+        sender = lane.sender
+        claimed = counted = False
+
+        async def go() -> str:
+            nonlocal claimed, counted
+            if not claimed:
+                if chunk.broken or self.stopping:
+                    return "drop"
+                if not self.runstates.active(batch_id):
+                    return "stopped"
+                try:
+                    claim = (item.attempt_id, batch_id, item.job_id, sender.id, sender.version)
+                    claimed = await self.claims.claim(claim)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    return "unclaimed"
+                if not claimed:
+                    return "refused"
+            # Counted while at the provider: a stop waits for these to answer.
+            self.sending += 1
+            self.idle.clear()
+            counted = True
+            return ""
+
+        request = SendRequest(attempt_id=item.attempt_id, sender=sender, to=item.to, text=item.text)
+        delay = 0.5
+        result: SendResult | str = ""
         for _ in range(RATE_LIMIT_RETRIES):
-            result = await lane.send(provider, request, lambda: self.runstates.active(batch_id))
-            if result is None:
-                self._resolve(chunk, item, "requeue")
-                return
-            if result.status != "rate_limited":
+            try:
+                result = await lane.send(provider, request, go)
+            except Exception as exc:  # noqa: BLE001 - the request may have left: unknown, never resent
+                if not claimed:
+                    raise
+                log.warning("send of %s broke off: %r", item.attempt_id, exc)
+                result = SendResult(status="unknown", error=type(exc).__name__)
+            finally:
+                if counted:
+                    self.sending -= 1
+                    counted = False
+                    if not self.sending:
+                        self.idle.set()
+            if result == "unclaimed":  # the database is away: keep the place and try again
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            if isinstance(result, str) or result.status != "rate_limited":
                 break
             await asyncio.sleep(result.retry_after or 1.0)
+        if result == "drop":
+            self._drop(chunk)
+        elif result == "stopped":
+            self._resolve(chunk, item, "requeue")
+        elif result == "refused":
+            await self._refused(lane, chunk, item)
+        elif isinstance(result, str):  # still unclaimed after every try: nothing went out
+            self._spawn(self._route(chunk, item), name="route")
+        elif result.status == "rate_limited":
+            self._resolve(chunk, item, "failed", sender_id=sender.id, error="rate limited by provider")
         else:
-            self._resolve(chunk, item, "failed", sender_id=lane.sender.id, error="rate limited by provider")
+            self._resolve(
+                chunk,
+                item,
+                result.status,
+                sender_id=sender.id,
+                error=result.error,
+                provider_message_id=result.provider_message_id,
+            )
+
+    async def _refused(self, lane: Lane, chunk: Chunk, item: events_pb2.WorkItem) -> None:
+        """A claim was refused: another copy of this work holds it, or the sender changed."""
+        row = await self._row(item.attempt_id)
+        if row is not None:
+            self._spawn(self._recover(chunk, item, row), name="recover")
             return
-        self._resolve(
-            chunk,
-            item,
-            result.status if result.status == "sent" else "failed",
-            sender_id=lane.sender.id,
-            error=result.error,
-            provider_message_id=result.provider_message_id,
-        )
+        log.info("sender %s changed; its queued work moves on", lane.sender.id)
+        self.senders.forget()
+        self._retire(lane)
+        await self._route(chunk, item)
 
     # --- outcomes ---
 
@@ -375,6 +654,8 @@ class Engine:
         provider_message_id: str = "",
         record: bool = True,
     ) -> None:
+        if chunk.closed:  # handed back at a stop: the redelivery reports it
+            return
         chunk.outcomes.append(
             events_pb2.JobOutcome(
                 job_id=item.job_id,
@@ -388,47 +669,55 @@ class Engine:
                 cost=chunk.data.unit_price if status == "sent" else "",
             )
         )
-        if status == "requeue":
-            chunk.handed_back.append(item.attempt_id)
-        elif record:
-            chunk.sent_attempts.append((item.attempt_id, status, provider_message_id, error, sender_id))
+        # A hand-back (requeue) was never claimed: there is nothing on record to finish.
+        if record and status != "requeue":
+            chunk.finished.append((item.attempt_id, status, provider_message_id, error, sender_id))
+        self._settled(chunk)
+        if len(chunk.outcomes) >= FLUSH_AT or chunk.remaining == 0:
+            self._spawn(self._flush(chunk), name="flush")
+
+    def _drop(self, chunk: Chunk) -> None:
+        """An item this delivery will not send (the chunk broke, the process stops): the
+        redelivery of the unacked chunk sends it."""
+        if chunk.closed:
+            return
+        chunk.dropped += 1
+        self._settled(chunk)
+        if chunk.remaining == 0:
+            self._spawn(self._flush(chunk), name="flush")
+
+    def _settled(self, chunk: Chunk) -> None:
         chunk.remaining -= 1
         self.in_flight -= 1
         if self.in_flight < self.max_in_flight:
             self.room.set()
-        if len(chunk.outcomes) >= FLUSH_AT or chunk.remaining == 0:
-            asyncio.create_task(self._flush(chunk))
 
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_EVERY_S)
             now = time.monotonic()
             # Pings first and together: a slow flush must not let another chunk's ack wait run out.
-            due = [c for c in self.chunks if c.remaining and now - c.last_ping > self.ack_wait / 4]
+            due = [c for c in self.chunks if now - c.last_ping > self.ack_wait / 4]
             for chunk in due:
                 chunk.last_ping = now
             await asyncio.gather(*(c.msg.in_progress() for c in due), return_exceptions=True)
             for chunk in list(self.chunks):
-                if chunk.outcomes:
+                if (chunk.outcomes or chunk.remaining == 0) and chunk.retry_at <= now:
                     await self._flush(chunk)
 
-    async def _flush(self, chunk: Chunk) -> None:
+    async def _flush(self, chunk: Chunk, *, final: bool = False) -> None:
         """Record outcomes, then publish them; ack the chunk once it is fully resolved. A
-        crash in between is safe: the redelivered chunk finds the attempts on record."""
+        crash in between is safe: the redelivered chunk finds the attempts on record. A
+        failed flush keeps its outcomes for the next try and stops the chunk's sends."""
         async with chunk.lock:
+            if chunk.closed:
+                return
             outcomes, chunk.outcomes = chunk.outcomes, []
-            finished, chunk.sent_attempts = chunk.sent_attempts, []
-            handed_back, chunk.handed_back = chunk.handed_back, []
-            done = chunk.remaining == 0 and chunk in self.chunks
-            if done:
-                self.chunks.discard(chunk)
-                self.by_seq.pop(chunk.msg.metadata.sequence.stream, None)
-            if outcomes and not chunk.broken:
+            finished, chunk.finished = chunk.finished, []
+            if outcomes:
                 try:
                     if finished:
                         await self.attempts.finish(rows=finished)
-                    if handed_back:
-                        await self.attempts.release(attempt_ids=handed_back)
                     digest = hashlib.sha1("|".join(f"{o.attempt_id}={o.status}" for o in outcomes).encode())
                     result = events_pb2.ResultChunk(
                         batch_id=chunk.data.batch_id,
@@ -443,10 +732,25 @@ class Engine:
                         result,
                         msg_id=f"{chunk.data.batch_id}:r:{digest.hexdigest()}",
                     )
-                except Exception:  # noqa: BLE001 - unacked, the chunk is redelivered and resolved again
-                    log.exception("flushing outcomes failed; chunk %s will be redelivered", chunk.data.chunk_seq)
-                    chunk.broken = True
-                    self.chunks.discard(chunk)
-                    self.by_seq.pop(chunk.msg.metadata.sequence.stream, None)
-            if done and not chunk.broken:
-                await chunk.msg.ack()
+                except Exception:  # noqa: BLE001 - kept for the next try; the chunk sends no more
+                    chunk.outcomes[:0] = outcomes
+                    chunk.finished[:0] = finished
+                    chunk.failures += 1
+                    chunk.retry_at = time.monotonic() + min(0.5 * 2**chunk.failures, 30.0)
+                    if not chunk.broken:
+                        log.exception("flushing outcomes of chunk %s failed; it sends no more", chunk.data.chunk_seq)
+                        chunk.broken = True
+                    return
+                chunk.failures = 0
+            if chunk.remaining == 0 or final:
+                chunk.closed = True
+                self.chunks.discard(chunk)
+                self.by_seq.pop(chunk.msg.metadata.sequence.stream, None)
+                self.in_flight -= chunk.remaining  # left behind at a stop
+                with contextlib.suppress(Exception):
+                    if chunk.remaining == 0 and chunk.dropped == 0:
+                        await chunk.msg.ack()
+                    else:
+                        # What was not sent here goes out from the redelivery, now rather than
+                        # after the ack wait.
+                        await chunk.msg.nak()

@@ -52,7 +52,7 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     engine = Engine(
         js=rt.js,
         attempts=AttemptsRepo(rt.pool),
-        load_senders=SenderCache(senders.load_for_dispatch).get,
+        senders=SenderCache(senders.load_for_dispatch),
         providers={
             "simulated": make_simulated(settings.simulated_provider_url or None),
             whatsapp_cloud.NAME: whatsapp_cloud.WhatsAppCloudProvider(),
@@ -60,6 +60,7 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
         runstates=runstates,
         max_in_flight=settings.max_in_flight,
         ack_wait=settings.dispatch_ack_wait_seconds,
+        send_grace=settings.send_grace_seconds,
     )
     calls = CallEngine(
         js=rt.js,
@@ -73,6 +74,7 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     rt.spawn(engine.run(), name="engine")
     rt.spawn(calls.run(), name="calls")
     rt.on_stop(calls.drain, timeout=settings.call_drain_seconds)
+    rt.on_stop(engine.drain, timeout=settings.send_drain_seconds)
     dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server(DispatcherServicer(senders), server)
     return [dispatcher_pb2.DESCRIPTOR.services_by_name["DispatcherService"].full_name]
 

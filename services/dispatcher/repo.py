@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -53,18 +55,18 @@ class SenderQ:
         SET provider = $3, device_name = $4, token = $5,
             secret_enc = COALESCE($6, secret_enc), secret_hint = COALESCE($7, secret_hint),
             status = $8, is_receiver = $9, phone = $10, rate_per_minute = $11, jitter_ms = $12,
-            concurrency = $13, provider_config = $14::jsonb, updated_at = now()
+            concurrency = $13, provider_config = $14::jsonb, updated_at = now(), version = version + 1
         WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
         RETURNING id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
                   rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at"""
     SOFT_DELETE_SENDER = """
-        UPDATE senders SET deleted_at = now(), updated_at = now()
+        UPDATE senders SET deleted_at = now(), updated_at = now(), version = version + 1
         WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
         RETURNING id"""
     # Internal, not account-scoped: the dispatch engine resolves senders named in its work.
     LOAD_FOR_DISPATCH = """
         SELECT id, account_id, provider, token, secret_enc, phone, rate_per_minute, jitter_ms, concurrency,
-               provider_config
+               provider_config, version
         FROM senders
         WHERE id = ANY($1::bigint[]) AND status = 'active' AND deleted_at IS NULL"""
 
@@ -178,15 +180,46 @@ class SendersRepo:
 
 
 class AttemptQ:
-    # DO NOTHING on conflict: the ids returned are the attempts this delivery owns; the
-    # others were recorded by an earlier delivery of the same chunk.
+    # Voice: a chunk's calls are all placed at once, so they are claimed together. DO NOTHING
+    # on conflict: the ids returned are the attempts this delivery owns; the others were
+    # recorded by an earlier delivery of the same chunk.
     CLAIM = """
         INSERT INTO attempts (attempt_id, batch_id, job_id, sender_id)
         SELECT a, $1::uuid, j, $4 FROM unnest($2::text[], $3::bigint[]) AS t(a, j)
         ON CONFLICT (attempt_id) DO NOTHING
         RETURNING attempt_id"""
+    # Messages: each attempt is claimed just before its request goes out, through the sender
+    # version it is sent with (the claims of one moment share this statement). FOR SHARE
+    # makes an edit of the sender wait for claims in progress, and a claim that comes after
+    # the edit see it: none is made through a sender that changed, was disabled or deleted.
+    CLAIM_SENDS = """
+        INSERT INTO attempts (attempt_id, batch_id, job_id, sender_id)
+        SELECT t.a, t.b, t.j, t.s
+        FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::bigint[], $5::bigint[]) AS t(a, b, j, s, v)
+        JOIN senders ON senders.id = t.s AND senders.version = t.v
+                    AND senders.status = 'active' AND senders.deleted_at IS NULL
+        FOR SHARE OF senders
+        ON CONFLICT (attempt_id) DO NOTHING
+        RETURNING attempt_id"""
+    # A claim left by a send whose outcome is lost (its process died) that the provider says
+    # it never got: given up, so the item is claimed afresh and sent. Only the same claim, and
+    # only once it is older than any send can take (a send still under way keeps it).
+    UNCLAIM = """
+        DELETE FROM attempts
+        WHERE attempt_id = $1 AND status = 'sending' AND created_at = $2
+          AND created_at < now() - make_interval(secs => $3)"""
+    # Items that cannot be sent (no usable sender) end failed, on record; an id that another
+    # copy of the work has claimed meanwhile is not returned, and its claim decides.
+    RECORD_UNSENT = """
+        INSERT INTO attempts (attempt_id, batch_id, job_id, sender_id, status, error, finished_at)
+        SELECT a, $1::uuid, j, 0, 'failed', $4, now() FROM unnest($2::text[], $3::bigint[]) AS t(a, j)
+        ON CONFLICT (attempt_id) DO NOTHING
+        RETURNING attempt_id"""
+    # age: seconds since the claim, by the database's clock (every replica reads the same one).
     EXISTING = """
-        SELECT attempt_id, status, sender_id, provider_message_id, error, result FROM attempts
+        SELECT attempt_id, status, sender_id, provider_message_id, error, result, created_at,
+               extract(epoch FROM now() - created_at)::float8 AS age
+        FROM attempts
         WHERE attempt_id = ANY($1::text[])"""
     PLACED = """
         UPDATE attempts SET provider_message_id = $2 WHERE attempt_id = $1 AND status = 'sending'"""
@@ -200,8 +233,6 @@ class AttemptQ:
         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[])
              AS r(attempt_id, status, pmid, error, sender_id)
         WHERE a.attempt_id = r.attempt_id"""
-    # Handed back unsent (pause, cancel): forget the attempt so its next release sends it.
-    RELEASE = "DELETE FROM attempts WHERE attempt_id = ANY($1::text[]) AND status = 'sending'"
 
 
 class AttemptsRepo:
@@ -211,6 +242,28 @@ class AttemptsRepo:
     async def claim(self, *, batch_id: str, items: Sequence[tuple[str, int]], sender_id: int) -> list[str]:
         rows = await self.pool.fetch(AttemptQ.CLAIM, batch_id, [a for a, _ in items], [j for _, j in items], sender_id)
         return [r["attempt_id"] for r in rows]
+
+    async def claim_sends(self, *, rows: Sequence[tuple[str, str, int, int, int]]) -> set[str]:
+        """rows: (attempt_id, batch_id, job_id, sender_id, sender_version); the ids claimed."""
+        claimed = await self.pool.fetch(
+            AttemptQ.CLAIM_SENDS,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+            [r[4] for r in rows],
+        )
+        return {r["attempt_id"] for r in claimed}
+
+    async def unclaim(self, *, attempt_id: str, claimed_at: datetime, older_than_s: float) -> None:
+        await self.pool.execute(AttemptQ.UNCLAIM, attempt_id, claimed_at, older_than_s)
+
+    async def record_unsent(self, *, batch_id: str, items: Sequence[Any], error: str) -> set[str]:
+        """items: work items (attempt_id, job_id); the ids recorded as failed."""
+        rows = await self.pool.fetch(
+            AttemptQ.RECORD_UNSENT, batch_id, [i.attempt_id for i in items], [i.job_id for i in items], error
+        )
+        return {r["attempt_id"] for r in rows}
 
     async def existing(self, *, attempt_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
         rows = await self.pool.fetch(AttemptQ.EXISTING, list(attempt_ids))
@@ -233,6 +286,3 @@ class AttemptsRepo:
 
     async def finish_call(self, *, attempt_id: str, status: str, call_id: str, error: str, result_json: str) -> None:
         await self.pool.execute(AttemptQ.FINISH_CALL, attempt_id, status, call_id, error, result_json)
-
-    async def release(self, *, attempt_ids: Sequence[str]) -> None:
-        await self.pool.execute(AttemptQ.RELEASE, list(attempt_ids))

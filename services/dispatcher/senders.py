@@ -297,5 +297,6 @@ class Senders:
                 secret=secret,
                 phone=row["phone"],
                 config=provider_config_of(row),
+                version=row["version"],
             )
         return out

@@ -8,7 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-SendStatus = Literal["sent", "failed", "rate_limited"]
+import httpx
+
+# unknown: the request may have reached the provider but no answer came back (a timeout, a
+# dropped connection); it must never be sent again, nor reported as failed (a retry of the
+# failed ones would contact that person a second time).
+SendStatus = Literal["sent", "failed", "rate_limited", "unknown"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +30,7 @@ class SenderConfig:
     secret: str = ""
     phone: str = ""
     config: dict[str, Any] = field(default_factory=dict)  # provider-specific settings
+    version: int = 0  # moves on every edit; a send is claimed through the version it uses
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,15 @@ class SendResult:
     provider_message_id: str = ""
     error: str = ""
     retry_after: float = 0.0  # seconds, for rate_limited
+
+
+def transport_failure(exc: httpx.HTTPError, prefix: str = "") -> SendResult:
+    """What a failed HTTP exchange says about a send: a connection never made carried no
+    request (failed, safe to report), anything later may have been received (unknown)."""
+    error = f"{prefix}{type(exc).__name__}"
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol):
+        return SendResult(status="failed", error=error)
+    return SendResult(status="unknown", error=error)
 
 
 class Provider(Protocol):

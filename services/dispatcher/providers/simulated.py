@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import httpx
 
-from services.dispatcher.providers.base import Provider, SenderConfig, SendRequest, SendResult
+from services.dispatcher.providers.base import Provider, SenderConfig, SendRequest, SendResult, transport_failure
 
 NAME = "simulated"
 RETRY_AFTER_SECONDS = 1.0
@@ -302,9 +302,8 @@ class HttpSimulatedProvider:
         try:
             response = await self._client.post(f"{self.base_url}/v1/messages", json=body)
         except httpx.HTTPError as exc:
-            # Ambiguous after a read timeout (the server may have accepted it); a re-send is
-            # safe because the server dedups on attempt_id, and lookup() resolves it.
-            return SendResult(status="failed", error=type(exc).__name__)
+            # After a read timeout the server may have accepted it: unknown, never failed.
+            return transport_failure(exc)
         if response.status_code == 200:
             try:
                 message_id = response.json()["message_id"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from .base import SenderConfig, SendRequest, SendResult
+from .base import SenderConfig, SendRequest, SendResult, transport_failure
 
 NAME = "whatsapp_cloud"
 DEFAULT_BASE_URL = "https://graph.facebook.com"
@@ -96,7 +96,7 @@ class WhatsAppCloudProvider:
                 headers={"Authorization": f"Bearer {request.sender.secret}"},
             )
         except httpx.HTTPError as exc:
-            return SendResult(status="failed", error=f"graph: {type(exc).__name__}")
+            return transport_failure(exc, "graph: ")
         data = _json(reply)
         if reply.status_code < 300:
             messages = data.get("messages") or [{}]
