@@ -298,3 +298,18 @@ def test_envoy_closes_idle_gateway_connections_before_the_gateway_does() -> None
     for name, policy in policies.items():
         idle = policy["spec"]["timeout"]["http"]["connectionIdleTimeout"]
         assert idle.endswith("s") and int(idle[:-1]) < keep_alive, name
+
+
+def test_every_stream_the_services_use_is_declared_for_the_operator() -> None:
+    """In production NACK owns the streams (a service leaves an existing one alone): each one
+    the services create in development must be declared, with the same subjects and
+    retention, or it would be made with one replica on first start."""
+    from services.runtime.bus import STREAMS
+
+    declared = {s["spec"]["name"]: s["spec"] for s in _of_kind("Stream").values()}
+    for config in STREAMS:
+        assert config.name in declared, f"stream {config.name} is not in deploy/k8s"
+        spec = declared[config.name]
+        assert spec["subjects"] == config.subjects
+        assert spec["retention"] == {"workqueue": "workqueue", "limits": "limits"}[str(config.retention.value)]
+        assert spec["replicas"] >= 3
