@@ -20,7 +20,6 @@ from decimal import Decimal
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from pregonero.events.v1 import events_pb2
@@ -102,9 +101,8 @@ class CallEngine:
             raise
         try:
             while self.accepting:
-                try:
-                    msgs = await sub.fetch(FETCH, timeout=1)
-                except (TimeoutError, NatsTimeout):
+                msgs = await bus.pull(sub, FETCH, name=DURABLE)
+                if not msgs:
                     continue
                 if not self.accepting:
                     # Fetched as the stop came: another dispatcher takes them now.

@@ -35,7 +35,6 @@ from typing import Any
 import asyncpg
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from pregonero.events.v1 import events_pb2
@@ -308,13 +307,11 @@ class Engine:
                     self.room.clear()
                     await self.room.wait()
                     continue
-                try:
-                    msgs = await sub.fetch(max(1, min(8, free // 500)), timeout=1)
-                except (TimeoutError, NatsTimeout):
-                    continue
+                msgs = await bus.pull(sub, max(1, min(8, free // 500)), name=f"dispatch-{self.channel}")
                 for msg in msgs:
                     if self.stopping:
-                        await msg.nak()
+                        with contextlib.suppress(Exception):
+                            await msg.nak()
                         continue
                     await self._start_chunk(msg)
         finally:
@@ -360,7 +357,8 @@ class Engine:
             known = await self.attempts.existing(attempt_ids=[i.attempt_id for i in data.items])
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("chunk %s put back: the database is unavailable (%s)", data.chunk_seq, exc)
-            await msg.nak(delay=2)
+            with contextlib.suppress(Exception):  # unacked, it comes back after the ack wait anyway
+                await msg.nak(delay=2)
             return
         chunk = Chunk(msg=msg, data=data, remaining=len(data.items))
         self.chunks.add(chunk)

@@ -284,14 +284,29 @@ async def consume(
     consumer = _Consumer(js, durable, handle, poison_after=poison_after, backoff=backoff)
     try:
         while True:
-            try:
-                msgs = await sub.fetch(fetch, timeout=1)
-            except (TimeoutError, NatsTimeout):
-                continue
-            await consumer.take(msgs)
+            msgs = await pull(sub, fetch, name=durable)
+            if msgs:
+                await consumer.take(msgs)
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+_pull_log: dict[str, _Throttled] = {}
+
+
+async def pull(sub: JetStreamContext.PullSubscription, batch: int, *, name: str) -> list[Msg]:
+    """Up to `batch` messages, or none after a second. While NATS is away (restarting, a
+    reconnect under way) it answers none after a pause instead of raising: a consumer loop
+    must outlive the bus it reads, or one NATS restart would stop every service."""
+    try:
+        return await sub.fetch(batch, timeout=1)
+    except (TimeoutError, NatsTimeout):
+        return []
+    except (nats_errors.Error, OSError) as exc:
+        _pull_log.setdefault(name, _Throttled(RETRY_LOG_EVERY_S)).warning("%s: fetch failed (%r); retrying", name, exc)
+        await asyncio.sleep(1.0)
+        return []
 
 
 class _Consumer:
@@ -312,7 +327,10 @@ class _Consumer:
             failure = exc
         else:
             self.outage = 0
-            await asyncio.gather(*(m.ack() for m in msgs))
+            # An ack lost (NATS restarting) only means the message comes again: handlers are idempotent.
+            results = await asyncio.gather(*(m.ack() for m in msgs), return_exceptions=True)
+            if any(isinstance(r, Exception) for r in results):
+                self.retry_log.warning("%s: acks lost; those messages come again", self.durable)
             return
         # Out of the except block, so what fails next is not logged as raised while handling this.
         kind = classify(failure)

@@ -332,3 +332,50 @@ async def test_an_outage_while_isolating_a_bad_message_stops_the_one_by_one_pass
     assert all(n == 1 for n in applied.values()), applied
     if (b"c", 1) in alone:  # the first fetch held the whole batch (as it does): c met the outage
         assert (b"d", 1) not in alone, "d was tried alone against a database known to be down"
+
+
+async def test_a_consumer_outlives_a_nats_restart(tmp_path: Any) -> None:
+    """NATS killed and started again on its file store: the consumer loop keeps running and
+    applies what is published after the restart (a loop that died would stop the service)."""
+    import signal
+
+    from services.runtime.devstack import free_port, start_nats
+
+    port = free_port()
+    proc, url = start_nats(tmp_path, port=port)
+    nc = await bus.connect(url, name="restart-test")
+    js = nc.jetstream()
+    await bus.ensure_topology(js)
+    seen: list[bytes] = []
+
+    async def handle(msgs: list[Msg]) -> None:
+        seen.extend(m.data for m in msgs)
+
+    task = asyncio.create_task(bus.consume(js, "events.restart.>", durable="restart-test", handle=handle))
+    try:
+        await js.publish("events.restart.1", b"before", headers={"Nats-Msg-Id": "before"})
+        await _until(lambda: seen == [b"before"])
+        proc.stop(signal.SIGKILL)
+        proc, _ = start_nats(tmp_path, port=port)
+        await _until(lambda: nc.is_connected, within=30)
+        for _ in range(60):  # JetStream answers once it has recovered its store
+            try:
+                await js.publish("events.restart.1", b"after", headers={"Nats-Msg-Id": "after"}, timeout=1)
+                break
+            except nats.errors.Error:
+                await asyncio.sleep(0.25)
+        await _until(lambda: seen == [b"before", b"after"], within=30)
+        assert not task.done(), "the consumer loop died with the server"
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        await nc.close()
+        proc.stop()
+
+
+async def _until(probe: Callable[[], Any], within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not probe():
+        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
+        await asyncio.sleep(0.05)
