@@ -95,7 +95,7 @@ class Chunk:
     data: events_pb2.DispatchChunk
     remaining: int  # items with no outcome yet that this delivery still works on
     outcomes: list[events_pb2.JobOutcome] = field(default_factory=list)
-    finished: list[tuple[str, str, str, str, int]] = field(default_factory=list)
+    finished: list[tuple[str, int, str, str, str, int]] = field(default_factory=list)
     last_ping: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # A flush failed: send nothing more of it; flush what it has, then hand it back.
@@ -669,7 +669,7 @@ class Engine:
         )
         # A hand-back (requeue) was never claimed: there is nothing on record to finish.
         if record and status != "requeue":
-            chunk.finished.append((item.attempt_id, status, provider_message_id, error, sender_id))
+            chunk.finished.append((item.attempt_id, item.job_id, status, provider_message_id, error, sender_id))
         self._settled(chunk)
         if len(chunk.outcomes) >= FLUSH_AT or chunk.remaining == 0:
             self._spawn(self._flush(chunk), name="flush")
@@ -710,12 +710,14 @@ class Engine:
         async with chunk.lock:
             if chunk.closed:
                 return
-            outcomes, chunk.outcomes = chunk.outcomes, []
-            finished, chunk.finished = chunk.finished, []
-            if outcomes:
+            # Outcomes that come in while one lot is being published go out in the next lot:
+            # the chunk closes only when none is left (its last one may arrive mid-publish).
+            while chunk.outcomes:
+                outcomes, chunk.outcomes = chunk.outcomes, []
+                finished, chunk.finished = chunk.finished, []
                 try:
                     if finished:
-                        await self.attempts.finish(rows=finished)
+                        await self.attempts.finish(batch_id=chunk.data.batch_id, rows=finished)
                     digest = hashlib.sha1("|".join(f"{o.attempt_id}={o.status}" for o in outcomes).encode())
                     result = events_pb2.ResultChunk(
                         batch_id=chunk.data.batch_id,

@@ -74,11 +74,11 @@ class FlakyAttempts(AttemptsRepo):
     failing = False
     failures = 0
 
-    async def finish(self, *, rows: Any) -> None:
+    async def finish(self, *, batch_id: str, rows: Any) -> None:
         if self.failing:
             self.failures += 1
             raise asyncpg.CannotConnectNowError("the database system is starting up")
-        await super().finish(rows=rows)
+        await super().finish(batch_id=batch_id, rows=rows)
 
 
 @dataclass
@@ -357,3 +357,42 @@ async def test_an_undecodable_chunk_is_dead_lettered_and_the_rest_goes_out(env: 
     letters = await bus.list_dead_letters(env.js)
     assert [(d.subject, d.consumer) for d in letters] == [("dispatch.whatsapp.acc-1", "dispatch-whatsapp")]
     assert_each_once(env, ids)
+
+
+class SlowAttempts(AttemptsRepo):
+    """Recording outcomes waits at `gate`: a flush stays in the middle as long as the test likes."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        super().__init__(pool)
+        self.gate = asyncio.Event()
+        self.calls = 0
+
+    async def finish(self, *, batch_id: str, rows: Any) -> None:
+        self.calls += 1
+        await self.gate.wait()
+        await super().finish(batch_id=batch_id, rows=rows)
+
+
+async def test_the_last_outcome_arriving_during_a_flush_is_published_before_the_ack(env: Env) -> None:
+    device = await env.device(concurrency=1, rate_per_minute=0)
+    attempts = SlowAttempts(env.pool)
+    engine = await env.engine(attempts=attempts)
+    held = asyncio.Event()
+
+    async def send(request: SendRequest) -> SendResult:
+        env.provider.entered += 1
+        if env.provider.entered == 2:
+            await held.wait()
+        env.provider.sent.append((request.attempt_id, request.sender.id, request.sender.token))
+        return SendResult(status="sent", provider_message_id=f"m-{request.attempt_id}")
+
+    env.provider.send = send  # type: ignore[method-assign]
+    ids = await env.release(str(uuid.uuid4()), [device], 2)
+    await until("the first outcome is being flushed", lambda: attempts.calls == 1 and env.provider.entered == 2)
+    held.set()  # the last outcome comes while the flush is at the database
+    await until("the last recipient is resolved", lambda: all(c.remaining == 0 for c in engine.chunks))
+    attempts.gate.set()
+    await until("the chunk is acked", lambda: _acked(env))
+    await until("both outcomes are published", lambda: len(env.outcomes()) == 2)
+    assert env.outcomes() == {ids[0]: "sent", ids[1]: "sent"}
+    assert await env.pool.fetchval("SELECT count(*) FROM attempts WHERE status = 'sent'") == 2
