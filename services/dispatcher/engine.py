@@ -574,7 +574,8 @@ class Engine:
                 try:
                     claim = (item.attempt_id, batch_id, item.job_id, sender.id, sender.version)
                     claimed = await self.claims.claim(claim)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                except Exception as exc:  # noqa: BLE001 - the database is away or restarting: not sent, try again
+                    log.warning("claim of %s failed (%r); trying again", item.attempt_id, exc)
                     return "unclaimed"
                 if not claimed:
                     return "refused"
