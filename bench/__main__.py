@@ -1,9 +1,10 @@
 """`make bench`: the figures issues name, measured on this machine against the real stack.
 
 Writes bench/results/latest.json and appends a line to bench/results/history.jsonl.
-`python -m bench [scenario ...]` runs some; default: fanout (upload and fan-out), ledger,
-excel (workbook ingest), voice (status poll and dashboard over a million calls).
-`crash` is extra (slow)."""
+`python -m bench [scenario ...]` (or `make bench scenario ...`) runs some; default: fanout
+(upload and fan-out), ledger, excel (workbook ingest), voice (status poll and dashboard over a
+million calls). Extra (slow): `faults` (every fault case of the send path at 100,000
+recipients, see bench/faults.py) and `crash` (its dispatcher case alone)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import sys
 import tempfile
 import threading
@@ -26,14 +26,23 @@ import httpx
 import psutil
 from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
-from bench import excel_ingest, voice_reads
+from bench import excel_ingest, faults, voice_reads
+from bench.stack import (
+    LEDGER_DRIFT,
+    H,
+    add_devices,
+    bulk_file,
+    credit_account,
+    ledger_drift,
+    settled_balance,
+    start,
+    wait_done,
+)
 from services.runtime.devstack import Stack
 from services.runtime.identity import ADMIN, Caller
 from services.runtime.rpc import channel
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TOKEN = "bench-admin-token"
-H = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class RssSampler:
@@ -71,58 +80,6 @@ class RssSampler:
 
     def report(self) -> dict[str, float]:
         return {k: round(v, 1) for k, v in sorted(self.peaks.items())}
-
-
-def bulk_file(n: int) -> bytes:
-    lines = ["phone|@valor1|@valor2"]
-    lines += [f"+569{i:08d}|Cliente {i}|{i * 7 % 100000}" for i in range(n)]
-    return ("\n".join(lines) + "\n").encode()
-
-
-def start(simulator: bool, data_dir: Path) -> Stack:
-    stack = Stack(data_dir=data_dir, simulator=simulator)
-    stack.extra_env.update({"PREGONERO_STATIC_TOKENS": f"{TOKEN}=admin", "LOG_LEVEL": "WARNING"})
-    for key in ("DATABASE_URL", "NATS_URL"):
-        os.environ.pop(key, None)
-    stack.start_infra()
-    stack.start_services()
-    return stack
-
-
-def add_devices(base: str, n: int, headers: dict[str, str] = H, **fields: Any) -> None:
-    for i in range(n):
-        body = {"token": f"bench-{i}", "secret": "bench-secret", **fields}
-        r = httpx.post(f"{base}/devices", headers=headers, json=body)
-        r.raise_for_status()
-
-
-def credit_account(base: str, credits: str) -> tuple[str, dict[str, str]]:
-    """A credit-based account (0.01 per message) and an API key of it: the campaign goes
-    through the whole credit path (holds, captures, settlement)."""
-    body = {"account_id": "bench-credit", "account_name": "Bench", "initial_credits": credits}
-    httpx.post(f"{base}/api/v1/accounts", headers=H, json=body).raise_for_status()
-    r = httpx.post(f"{base}/api/auth/api-keys", headers=H, json={"name": "bench", "account_id": "bench-credit"})
-    r.raise_for_status()
-    return "bench-credit", {"Authorization": f"Bearer {r.json()['key']}"}
-
-
-def settled_balance(base: str, account_id: str, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        balance = httpx.get(f"{base}/api/v1/accounts/{account_id}/balance", headers=H, timeout=30).json()
-        if balance["credit_reserved"] == 0 or time.monotonic() > deadline:
-            return balance
-        time.sleep(0.5)
-
-
-def wait_done(base: str, job_id: str, timeout: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{base}/jobs/{job_id}", headers=H, timeout=30).json()
-        if job["status"] in ("completed", "failed", "cancelled"):
-            return job
-        time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} not done after {timeout}s")
 
 
 def upload_and_fanout(rows: int) -> dict[str, Any]:
@@ -176,72 +133,6 @@ def upload_and_fanout(rows: int) -> dict[str, Any]:
             }
         finally:
             stack.stop()
-
-
-def crash(rows: int) -> dict[str, Any]:
-    """SIGKILL the dispatcher mid-job; the provider's own record decides lost and doubled."""
-    with tempfile.TemporaryDirectory() as tmp:
-        stack = start(simulator=True, data_dir=Path(tmp))
-        try:
-            base = f"http://127.0.0.1:{stack.http_port}"
-            add_devices(base, 4, rate_per_minute=0)
-            r = httpx.post(
-                f"{base}/messages/send-bulk-file",
-                headers=H,
-                timeout=600,
-                files={"file": ("crash.csv", bulk_file(rows))},
-                data={"message": "Hola @valor1"},
-            )
-            job_id = r.json()["job"]["id"]
-            while httpx.get(f"{base}/jobs/{job_id}", headers=H).json()["progress"]["sent"] < rows // 3:
-                time.sleep(0.2)
-            old = stack.service_procs["dispatcher"]
-            old.popen.send_signal(signal.SIGKILL)
-            old.popen.wait(10)
-            killed_at = httpx.get(f"{base}/jobs/{job_id}", headers=H).json()["progress"]
-            port = int(stack.addrs["dispatcher"].rsplit(":", 1)[1])
-            stack.procs.append(stack.start_service("dispatcher", port=port))
-            done = wait_done(base, job_id, timeout=1800)
-            entries: list[list[Any]] = []
-            since = 0
-            while True:
-                page = httpx.get(f"{stack.simulator_url}/v1/record", params={"since": since, "limit": 10_000}).json()
-                entries.extend(page["entries"])
-                if page["next"] >= page["count"]:
-                    break
-                since = page["next"]
-            per_phone = Counter(e[2] for e in entries)
-            return {
-                "rows": rows,
-                "sent_when_killed": killed_at["sent"],
-                "final_status": done["status"],
-                "sent": done["progress"]["sent"],
-                "failed": done["progress"]["failed"],
-                "provider_accepted": len(entries),
-                "recipients_lost": rows - len(per_phone),
-                "recipients_sent_twice": sum(1 for c in per_phone.values() if c > 1),
-                "duplicate_attempts_at_provider": page["duplicate_attempts"],
-            }
-        finally:
-            stack.stop()
-
-
-# Accounts whose cached balance, reservation or usage differs from the sum of their entries.
-LEDGER_DRIFT = """
-    WITH sums AS (
-        SELECT account_id, sum(amount) AS amount, sum(held_change) AS held, sum(used_change) AS used
-        FROM accounts.ledger_entries WHERE unit = 'credits' GROUP BY account_id)
-    SELECT count(*) FROM accounts.accounts a LEFT JOIN sums s USING (account_id)
-    WHERE (a.credit_balance, a.credit_reserved, a.credit_used)
-          IS DISTINCT FROM (coalesce(s.amount, 0), coalesce(s.held, 0), coalesce(s.used, 0))"""
-
-
-async def ledger_drift(database_url: str) -> int:
-    conn = await asyncpg.connect(database_url)
-    try:
-        return int(await conn.fetchval(LEDGER_DRIFT))
-    finally:
-        await conn.close()
 
 
 async def ledger_load(
@@ -350,7 +241,10 @@ def ledger() -> dict[str, Any]:
 
 SCENARIOS = {
     "fanout": lambda: upload_and_fanout(int(os.environ.get("BENCH_ROWS", "1000000"))),
-    "crash": lambda: crash(int(os.environ.get("BENCH_CRASH_ROWS", "50000"))),
+    # The dispatcher killed mid-job, judged by the provider's own record (one of the faults).
+    "crash": lambda: faults.bench(int(os.environ.get("BENCH_CRASH_ROWS", "50000")), ("dispatcher_killed",)),
+    # Every fault case of the send path (tests/faults at 20,000).
+    "faults": lambda: faults.bench(int(os.environ.get("BENCH_FAULTS_RECIPIENTS", "100000"))),
     "ledger": ledger,
     "excel": lambda: excel_ingest.measure(int(os.environ.get("BENCH_EXCEL_ROWS", "100000"))),
     "voice": lambda: voice_reads.measure(start, H, int(os.environ.get("BENCH_VOICE_JOBS", "1000000"))),
@@ -359,6 +253,9 @@ SCENARIOS = {
 
 def main(argv: list[str]) -> int:
     names = argv or ["fanout", "ledger", "excel", "voice"]
+    if unknown := [n for n in names if n not in SCENARIOS]:
+        print(f"bench: no scenario {', '.join(unknown)}; there are {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
     results: dict[str, Any] = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
