@@ -230,9 +230,13 @@ class SendClaims:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            # Two asks for the same attempt in one statement (two copies of the same work in
+            # this process) insert it once: only the first asker owns it.
             for row, future in group:
+                mine = row[0] in claimed
+                claimed.discard(row[0])
                 if not future.done():
-                    future.set_result(row[0] in claimed)
+                    future.set_result(mine)
 
 
 class Engine:
