@@ -43,12 +43,17 @@ class HeldProvider:
     sent: list[tuple[str, int, str]] = field(default_factory=list)  # (attempt, sender, token)
     entered: int = 0
     answer: Callable[[SendRequest], SendResult | None] = lambda request: None
+    # The n-th send waits at `held` (0: none does), the others only at `gate`.
+    hold_at: int = 0
+    held: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.gate.set()
 
     async def send(self, request: SendRequest) -> SendResult:
         self.entered += 1
+        if self.entered == self.hold_at:
+            await self.held.wait()
         await self.gate.wait()
         special = self.answer(request)
         if special is not None:
@@ -242,17 +247,8 @@ async def test_a_chunk_whose_flush_fails_stops_sending_and_its_redelivery_sends_
     attempts.failing = True
     engine = await env.engine(attempts=attempts)
     # Let three through, hold the fourth at the provider until the flush has failed.
-    env.provider.answer = lambda request: None
-    held = asyncio.Event()
-
-    async def send(request: SendRequest) -> SendResult:
-        env.provider.entered += 1
-        if env.provider.entered == 4:
-            await held.wait()
-        env.provider.sent.append((request.attempt_id, request.sender.id, request.sender.token))
-        return SendResult(status="sent", provider_message_id=f"m-{request.attempt_id}")
-
-    env.provider.send = send  # type: ignore[method-assign]
+    env.provider.hold_at = 4
+    held = env.provider.held
     ids = await env.release(str(uuid.uuid4()), [device], 10)
     await until("a flush has failed", lambda: attempts.failures > 0 and env.provider.entered == 4)
     held.set()
@@ -377,16 +373,8 @@ async def test_the_last_outcome_arriving_during_a_flush_is_published_before_the_
     device = await env.device(concurrency=1, rate_per_minute=0)
     attempts = SlowAttempts(env.pool)
     engine = await env.engine(attempts=attempts)
-    held = asyncio.Event()
-
-    async def send(request: SendRequest) -> SendResult:
-        env.provider.entered += 1
-        if env.provider.entered == 2:
-            await held.wait()
-        env.provider.sent.append((request.attempt_id, request.sender.id, request.sender.token))
-        return SendResult(status="sent", provider_message_id=f"m-{request.attempt_id}")
-
-    env.provider.send = send  # type: ignore[method-assign]
+    env.provider.hold_at = 2
+    held = env.provider.held
     ids = await env.release(str(uuid.uuid4()), [device], 2)
     await until("the first outcome is being flushed", lambda: attempts.calls == 1 and env.provider.entered == 2)
     held.set()  # the last outcome comes while the flush is at the database
