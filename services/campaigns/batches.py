@@ -123,6 +123,7 @@ class Batches:
                     await flush()
             take(parser.finish())
             await flush()
+            await self.repo.analyze_jobs(conn, rows=job_id)
             batch = await self.repo.finish_ingest(
                 conn, batch_id=batch_id, total=job_id, invalid=parser.invalid, duplicates=parser.duplicates
             )

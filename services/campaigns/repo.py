@@ -9,6 +9,8 @@ from uuid import UUID
 
 import asyncpg
 
+from services.runtime.db import analyze_loaded
+
 JOB_COLUMNS = ("batch_id", "job_id", "phone", "vals")
 
 
@@ -229,6 +231,10 @@ class CampaignsRepo:
 
     async def copy_jobs(self, conn: asyncpg.Connection, *, records: Sequence[tuple[Any, ...]]) -> None:
         await conn.copy_records_to_table("jobs", records=records, columns=JOB_COLUMNS)
+
+    async def analyze_jobs(self, conn: asyncpg.Connection, *, rows: int) -> None:
+        """After a load, in its transaction: see `analyze_loaded`."""
+        await analyze_loaded(conn, table="jobs", columns=("batch_id", "status"), rows=rows)
 
     async def finish_ingest(
         self, conn: asyncpg.Connection, *, batch_id: UUID, total: int, invalid: int, duplicates: int

@@ -195,6 +195,7 @@ class VoiceBatches:
             ]
             for i in range(0, len(records), COPY_ROWS):
                 await self.repo.copy_jobs(conn, records=records[i : i + COPY_ROWS])
+            await self.repo.analyze_jobs(conn, rows=len(records))
             batch = await self.repo.finish_ingest(
                 conn,
                 batch_id=batch["batch_id"],

@@ -14,6 +14,8 @@ from uuid import UUID
 
 import asyncpg
 
+from services.runtime.db import analyze_loaded
+
 from .repo import Q as CampaignsQ
 
 JOB_COLUMNS = (
@@ -290,6 +292,10 @@ class VoiceRepo:
 
     async def copy_jobs(self, conn: asyncpg.Connection, *, records: Sequence[tuple[Any, ...]]) -> None:
         await conn.copy_records_to_table("voice_jobs", records=records, columns=JOB_COLUMNS)
+
+    async def analyze_jobs(self, conn: asyncpg.Connection, *, rows: int) -> None:
+        """After a load, in its transaction: see `analyze_loaded`."""
+        await analyze_loaded(conn, table="voice_jobs", columns=("batch_id", "status"), rows=rows)
 
     async def finish_ingest(
         self, conn: asyncpg.Connection, *, batch_id: UUID, total: int, invalid: int, duplicates: int, cost: Decimal

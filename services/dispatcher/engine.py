@@ -10,10 +10,12 @@ Nothing lost, nothing sent twice:
   that cannot be finished here (its flush failed, the process stops) is handed back unacked
   and its unsent items go out from the redelivery.
 - The claim (a row in `attempts`) is the only licence to send, taken just before the request
-  leaves, through the sender version the lane holds. A second copy of the same work (a
-  redelivered chunk, a job released twice) finds the claim and never sends; a sender that was
-  edited, disabled or deleted refuses the claim, and its queued work moves to the senders as
-  they are now. So only sends really in flight can lose their outcome.
+  leaves (a lane whose sends are far faster than a claim takes a few ahead, see `Lane.ahead`,
+  and gives back those it does not send), through the sender version the lane holds. A
+  second copy of the same work (a redelivered chunk, a job released twice) finds the claim
+  and never sends; a sender that was edited, disabled or deleted refuses the claim, and its
+  queued work moves to the senders as they are now. So only sends in flight (and on a fast
+  lane the few claimed ahead) can lose their outcome to a crash.
 - A claim whose outcome is lost is resolved from the provider's record once no send can still
   be under way (`send_grace`); a provider that cannot say makes it `unknown`, never resent."""
 
@@ -51,6 +53,7 @@ log = logging.getLogger("pregonero.dispatcher.engine")
 FLUSH_EVERY_S = 0.25
 FLUSH_AT = 500
 RATE_LIMIT_RETRIES = 5
+CLAIM_AHEAD = 64
 # Longer than any one send can be under way (providers time out within 15 s): a claim this
 # old whose outcome never came is settled by asking the provider.
 SEND_GRACE_S = 30.0
@@ -145,6 +148,22 @@ class Lane:
         self.queue: asyncio.Queue[Entry | None] = asyncio.Queue()
         self.workers: list[asyncio.Task[None]] = []
         self.retired = False
+        # Claimed ahead, sent by the next free worker (unpaced lanes only; see `ahead`).
+        self.ready: deque[Entry] = deque()
+        self.idle_workers = 0  # waiting on an empty queue
+        self.send_s = 0.1  # how long a send takes here (moving average)
+
+    def ahead(self, claim_s: float) -> int:
+        """How many sends to claim in one go. A lane whose sends take far less time than a
+        claim (a provider next door) would wait on the database between every two sends:
+        it claims what its workers send in two claims' time, up to CLAIM_AHEAD. A lane that
+        waits for the network, or keeps a pace, claims each send on its own just before it
+        leaves. Claims taken ahead are what a crash can leave without an outcome, so the
+        number stays small where it does not buy speed."""
+        if self.interval or self.jitter:
+            return 1
+        wanted = math.ceil(2 * len(self.workers) * claim_s / max(self.send_s, 1e-6))
+        return max(1, min(CLAIM_AHEAD, wanted))
 
     async def send(
         self, provider: Provider, request: SendRequest, go: Callable[[], Awaitable[str]]
@@ -180,7 +199,11 @@ class Lane:
         reason = await go()
         if reason:
             return reason
-        return await provider.send(request)
+        started = time.monotonic()
+        try:
+            return await provider.send(request)
+        finally:
+            self.send_s += (time.monotonic() - started - self.send_s) / 16
 
     def _place(self) -> asyncio.Future[float] | None:
         """This send's place in the answered line (taken in start order, under the pace lock)."""
@@ -205,17 +228,25 @@ ClaimRow = tuple[str, str, int, int, int]
 class SendClaims:
     """Claims of attempts, grouped: each send asks just before its request goes out, and the
     asks of one moment share one statement (while one is at the database, the next group
-    gathers), so a claim per send costs about what a claim per chunk did."""
+    gathers), so a claim per send costs about what a claim per chunk did. Claims taken ahead
+    and not used are released the same way."""
 
     def __init__(self, attempts: AttemptsRepo) -> None:
         self.attempts = attempts
-        self.waiting: list[tuple[ClaimRow, asyncio.Future[bool]]] = []
+        self.waiting: list[tuple[Sequence[ClaimRow], asyncio.Future[list[bool]]]] = []
         self.task: asyncio.Task[None] | None = None
+        # How long a claim statement takes (moving average): the lanes size what they claim
+        # ahead by it.
+        self.latency = 0.002
 
     async def claim(self, row: ClaimRow) -> bool:
         """True when this send owns the attempt; raises when the database cannot say."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.waiting.append((row, future))
+        return (await self.claim_many([row]))[0]
+
+    async def claim_many(self, rows: Sequence[ClaimRow]) -> list[bool]:
+        """For each row, whether this send owns the attempt; raises when the database cannot say."""
+        future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+        self.waiting.append((rows, future))
         if self.task is None or self.task.done():
             self.task = asyncio.create_task(self._run(), name="claims")
         return await future
@@ -223,18 +254,22 @@ class SendClaims:
     async def _run(self) -> None:
         while self.waiting:
             group, self.waiting = self.waiting, []
+            started = time.monotonic()
             try:
-                claimed = await self.attempts.claim_sends(rows=[row for row, _ in group])
+                claimed = await self.attempts.claim_sends(rows=[row for rows, _ in group for row in rows])
             except Exception as exc:  # noqa: BLE001 - each send decides what to do about it
                 for _, future in group:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            self.latency += (time.monotonic() - started - self.latency) / 8
             # Two asks for the same attempt in one statement (two copies of the same work in
             # this process) insert it once: only the first asker owns it.
-            for row, future in group:
-                mine = row[0] in claimed
-                claimed.discard(row[0])
+            for rows, future in group:
+                mine = []
+                for row in rows:
+                    mine.append(row[0] in claimed)
+                    claimed.discard(row[0])
                 if not future.done():
                     future.set_result(mine)
 
@@ -328,9 +363,15 @@ class Engine:
         every outcome, then hand back what is left (unacked work goes to another dispatcher
         at once). A send cut off mid-request would be an outcome lost."""
         self.stopping = True
+        held = [entry for lane in self.lanes.values() for entry in lane.ready]
         for lane in self.lanes.values():  # wake idle workers so they see the stop
+            lane.ready.clear()
             for _ in lane.workers:
                 lane.queue.put_nowait(None)
+        if held:
+            await self._release([item for _, item in held])
+            for chunk, _ in held:
+                self._drop(chunk)
         if self.sending:
             await self.idle.wait()
         for chunk in list(self.chunks):
@@ -357,8 +398,14 @@ class Engine:
             return
         try:
             senders = await self.senders.get(list(data.sender_ids))
-            # What an earlier delivery of this work left on record.
-            known = await self.attempts.existing(attempt_ids=[i.attempt_id for i in data.items])
+            # What an earlier delivery of this work left on record. A first delivery has
+            # none; should another chunk have carried the same attempt, its claim refuses
+            # ours and the refusal looks it up.
+            known = (
+                await self.attempts.existing(attempt_ids=[i.attempt_id for i in data.items])
+                if msg.metadata.num_delivered > 1
+                else {}
+            )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("chunk %s put back: the database is unavailable (%s)", data.chunk_seq, exc)
             with contextlib.suppress(Exception):  # unacked, it comes back after the ack wait anyway
@@ -544,37 +591,112 @@ class Engine:
     async def _worker(self, lane: Lane) -> None:
         provider = self.providers[lane.sender.provider]
         while True:
-            entry = await lane.queue.get()
-            if entry is None:
-                if lane.retired or self.stopping:
-                    return
-                continue
-            chunk, item = entry
+            held = bool(lane.ready)  # claimed ahead: given back if it is not sent
+            if held:
+                chunk, item = lane.ready.popleft()
+            else:
+                lane.idle_workers += 1
+                try:
+                    entry = await lane.queue.get()
+                finally:
+                    lane.idle_workers -= 1
+                if entry is None:
+                    if (lane.retired or self.stopping) and not lane.ready:
+                        return
+                    continue
+                chunk, item = entry
             if chunk.broken or self.stopping:
+                if held:
+                    await self._release([item])
                 self._drop(chunk)
             elif lane.retired:
+                if held:
+                    await self._release([item])
                 await self._route(chunk, item)
             else:
                 try:
-                    await self._send(lane, provider, chunk, item)
+                    if not held and lane.ahead(self.claims.latency) > 1:
+                        claimed = await self._claim_ahead(lane, chunk, item)
+                        if claimed is None:
+                            continue
+                        held = claimed
+                    await self._send(lane, provider, chunk, item, held=held)
                 except Exception:  # noqa: BLE001 - one bad send must not kill the lane
                     log.exception("send of %s failed unexpectedly", item.attempt_id)
                     self._resolve(chunk, item, "unknown", sender_id=lane.sender.id, error="internal error")
-            if self.stopping and lane.queue.empty():
+            if self.stopping and lane.queue.empty() and not lane.ready:
                 return
 
-    async def _send(self, lane: Lane, provider: Provider, chunk: Chunk, item: events_pb2.WorkItem) -> None:
+    async def _claim_ahead(self, lane: Lane, chunk: Chunk, item: events_pb2.WorkItem) -> bool | None:
+        """Claim this item and the next few of the lane's queue in one statement; the others
+        wait in `lane.ready` for the next free worker. True: this item is claimed; False: the
+        database is away (it goes the single-claim way, which waits and tries again); None:
+        refused, and dealt with."""
+        sender = lane.sender
+        taken: list[Entry] = [(chunk, item)]
+        wakeups = 0
+        want = lane.ahead(self.claims.latency) - len(lane.ready)
+        while len(taken) < want and not lane.queue.empty():
+            entry = lane.queue.get_nowait()
+            if entry is None:
+                wakeups += 1  # put back below: a worker of a retired lane must still see it
+                continue
+            c, i = entry
+            if c.broken:
+                self._drop(c)
+            elif not self.runstates.active(c.data.batch_id):
+                self._resolve(c, i, "requeue")
+            else:
+                taken.append(entry)
+        for _ in range(wakeups):
+            lane.queue.put_nowait(None)
+        rows = [(i.attempt_id, c.data.batch_id, i.job_id, sender.id, sender.version) for c, i in taken]
+        try:
+            owned = await self.claims.claim_many(rows)
+        except Exception as exc:  # noqa: BLE001 - the database is away or restarting: nothing was sent
+            log.warning("claim of %d sends failed (%r); trying again", len(rows), exc)
+            for entry in taken[1:]:
+                lane.queue.put_nowait(entry)
+            return False
+        for (c, i), mine in zip(taken[1:], owned[1:], strict=True):
+            if mine:
+                lane.ready.append((c, i))
+            else:
+                self._spawn(self._refused(lane, c, i), name="refused")
+        # Workers asleep on the empty queue take the rest.
+        for _ in range(min(lane.idle_workers, len(lane.ready))):
+            lane.queue.put_nowait(None)
+        if owned[0]:
+            return True
+        await self._refused(lane, chunk, item)
+        return None
+
+    async def _release(self, items: Sequence[events_pb2.WorkItem]) -> None:
+        """Claims taken ahead whose sends never started are given back, so another copy of the
+        work sends them at once. If the database is away they stay: the copy that finds one
+        asks the provider after the grace, which never got them, and sends them then."""
+        try:
+            await self.attempts.release(attempt_ids=[i.attempt_id for i in items])
+        except Exception as exc:  # noqa: BLE001 - see above: late, never lost or doubled
+            log.warning("could not release %d unsent claims: %r", len(items), exc)
+
+    async def _send(
+        self, lane: Lane, provider: Provider, chunk: Chunk, item: events_pb2.WorkItem, *, held: bool = False
+    ) -> None:
         batch_id = chunk.data.batch_id
         sender = lane.sender
-        claimed = counted = False
+        counted = False
+        claimed = fresh = held  # fresh: claimed ahead, not sent yet
 
         async def go() -> str:
-            nonlocal claimed, counted
-            if not claimed:
+            nonlocal claimed, counted, fresh
+            if not claimed or fresh:
+                fresh = False
                 if chunk.broken or self.stopping:
                     return "drop"
                 if not self.runstates.active(batch_id):
                     return "stopped"
+            if not claimed:
                 try:
                     claim = (item.attempt_id, batch_id, item.job_id, sender.id, sender.version)
                     claimed = await self.claims.claim(claim)
@@ -613,6 +735,8 @@ class Engine:
             if isinstance(result, str) or result.status != "rate_limited":
                 break
             await asyncio.sleep(result.retry_after or 1.0)
+        if held and result in ("drop", "stopped"):
+            await self._release([item])
         if result == "drop":
             self._drop(chunk)
         elif result == "stopped":

@@ -9,6 +9,8 @@ from typing import Any
 
 import asyncpg
 
+from services.runtime.db import planned_each_time
+
 
 class SenderQ:
     # Every query but LOAD_FOR_DISPATCH leaves secret_enc out: the ciphertext is read only
@@ -215,6 +217,11 @@ class AttemptQ:
         DELETE FROM attempts
         WHERE attempt_id = $1 AND status = 'sending' AND created_at = $2
           AND created_at < now() - make_interval(secs => $3)"""
+    # Claims taken ahead whose sends never started (the batch paused, the process stops, the
+    # sender changed): given back at once, so the next copy of the work sends them without
+    # waiting out the grace a claim of unknown fate gets.
+    RELEASE = """
+        DELETE FROM attempts WHERE attempt_id = ANY($1::text[]) AND status = 'sending'"""
     # Items that cannot be sent (no usable sender) end failed, on record; an id that another
     # copy of the work has claimed meanwhile is not returned, and its claim decides.
     RECORD_UNSENT = """
@@ -268,7 +275,12 @@ class AttemptsRepo:
         return {r["attempt_id"] for r in claimed}
 
     async def unclaim(self, *, attempt_id: str, claimed_at: datetime, older_than_s: float) -> None:
-        await self.pool.execute(AttemptQ.UNCLAIM, attempt_id, claimed_at, older_than_s)
+        async with planned_each_time(self.pool) as conn:
+            await conn.execute(AttemptQ.UNCLAIM, attempt_id, claimed_at, older_than_s)
+
+    async def release(self, *, attempt_ids: Sequence[str]) -> None:
+        async with planned_each_time(self.pool) as conn:
+            await conn.execute(AttemptQ.RELEASE, list(attempt_ids))
 
     async def record_unsent(self, *, batch_id: str, items: Sequence[Any], error: str) -> set[str]:
         """items: work items (attempt_id, job_id); the ids recorded as failed."""
@@ -278,7 +290,8 @@ class AttemptsRepo:
         return {r["attempt_id"] for r in rows}
 
     async def existing(self, *, attempt_ids: Sequence[str]) -> dict[str, asyncpg.Record]:
-        rows = await self.pool.fetch(AttemptQ.EXISTING, list(attempt_ids))
+        async with planned_each_time(self.pool) as conn:
+            rows = await conn.fetch(AttemptQ.EXISTING, list(attempt_ids))
         return {r["attempt_id"]: r for r in rows}
 
     async def finish(self, *, batch_id: str, rows: Sequence[tuple[str, int, str, str, str, int]]) -> None:

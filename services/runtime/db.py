@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -31,6 +33,43 @@ async def create_pool(dsn: str, *, schema: str | None, min_size: int = 1, max_si
     return await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, server_settings=settings, command_timeout=60
     )
+
+
+@asynccontextmanager
+async def planned_each_time(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A connection whose statements (in one transaction) are planned for their arguments
+    every time. For look-ups on a table that grows from empty at thousands of rows a second:
+    a plan cached while it was small (a sequential scan) would otherwise stay until
+    autovacuum's next ANALYZE, and a 500-id look-up in a table of 100,000 attempts took
+    200 ms instead of 1 ms."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        yield conn
+
+
+# Below this many rows, a plan misled by stale statistics costs less than an ANALYZE would.
+ANALYZE_AFTER_ROWS = 2_000
+
+
+async def analyze_loaded(conn: asyncpg.Connection, *, table: str, columns: Sequence[str], rows: int) -> None:
+    """Fresh statistics for a table that has just taken a bulk load, inside the loading
+    transaction (ANALYZE samples that transaction's own rows; the statistics are published
+    with the commit), so the first statements on the new rows are planned knowing how many
+    there are. Without it the planner takes a new batch for a handful of rows until
+    autovacuum comes by, a minute or more later, and the results of a 100,000-row batch were
+    applied by walking the whole batch once per result chunk: 10 s per 500 results, not 1 ms.
+    A table held by a VACUUM or another load's ANALYZE past two seconds is left to autovacuum:
+    the load itself never waits on it or fails for it."""
+    if rows < ANALYZE_AFTER_ROWS:
+        return
+    names = ", ".join(_check_schema(c) for c in columns)  # identifiers from code, checked anyway
+    try:
+        async with conn.transaction():  # a savepoint: a lock timeout must not undo the load
+            await conn.execute("SET LOCAL lock_timeout = '2s'")
+            await conn.execute(f"ANALYZE {_check_schema(table)} ({names})")
+            await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
+    except asyncpg.LockNotAvailableError:
+        log.warning("statistics of %s not refreshed after a load of %d rows: the table is busy", table, rows)
 
 
 def _lock_key(schema: str) -> int:

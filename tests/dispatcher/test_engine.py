@@ -384,3 +384,91 @@ async def test_the_last_outcome_arriving_during_a_flush_is_published_before_the_
     await until("both outcomes are published", lambda: len(env.outcomes()) == 2)
     assert env.outcomes() == {ids[0]: "sent", ids[1]: "sent"}
     assert await env.pool.fetchval("SELECT count(*) FROM attempts WHERE status = 'sent'") == 2
+
+
+class CountedClaims(AttemptsRepo):
+    """Counts claim statements and the sends they claim."""
+
+    statements = 0
+
+    async def claim_sends(self, *, rows: Any) -> set[str]:
+        self.statements += 1
+        return await super().claim_sends(rows=rows)
+
+
+async def _claims_in_flight(env: Env) -> int:
+    return int(await env.pool.fetchval("SELECT count(*) FROM attempts WHERE status = 'sending'"))
+
+
+async def test_a_fast_device_claims_ahead_and_a_stop_gives_back_what_it_did_not_send(env: Env) -> None:
+    device = await env.device(concurrency=4, rate_per_minute=0)
+    attempts = CountedClaims(env.pool)
+    first = await env.engine(attempts=attempts)
+
+    def stall_after_300(request: SendRequest) -> SendResult | None:
+        if len(env.provider.sent) == 299:
+            env.provider.gate.clear()  # the sends after this one wait at the provider
+        return None
+
+    env.provider.answer = stall_after_300
+    ids = await env.release(str(uuid.uuid4()), [device], 2000)
+    await until("300 sent and the next ones held at the provider", lambda: first.sending == 4)
+    # A provider next door answers far faster than a claim: the lane claimed in groups.
+    # (one send per statement per worker would take 75 statements for those 300)
+    assert attempts.statements < 300 / 8
+    assert await _claims_in_flight(env) > 4, "nothing was claimed ahead"
+    drain = asyncio.create_task(first.drain())
+    # Claims taken ahead and not sent are given back at once; the four at the provider stay.
+    await until("only the sends at the provider hold a claim", lambda: _claims_in_flight_is(env, 4))
+    env.provider.gate.set()
+    await asyncio.wait_for(drain, 10)
+    assert await env.waiting_chunks() == 1, "the unfinished chunk was acked"
+    # The next dispatcher sends the rest at once, not after the grace of a lost claim (30 s).
+    await env.engine()
+    await until("every recipient has an outcome", lambda: len(env.outcomes()) == 2000, within=15)
+    assert set(env.outcomes().values()) == {"sent"}
+    assert_each_once(env, ids)
+    assert len(env.provider.sent) == 2000
+
+
+async def _claims_in_flight_is(env: Env, n: int) -> bool:
+    return await _claims_in_flight(env) == n
+
+
+async def test_a_pause_gives_back_claims_taken_ahead_and_the_resume_sends_them_once(env: Env) -> None:
+    device = await env.device(concurrency=4, rate_per_minute=0)
+    engine = await env.engine()
+    batch_id = str(uuid.uuid4())
+
+    def pause_at_300(request: SendRequest) -> SendResult | None:
+        if len(env.provider.sent) == 299:
+            engine.runstates.states[batch_id] = "paused"
+        return None
+
+    env.provider.answer = pause_at_300
+    ids = await env.release(batch_id, [device], 2000)
+    await until("every recipient has an outcome", lambda: len(env.outcomes()) == 2000)
+    outcomes = env.outcomes()
+    sent = [a for a, s in outcomes.items() if s == "sent"]
+    handed_back = [a for a, s in outcomes.items() if s == "requeue"]
+    assert len(sent) + len(handed_back) == 2000
+    assert sorted(sent) == sorted(env.provider.attempts())
+    assert len(sent) < 400, "the pause did not stop the device within a few sends"
+    # Nothing handed back keeps a claim: the resume does not wait out any grace.
+    assert await _claims_in_flight(env) == 0
+    await until("the chunk is acked", lambda: _acked(env))
+    del engine.runstates.states[batch_id]
+    env.results.clear()
+    by_id = {f"{batch_id}:{j}:1": j for j in range(1, 2001)}
+    items = [
+        events_pb2.WorkItem(job_id=by_id[a], attempt_no=1, attempt_id=a, to=f"+5691000{by_id[a]:04d}", text="Hola")
+        for a in handed_back
+    ]
+    chunk = events_pb2.DispatchChunk(
+        batch_id=batch_id, account_id="acc-1", channel="whatsapp", chunk_seq=2, sender_ids=[device], items=items
+    )
+    await bus.publish(env.js, "dispatch.whatsapp.acc-1", chunk, msg_id=f"{batch_id}:2")
+    await until("the rest is sent", lambda: len(env.outcomes()) == len(handed_back), within=15)
+    assert set(env.outcomes().values()) == {"sent"}
+    assert_each_once(env, ids)
+    assert len(env.provider.sent) == 2000
