@@ -32,6 +32,7 @@ PATCH_FIELDS = frozenset(
     {*_TEXT_FIELDS, "status", "is_active", "plan_type", "country", "timezone", "features", "settings", *PRICES}
 )
 INITIAL_CAUSE = "initial"
+SUSPENDED_BY_OPERATOR = "suspended by an operator"
 
 E164 = re.compile(r"\+[1-9]\d{7,14}")
 
@@ -178,13 +179,17 @@ class Accounts:
         if status is None and patch.get("is_active") is not None:
             if not isinstance(patch["is_active"], bool):
                 raise InvalidArgument("is_active must be true or false")
-            status = "active" if patch["is_active"] else "inactive"
+            # The dashboards toggle with is_active and offer reactivation only to `suspended`
+            # accounts: switching one off is a suspension, undone by switching it on.
+            status = "active" if patch["is_active"] else "suspended"
         if status is not None:
             if status not in STATUSES:
                 raise InvalidArgument(f"status must be one of {', '.join(STATUSES)}")
             changes["status"] = status
             if status == "active":
                 changes.setdefault("suspension_reason", "")
+            elif status == "suspended":
+                changes.setdefault("suspension_reason", SUSPENDED_BY_OPERATOR)
         if patch.get("plan_type") is not None:
             if patch["plan_type"] not in PLANS:
                 raise InvalidArgument(f"plan_type must be one of {', '.join(PLANS)}")

@@ -83,6 +83,10 @@ def _cause(value: str, field: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Balance:
+    """The ledger's view: `credit_balance` is what is left (net of use), `credit_used` is net
+    of refunds, and minutes keep `purchased - used` as their balance. What clients are
+    served (`served_*`) is the original data model's: all ever added, all ever charged."""
+
     account_id: str
     plan_type: str
     credit_balance: Decimal
@@ -91,6 +95,8 @@ class Balance:
     minutes_purchased: Decimal
     minutes_used: Decimal
     minutes_reserved: Decimal
+    credit_refunded: Decimal
+    minutes_refunded: Decimal
 
     @classmethod
     def of(cls, row: asyncpg.Record) -> Balance:
@@ -103,6 +109,8 @@ class Balance:
             minutes_purchased=row["minutes_purchased"],
             minutes_used=row["minutes_used"],
             minutes_reserved=row["minutes_reserved"],
+            credit_refunded=row["credit_refunded"],
+            minutes_refunded=row["minutes_refunded"],
         )
 
     @property
@@ -112,6 +120,24 @@ class Balance:
     @property
     def minutes_available(self) -> Decimal:
         return self.minutes_purchased - self.minutes_used - self.minutes_reserved
+
+    # A refund gives credit back without undoing the charge it compensates: served, it is
+    # added (balance) and the charge stays (used), so balance - used - reserved = available.
+    @property
+    def served_credit_used(self) -> Decimal:
+        return self.credit_used + self.credit_refunded
+
+    @property
+    def served_credit_balance(self) -> Decimal:
+        return self.credit_balance + self.served_credit_used
+
+    @property
+    def served_minutes_used(self) -> Decimal:
+        return self.minutes_used + self.minutes_refunded
+
+    @property
+    def served_minutes_purchased(self) -> Decimal:
+        return self.minutes_purchased + self.minutes_refunded
 
     def available(self, unit: str) -> Decimal:
         return self.credit_available if unit == CREDITS else self.minutes_available
@@ -127,11 +153,22 @@ class Balance:
 
     def book(self, entry: NewEntry) -> tuple[NewEntry, Balance]:
         """The entry with its after-values, and the balance once it is booked."""
-        after = self.apply(entry.unit, amount=entry.amount, held=entry.held_change, used=entry.used_change)
+        refunded = entry.amount if entry.kind == "refund" else ZERO
+        after = self.apply(
+            entry.unit, amount=entry.amount, held=entry.held_change, used=entry.used_change, refunded=refunded
+        )
         balance_after, held_after = after.level(entry.unit)
         return replace(entry, balance_after=balance_after, held_after=held_after), after
 
-    def apply(self, unit: str, *, amount: Decimal = ZERO, held: Decimal = ZERO, used: Decimal = ZERO) -> Balance:
+    def apply(
+        self,
+        unit: str,
+        *,
+        amount: Decimal = ZERO,
+        held: Decimal = ZERO,
+        used: Decimal = ZERO,
+        refunded: Decimal = ZERO,
+    ) -> Balance:
         """The balance after one entry: the same arithmetic as the ledger_apply trigger."""
         if unit == CREDITS:
             return replace(
@@ -139,12 +176,14 @@ class Balance:
                 credit_balance=self.credit_balance + amount,
                 credit_reserved=self.credit_reserved + held,
                 credit_used=self.credit_used + used,
+                credit_refunded=self.credit_refunded + refunded,
             )
         return replace(
             self,
             minutes_purchased=self.minutes_purchased + amount + used,
             minutes_reserved=self.minutes_reserved + held,
             minutes_used=self.minutes_used + used,
+            minutes_refunded=self.minutes_refunded + refunded,
         )
 
 

@@ -24,15 +24,16 @@ def dec(value: Decimal | None) -> str:
 
 
 def balance_pb(b: Balance) -> accounts_pb2.Balance:
+    """In the original data model's terms (added, charged, held, available): what clients read."""
     return accounts_pb2.Balance(
         account_id=b.account_id,
         plan_type=b.plan_type,
-        credit_balance=dec(b.credit_balance),
+        credit_balance=dec(b.served_credit_balance),
         credit_reserved=dec(b.credit_reserved),
         credit_available=dec(b.credit_available),
-        credit_used=dec(b.credit_used),
-        minutes_purchased=dec(b.minutes_purchased),
-        minutes_used=dec(b.minutes_used),
+        credit_used=dec(b.served_credit_used),
+        minutes_purchased=dec(b.served_minutes_purchased),
+        minutes_used=dec(b.served_minutes_used),
         minutes_reserved=dec(b.minutes_reserved),
         minutes_available=dec(b.minutes_available),
     )

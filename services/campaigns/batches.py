@@ -12,7 +12,7 @@ import asyncpg
 from services.runtime.errors import Conflict, InvalidArgument, NotFound
 from services.runtime.identity import Caller
 
-from .bulkfile import BulkFileParser
+from .bulkfile import BulkFileParser, InvalidRow
 from .notify import Notifier
 from .repo import CampaignsRepo
 from .template import compile_template
@@ -33,6 +33,16 @@ TERMINAL = ("completed", "failed", "cancelled")
 class SenderChoice:
     id: int
     rate_per_minute: int
+
+
+@dataclass(frozen=True)
+class BulkFileIngested:
+    """The new batch, and what of the file it left out (the upload's reply tells the user)."""
+
+    batch: asyncpg.Record
+    duplicates: int
+    invalid: int
+    invalid_samples: list[InvalidRow]
 
 
 def window_for(senders: list[SenderChoice]) -> int:
@@ -78,7 +88,7 @@ class Batches:
         devices_limit: int,
         senders: list[SenderChoice],
         chunks: AsyncIterator[bytes],
-    ) -> asyncpg.Record:
+    ) -> BulkFileIngested:
         """Parse while reading and COPY jobs as they come, all in one transaction: a bad file
         (or a dropped upload) leaves nothing behind."""
         if not template.strip():
@@ -132,7 +142,7 @@ class Batches:
             "ingested bulk file",
             extra={"fields": {"batch_id": str(batch_id), "jobs": job_id, "invalid": parser.invalid}},
         )
-        return batch
+        return BulkFileIngested(batch, parser.duplicates, parser.invalid, parser.invalid_samples)
 
     async def get(self, caller: Caller, batch_id: str) -> asyncpg.Record:
         row = await self.repo.get_batch(batch_id=parse_batch_id(batch_id), scope=scope_of(caller))
@@ -228,8 +238,8 @@ class Batches:
 
     async def retry_failed(self, caller: Caller, batch_id: str) -> asyncpg.Record:
         current = await self.get(caller, batch_id)
-        if current["status"] not in ("completed", "processing"):
-            raise Conflict(f"job {batch_id} is {current['status']}; only running or completed jobs retry")
+        if current["status"] not in ("completed", "failed", "processing"):
+            raise Conflict(f"job {batch_id} is {current['status']}; only running or finished jobs retry")
         if current["failed_jobs"] == 0:
             return current
         row = await self.repo.retry_failed(batch_id=current["batch_id"])
@@ -248,5 +258,8 @@ class Batches:
 
     async def publish_finished(self, row: asyncpg.Record) -> None:
         await self.notifier.forget(row["batch_id"])
-        event = self.notifier.event(row, "job_completed")
+        if row["status"] == "failed":
+            event = self.notifier.event(row, "job_failed", error=row["error"])
+        else:
+            event = self.notifier.event(row, "job_completed")
         await self.notifier.publish(event, durable_id=f"{row['batch_id']}:finished:{row['finished_at'].timestamp()}")

@@ -17,7 +17,9 @@ from services.runtime.errors import InvalidArgument, PayloadTooLarge
 
 MAX_RECIPIENTS = 1_000_000
 SNIFF_BYTES = 8192
-MAX_INVALID_SAMPLES = 20
+# The upload's reply lists this many invalid rows, each value cut to MAX_SAMPLE_VALUE characters.
+MAX_INVALID_SAMPLES = 100
+MAX_SAMPLE_VALUE = 100
 # A line with no end in sight is not a recipient list; this also keeps the carried tail bounded.
 MAX_LINE_CHARS = 1 << 20
 
@@ -41,6 +43,12 @@ class Row(NamedTuple):
     line_no: int
     phone: str
     values: list[str]
+
+
+class InvalidRow(NamedTuple):
+    line: int
+    value: str  # the first column as written ("" when missing)
+    reason: str
 
 
 # NamedTuple's own __new__ is a Python function; skipping it is a tenth of the parse time.
@@ -72,8 +80,8 @@ def _line_breaks(text: str) -> int:
     return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
-def _shown(text: str) -> str:
-    return text if len(text) <= 40 else text[:37] + "..."
+def _shown(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_phone_header(name: str) -> bool:
@@ -92,7 +100,7 @@ class BulkFileParser:
         self.accepted = 0
         self.invalid = 0
         self.duplicates = 0
-        self.invalid_samples: list[tuple[int, str]] = []
+        self.invalid_samples: list[InvalidRow] = []
         self.max_values = 0
         self.has_header = False
         self._size = 0
@@ -256,8 +264,8 @@ class BulkFileParser:
     def _reject(self, line_no: int, raw: str) -> None:
         self.invalid += 1
         if len(self.invalid_samples) < MAX_INVALID_SAMPLES:
-            reason = f"invalid phone '{_shown(raw)}'" if raw else "missing phone"
-            self.invalid_samples.append((line_no, reason))
+            reason = "invalid phone" if raw else "missing phone"
+            self.invalid_samples.append(InvalidRow(line_no, _shown(raw, MAX_SAMPLE_VALUE), reason))
 
     def _validate(self) -> None:
         if not self._first_line_seen:
@@ -267,7 +275,8 @@ class BulkFileParser:
         if self.accepted == 0:
             if not self.has_header:
                 raise InvalidArgument("no phone column: the first column must hold phone numbers")
-            line_no, reason = self.invalid_samples[0]
+            first = self.invalid_samples[0]
+            problem = f"{first.reason} '{_shown(first.value)}'" if first.value else first.reason
             raise InvalidArgument(
-                f"no valid phone numbers: all {self.invalid:,} rows are invalid (line {line_no}: {reason})"
+                f"no valid phone numbers: all {self.invalid:,} rows are invalid (line {first.line}: {problem})"
             )

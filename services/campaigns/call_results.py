@@ -68,7 +68,15 @@ class CallResults:
             duration_s = Decimal(int(summary.get("duration_ms") or 0)) / 1000
             cost = _decimal(outcome.cost)
             ended += 1
+            # Deleted while being called (VoiceRepo.delete_job): the call is booked as it ended,
+            # and the job ends cancelled, with no next phone or retry.
+            cancel_requested = bool(job["cancellation_reason"])
             if outcome.status == "requeue":
+                if cancel_requested:
+                    # It never rang: nothing to book but the end of the job.
+                    await self.repo.cancel_handed_back(conn, job_id=job["id"])
+                    cancelled += 1
+                    continue
                 # Handed back before it rang (the dispatcher stopped): the same call again later.
                 await self.repo.book_call(conn, job_id=job["id"], status="pending", state=None, result=None, now=now)
                 continue
@@ -81,7 +89,7 @@ class CallResults:
                 # A string off the wire: after_attempt rejects any status that is not a CallOutcome.
                 state = after_attempt(before, cast(CallOutcome, outcome.status), settings, now)
             status: str = "pending" if state.status == "scheduled" else state.status
-            if status == "pending" and batch["status"] == "cancelled":
+            if cancel_requested or (status == "pending" and batch["status"] == "cancelled"):
                 status = "cancelled"
             first_calls += job["call_ended_at"] is None
             completed += status == "completed"

@@ -3,7 +3,10 @@ rounds over a job's phones, Chile's limits on debt collection and the per-call v
 the voice agent. Pure functions over explicit instants: no clock, no I/O.
 
 Instants go in and come out as aware datetimes (returned in UTC); windows are wall-clock
-times in the batch's zone, evaluated with zoneinfo so daylight-saving changes are honoured."""
+times in the batch's zone, evaluated with zoneinfo so daylight-saving changes are honoured.
+A Chilean debt-collection batch set in another zone (the dashboard's default is Buenos Aires)
+keeps its own window there and is also held to the legal window in Chilean time: a call is
+placed only when both allow it."""
 
 from __future__ import annotations
 
@@ -37,8 +40,11 @@ LEGAL_DAYS = MONDAY_TO_SATURDAY
 LEGAL_START = time(8, 0)
 LEGAL_END = time(20, 0)
 WEEKLY_CONTACT_GAP = timedelta(days=7)
-# The legal window is Chilean local time, so the batch must be evaluated in one of Chile's zones.
+# The legal window is Chilean local time: a batch in one of Chile's zones is clamped to it; a
+# batch in any other zone keeps its window and the legal one is applied on top, in Santiago time.
 CHILEAN_ZONES = frozenset({"America/Santiago", "America/Punta_Arenas", "Pacific/Easter"})
+LEGAL_BASIS = "Ley 19.496 art. 37 (Chile): debt collection only Monday to Saturday, 08:00-20:00 Chilean time"
+_WEEK_MINUTES = 7 * 1440
 
 # (default, lowest, highest) of the numeric settings.
 # 3 minutes by default: the reference dashboard's estimate of 0.47 per call is the setup
@@ -74,6 +80,41 @@ _OFFSET_STEP_S = 6 * 3600
 
 
 @dataclass(frozen=True, slots=True)
+class LegalWindow:
+    """Chile's limits on debt collection, in a Chilean zone, applied on top of a batch's window."""
+
+    timezone: str
+    start: time = LEGAL_START
+    end: time = LEGAL_END
+    days_of_week: frozenset[int] = LEGAL_DAYS
+    holidays_of: str = "CL"
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def to_json(self) -> dict[str, Any]:
+        """What the batch object shows as `legal_window` (not part of `call_settings`, which
+        the dashboard sends back as it read it)."""
+        return {
+            "allowed_hours": {"start": self.start.strftime("%H:%M"), "end": self.end.strftime("%H:%M")},
+            "days_of_week": sorted(self.days_of_week),
+            "timezone": self.timezone,
+            "skip_holidays": True,
+            "basis": LEGAL_BASIS,
+        }
+
+
+def legal_window(*, timezone: str, country: str, use_case: str) -> LegalWindow | None:
+    """The legal window a batch is held to: Chilean debt collection ("" counts as debt
+    collection) only. It is evaluated in the batch's own zone when that is Chilean, else in
+    Santiago's (where most debtors live)."""
+    if country.strip().upper() != "CL" or (use_case.strip().lower() or DEBT_COLLECTION) != DEBT_COLLECTION:
+        return None
+    return LegalWindow(timezone=timezone if timezone in CHILEAN_ZONES else DEFAULT_TIMEZONE)
+
+
+@dataclass(frozen=True, slots=True)
 class CallSettings:
     """The effective calling rules of a batch (after defaults and legal limits)."""
 
@@ -87,10 +128,16 @@ class CallSettings:
     timezone: str
     weekly_contact_limit: bool = False  # Chilean debt collection: one answered contact per week
     holidays_of: str = ""  # no calls on this country's public holidays ("" = holidays are workdays)
+    legal: LegalWindow | None = None  # Chilean debt collection: a call must also be inside this
 
     @property
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)  # zoneinfo caches instances per key
+
+    @property
+    def debtor_timezone(self) -> str:
+        """The zone the debtor reads the clock in: the legal one for Chilean debt collection."""
+        return self.legal.timezone if self.legal else self.timezone
 
     def to_json(self) -> dict[str, Any]:
         """The settings in the dashboard's field names, ready for json.dumps; parsing them
@@ -118,8 +165,10 @@ def parse_call_settings(
     midnight (start >= end) are refused: overnight calling is not a use case, and keeping each
     window inside one day keeps its weekday unambiguous. For country "CL" and use case
     "debt_collection" ("" counts as debt collection, as in the API) the window is the
-    intersection of the requested one with Monday-Saturday 08:00-20:00 in a Chilean zone,
-    outside Chile's public holidays; an empty intersection is refused. `skip_holidays` keeps
+    intersection of the requested one with Monday-Saturday 08:00-20:00 Chilean time, outside
+    Chile's public holidays: in a Chilean zone the requested window is clamped to it; in any
+    other zone it is kept as asked and the legal window (`legal`) is applied on top. An
+    intersection that is empty in any season is refused. `skip_holidays` keeps
     any other batch of a Chilean or Argentine account off its country's holidays. Any
     problem raises InvalidArgument."""
     settings = _settings_object(raw)
@@ -140,13 +189,14 @@ def parse_call_settings(
     country = country.strip().upper()
     holidays_of = country if skip_holidays and country in HOLIDAY_COUNTRIES else ""
 
-    regulated = country == "CL" and (use_case.strip().lower() or DEBT_COLLECTION) == DEBT_COLLECTION
-    if regulated:
-        if zone_name not in CHILEAN_ZONES:
-            raise InvalidArgument(
-                f"call_settings.timezone: debt collection in Chile is limited in Chilean local time; "
-                f"use one of {', '.join(sorted(CHILEAN_ZONES))}, not {zone_name!r}"
-            )
+    legal = legal_window(timezone=zone_name, country=country, use_case=use_case)
+    regulated = legal is not None
+    if legal is not None and zone_name not in CHILEAN_ZONES:
+        # The dashboard sends its own default zone whatever the campaign's country: the
+        # operator means the window, so it is kept, and the law is kept by the legal window.
+        _check_meets_legal(legal, zone_name, start, end, days)
+        holidays_of = "CL"  # whatever the batch asked, as below
+    elif legal is not None:
         start, end = max(start, LEGAL_START), min(end, LEGAL_END)
         if start >= end:
             raise InvalidArgument(
@@ -170,7 +220,54 @@ def parse_call_settings(
         timezone=zone_name,
         weekly_contact_limit=regulated,
         holidays_of=holidays_of,
+        legal=legal,
     )
+
+
+def _check_meets_legal(legal: LegalWindow, zone_name: str, start: time, end: time, days: set[int]) -> None:
+    """Refuse a window in another zone that, in some season, never meets the legal one in a
+    whole week: such a batch would wait for months (and the dialer scans only weeks ahead)."""
+    legal_week = [
+        (d * 1440 + _minutes(legal.start), d * 1440 + _minutes(legal.end)) for d in sorted(legal.days_of_week)
+    ]
+    shifts = _offset_differences(zone_name, legal.timezone)
+    missed = 0
+    for shift in shifts:
+        # The requested week in the legal zone's wall clock: local_legal = local_asked - shift.
+        asked: list[tuple[int, int]] = []
+        for d in sorted(days):
+            low = (d * 1440 + _minutes(start) - shift) % _WEEK_MINUTES
+            high = low + _minutes(end) - _minutes(start)
+            asked.append((low, min(high, _WEEK_MINUTES)))
+            if high > _WEEK_MINUTES:
+                asked.append((0, high - _WEEK_MINUTES))
+        if not any(max(a, c) < min(b, e) for a, b in asked for c, e in legal_week):
+            missed += 1
+    if missed:
+        raise InvalidArgument(
+            f"call_settings.allowed_hours: no time left inside the legal 08:00-20:00, Monday to Saturday, "
+            f"for debt collection in Chile ({legal.timezone}): {start:%H:%M}-{end:%H:%M} {zone_name} "
+            f"on the days asked never meets it" + ("" if missed == len(shifts) else " in part of the year")
+        )
+
+
+def _minutes(clock: time) -> int:
+    return clock.hour * 60 + clock.minute
+
+
+@functools.cache
+def _offset_differences(zone_name: str, other_name: str) -> frozenset[int]:
+    """Every difference, in minutes, between two zones' UTC offsets from 2024 to 2033 (as
+    tzdata now knows them), sampled twice a day: every daylight-saving season of either shows."""
+    zone, other = ZoneInfo(zone_name), ZoneInfo(other_name)
+    first = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
+    found = set()
+    for step in range(0, 10 * 365 * 2):
+        at = datetime.fromtimestamp(first + step * 43_200, UTC)
+        offset, other_offset = at.astimezone(zone).utcoffset(), at.astimezone(other).utcoffset()
+        assert offset is not None and other_offset is not None
+        found.add(int((offset - other_offset).total_seconds()) // 60)
+    return frozenset(found)
 
 
 def _settings_object(raw: dict[str, Any] | str | None) -> dict[str, Any]:
@@ -277,16 +374,25 @@ def _weekday(day: date) -> int:
 
 
 def in_window(settings: CallSettings, at: datetime) -> bool:
-    """Whether the batch's zone reads an allowed day and a wall-clock time in [start, end) at `at`.
+    """Whether the batch's zone reads an allowed day and a wall-clock time in [start, end) at `at`,
+    and, for Chilean debt collection, so does the legal window in its Chilean zone.
 
     Being a wall-clock rule, a window hour that daylight saving skips does not exist that day,
     and one that it repeats is in the window both times."""
-    local = _aware(at).astimezone(settings.zone)
+    at = _aware(at)
+    legal = settings.legal
+    return _open(
+        settings.zone, settings.window_start, settings.window_end, settings.days_of_week, settings.holidays_of, at
+    ) and (legal is None or _open(legal.zone, legal.start, legal.end, legal.days_of_week, legal.holidays_of, at))
+
+
+def _open(zone: ZoneInfo, start: time, end: time, days: frozenset[int], holidays_of: str, at: datetime) -> bool:
+    local = at.astimezone(zone)
     day = local.date()
     return (
-        _weekday(day) in settings.days_of_week
-        and settings.window_start <= local.time() < settings.window_end
-        and not (settings.holidays_of and day in _public_holidays(settings.holidays_of))
+        _weekday(day) in days
+        and start <= local.time() < end
+        and not (holidays_of and day in _public_holidays(holidays_of))
     )
 
 
@@ -302,26 +408,34 @@ def next_window_start(settings: CallSettings, at: datetime) -> datetime:
 
     The window can only open where the zone's clock reaches the start time (either pass of
     a repeated hour) or where the clock jumps (a daylight-saving change, e.g. over a start
-    time that the jump skips, when the window begins at the first instant after the jump)."""
+    time that the jump skips, when the window begins at the first instant after the jump). With a legal window on top,
+    the intersection opens where either of the two opens."""
     at = _aware(at).astimezone(UTC)
     if in_window(settings, at):
         return at
-    zone = settings.zone
-    first_day = at.astimezone(zone).date()
-    openings: list[datetime] = []
-    for offset in range(_SCAN_DAYS):
-        day = first_day + timedelta(days=offset)
-        if _weekday(day) in settings.days_of_week and not (
-            settings.holidays_of and day in _public_holidays(settings.holidays_of)
-        ):
-            wall = datetime.combine(day, settings.window_start)
-            openings.extend(wall.replace(tzinfo=zone, fold=fold).astimezone(UTC) for fold in (0, 1))
-    openings.extend(_offset_changes(zone, at, at + timedelta(days=_SCAN_DAYS)))
+    openings = _openings(settings.zone, settings.window_start, settings.days_of_week, settings.holidays_of, at)
+    if settings.legal is not None:
+        legal = settings.legal
+        openings += _openings(legal.zone, legal.start, legal.days_of_week, legal.holidays_of, at)
     found = [t for t in openings if t > at and in_window(settings, t)]
     if not found:
         # Validated settings always have a non-empty window on some day of every week.
         raise RuntimeError(f"no calling window within {_SCAN_DAYS} days of {at.isoformat()}")
     return min(found)
+
+
+def _openings(zone: ZoneInfo, start: time, days: frozenset[int], holidays_of: str, at: datetime) -> list[datetime]:
+    """The instants within the scan after `at` where one window may open: its start time on
+    its days (both passes of a repeated hour) and the zone's clock changes."""
+    first_day = at.astimezone(zone).date()
+    openings: list[datetime] = []
+    for offset in range(_SCAN_DAYS):
+        day = first_day + timedelta(days=offset)
+        if _weekday(day) in days and not (holidays_of and day in _public_holidays(holidays_of)):
+            wall = datetime.combine(day, start)
+            openings.extend(wall.replace(tzinfo=zone, fold=fold).astimezone(UTC) for fold in (0, 1))
+    openings.extend(_offset_changes(zone, at, at + timedelta(days=_SCAN_DAYS)))
+    return openings
 
 
 def _offset(zone: ZoneInfo, timestamp: int) -> timedelta | None:

@@ -217,7 +217,7 @@ class Dialer:
             cantidad_cupones=info.get("cantidad_cupones"),
             fecha_maxima=info.get("fecha_maxima"),
             now=now,
-            timezone=settings.timezone,
+            timezone=settings.debtor_timezone,  # the debtor's clock, not the dashboard's zone
         )
         round_no = job["attempts"] + 1
         return events_pb2.WorkItem(

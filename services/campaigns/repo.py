@@ -12,6 +12,8 @@ import asyncpg
 from services.runtime.db import analyze_loaded
 
 JOB_COLUMNS = ("batch_id", "job_id", "phone", "vals")
+# The reason a WhatsApp batch none of whose recipients could be sent ends failed with.
+ALL_FAILED = "Todos los envíos fallaron"
 
 
 class Q:
@@ -139,19 +141,47 @@ class Q:
             INSERT INTO requeued (batch_id, job_id) SELECT $1, job_id FROM upd WHERE status = 'requeue'
             ON CONFLICT DO NOTHING)
         SELECT job_id, status FROM upd"""
+    # $9.. the last recipient sent and the last failed of these results ('' = none among them).
     ADD_COUNTERS = """
         UPDATE batches SET sent_jobs = sent_jobs + $2, failed_jobs = failed_jobs + $3, total_cost = total_cost + $8,
                cancelled_jobs = cancelled_jobs + $4, unknown_jobs = unknown_jobs + $5,
                queued_jobs = greatest(queued_jobs - $6, 0),
-               devices_used = greatest(devices_used, $7), updated_at = now()
+               devices_used = greatest(devices_used, $7), updated_at = now(),
+               last_sent_to = CASE WHEN $9 = '' THEN last_sent_to ELSE $9 END,
+               last_sent_sender_id = CASE WHEN $9 = '' THEN last_sent_sender_id ELSE $10 END,
+               last_failed_to = CASE WHEN $11 = '' THEN last_failed_to ELSE $11 END,
+               last_failed_sender_id = CASE WHEN $11 = '' THEN last_failed_sender_id ELSE $12 END,
+               last_failed_error = CASE WHEN $11 = '' THEN last_failed_error ELSE $13 END
         WHERE batch_id = $1 RETURNING *"""
-    # A batch is done when every job is resolved; a cancelled one once nothing is in flight.
+    # A batch is done when every job is resolved; a cancelled or failed one once nothing is in
+    # flight. A WhatsApp batch none of whose recipients could be sent ends failed, with $2 as
+    # the reason (voice counts conversations, not sends: a batch of unanswered calls completed).
     FINISH_IF_DONE = """
-        UPDATE batches SET status = CASE WHEN status = 'cancelled' THEN 'cancelled' ELSE 'completed' END,
-               finished_at = now(), updated_at = now()
-        WHERE batch_id = $1 AND finished_at IS NULL AND status IN ('processing', 'pending', 'cancelled')
+        UPDATE batches
+        SET status = CASE WHEN status IN ('cancelled', 'failed') THEN status
+                          WHEN channel = 'whatsapp' AND sent_jobs = 0 AND failed_jobs > 0 THEN 'failed'
+                          ELSE 'completed' END,
+            error = CASE WHEN status NOT IN ('cancelled', 'failed') AND channel = 'whatsapp'
+                              AND sent_jobs = 0 AND failed_jobs > 0 THEN $2 ELSE error END,
+            finished_at = now(), updated_at = now()
+        WHERE batch_id = $1 AND finished_at IS NULL AND status IN ('processing', 'pending', 'cancelled', 'failed')
           AND sent_jobs + failed_jobs + cancelled_jobs + unknown_jobs >= total_jobs
           AND queued_jobs = 0
+        RETURNING *"""
+    # A WhatsApp batch that can no longer proceed (none of its devices is active) fails: the
+    # jobs not released, handed back or suspended fail now with the reason; released ones
+    # resolve as their dispatcher hands them back.
+    FAIL_BATCH = """
+        WITH f AS (
+            UPDATE jobs SET status = 'failed', error = $2, finished_at = now()
+            WHERE batch_id = $1
+              AND (status IN ('requeue', 'suspended')
+                   OR (status = 'pending' AND job_id > (SELECT released_upto FROM batches WHERE batch_id = $1)))
+            RETURNING job_id),
+        d AS (DELETE FROM requeued WHERE batch_id = $1)
+        UPDATE batches SET status = 'failed', error = $2, suspended_jobs = 0,
+               failed_jobs = failed_jobs + (SELECT count(*) FROM f), updated_at = now()
+        WHERE batch_id = $1 AND status IN ('pending', 'processing', 'paused', 'suspended')
         RETURNING *"""
     SET_STATUS = """
         UPDATE batches SET status = $3, updated_at = now()
@@ -182,7 +212,7 @@ class Q:
         INSERT INTO requeued (batch_id, job_id) SELECT $1, job_id FROM f ON CONFLICT DO NOTHING"""
     REOPEN_FOR_RETRY = """
         UPDATE batches SET failed_jobs = failed_jobs - $2, status = 'processing', finished_at = NULL,
-               updated_at = now()
+               error = CASE WHEN status = 'failed' THEN '' ELSE error END, updated_at = now()
         WHERE batch_id = $1 RETURNING *"""
     LIST_RESULTS = """
         SELECT job_id, phone, status, sender_id, error, attempts, finished_at,
@@ -271,7 +301,7 @@ class CampaignsRepo:
                 await conn.execute(Q.CANCEL_REQUEUED, batch_id)
             count = int(done.split()[-1])
             row = await conn.fetchrow(Q.ADD_CANCELLED, batch_id, count)
-            return await conn.fetchrow(Q.FINISH_IF_DONE, batch_id) or row
+            return await conn.fetchrow(Q.FINISH_IF_DONE, batch_id, ALL_FAILED) or row
 
     async def retry_failed(self, *, batch_id: UUID) -> asyncpg.Record:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -392,13 +422,21 @@ class CampaignsRepo:
         resolved: int,
         devices_used: int,
         cost: Decimal,
+        last_sent: tuple[str, int] = ("", 0),
+        last_failed: tuple[str, int, str] = ("", 0, ""),
     ) -> asyncpg.Record:
+        """last_sent: (to, sender_id); last_failed: (to, sender_id, error); to '' = none."""
         return await conn.fetchrow(
-            Q.ADD_COUNTERS, batch_id, sent, failed, cancelled, unknown, resolved, devices_used, cost
-        )
+            Q.ADD_COUNTERS, batch_id, sent, failed, cancelled, unknown, resolved, devices_used, cost,
+            *last_sent, *last_failed,
+        )  # fmt: skip
 
     async def finish_if_done(self, conn: asyncpg.Connection, *, batch_id: UUID) -> asyncpg.Record | None:
-        return await conn.fetchrow(Q.FINISH_IF_DONE, batch_id)
+        return await conn.fetchrow(Q.FINISH_IF_DONE, batch_id, ALL_FAILED)
+
+    async def fail_batch(self, conn: asyncpg.Connection, *, batch_id: UUID, reason: str) -> asyncpg.Record | None:
+        """None when the batch is no longer running (already failed, cancelled or finished)."""
+        return await conn.fetchrow(Q.FAIL_BATCH, batch_id, reason)
 
     async def lock_batch(self, conn: asyncpg.Connection, *, batch_id: UUID) -> asyncpg.Record | None:
         return await conn.fetchrow(Q.LOCK_BATCH_STATUS, batch_id)

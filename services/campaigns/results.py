@@ -1,4 +1,8 @@
-"""Applies the dispatchers' results in batches: job states, batch counters, completion."""
+"""Applies the dispatchers' results in batches: job states, batch counters, completion.
+
+A WhatsApp batch ends `failed` when none of its recipients could be sent (FINISH_IF_DONE) or
+when a dispatcher reports that none of its devices is active any more: then it can no longer
+proceed, and its jobs not yet released fail at once rather than one release at a time."""
 
 from __future__ import annotations
 
@@ -21,6 +25,9 @@ from .notify import Notifier
 from .repo import CampaignsRepo
 
 log = logging.getLogger("pregonero.campaigns.results")
+
+# The reason a batch whose devices are all gone fails with, as the bulk sender shows it.
+NO_DEVICES = "No hay devices disponibles"
 
 DURABLE = "campaigns-results"
 FETCH = 64
@@ -89,7 +96,8 @@ class ResultsApplier:
             sender_ids=[o.sender_id for o in outcomes],
             errors=[o.error for o in outcomes],
             attempt_nos=[int(o.attempt_id.rsplit(":", 1)[1]) for o in outcomes],
-            cancelled=batch["status"] == "cancelled",
+            # A stopped batch releases nothing more: what is handed back ends there.
+            cancelled=batch["status"] in ("cancelled", "failed"),
         )
         counts: dict[str, int] = defaultdict(int)
         for r in applied:
@@ -98,6 +106,14 @@ class ResultsApplier:
         costs = {o.job_id: o.cost for o in outcomes if o.status == "sent" and o.cost}
         cost = sum((Decimal(costs[r["job_id"]]) for r in applied if r["job_id"] in costs), Decimal(0))
         used = {o.sender_id for o in outcomes if o.sender_id}
+        status_of = {r["job_id"]: r["status"] for r in applied}
+        last_sent: tuple[str, int] = ("", 0)
+        last_failed: tuple[str, int, str] = ("", 0, "")
+        for o in outcomes:
+            if status_of.get(o.job_id) == "sent":
+                last_sent = (o.to, o.sender_id)
+            elif status_of.get(o.job_id) == "failed":
+                last_failed = (o.to, o.sender_id, o.error)
         row = await self.repo.add_counters(
             conn,
             batch_id=batch_id,
@@ -108,5 +124,9 @@ class ResultsApplier:
             resolved=len(applied),
             devices_used=len(used),
             cost=cost,
+            last_sent=last_sent,
+            last_failed=last_failed,
         )
+        if any(o.error == bus.NO_ACTIVE_SENDER and status_of.get(o.job_id) == "failed" for o in outcomes):
+            row = await self.repo.fail_batch(conn, batch_id=batch_id, reason=NO_DEVICES) or row
         return applied, row, await self.repo.finish_if_done(conn, batch_id=batch_id)

@@ -19,6 +19,7 @@ from services.runtime.protos import from_timestamp, json_object, to_timestamp
 from services.runtime.rpc import outgoing_metadata
 
 from .batches import Batches, SenderChoice
+from .calling import DEFAULT_TIMEZONE, legal_window
 from .voice import SAMPLE_ROWS, Checked, Upload, VoiceBatches, job_ids, sample_of, waiting_jobs
 
 
@@ -41,6 +42,7 @@ def batch_pb(row: asyncpg.Record, scheduled: int = 0) -> campaigns_pb2.Batch:
         description=row["description"],
         priority=row["priority"],
         call_settings_json=_json_text(row["call_settings"]),
+        legal_window_json=_legal_window_json(row),
         estimated_cost=str(row["estimated_cost"]),
         total_minutes=str((row["total_seconds"] / 60).quantize(Decimal("0.01"))),
         use_case=row["use_case"],
@@ -66,7 +68,23 @@ def batch_pb(row: asyncpg.Record, scheduled: int = 0) -> campaigns_pb2.Batch:
         updated_at=to_timestamp(row["updated_at"]),
         started_at=to_timestamp(row["started_at"]),
         finished_at=to_timestamp(row["finished_at"]),
+        last_sent=campaigns_pb2.Recipient(to=row["last_sent_to"], sender_id=row["last_sent_sender_id"]),
+        last_failed=campaigns_pb2.Recipient(
+            to=row["last_failed_to"], sender_id=row["last_failed_sender_id"], error=row["last_failed_error"]
+        ),
     )
+
+
+def _legal_window_json(row: asyncpg.Record) -> str:
+    """The legal window a voice batch is held to besides its call_settings (see calling.py)."""
+    if row["channel"] != "voice":
+        return ""
+    stored = row["call_settings"]
+    settings = json.loads(stored) if isinstance(stored, str) else (stored or {})
+    legal = legal_window(
+        timezone=str(settings.get("timezone") or DEFAULT_TIMEZONE), country=row["country"], use_case=row["use_case"]
+    )
+    return json.dumps(legal.to_json()) if legal else ""
 
 
 def _json_text(value: Any) -> str:
@@ -177,7 +195,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
 
     async def UploadBulkFile(
         self, request_iterator: AsyncIterator[campaigns_pb2.UploadBulkFileRequest], context: grpc.aio.ServicerContext
-    ) -> campaigns_pb2.Batch:
+    ) -> campaigns_pb2.BulkFileUploaded:
         caller = current_caller()
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("header"):
@@ -196,7 +214,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
                 if part.HasField("chunk"):
                     yield part.chunk
 
-        row = await self.batches.ingest_bulk_file(
+        ingested = await self.batches.ingest_bulk_file(
             account_id=account_id,
             file_name=header.file_name,
             template=header.message_template,
@@ -204,7 +222,14 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
             senders=[SenderChoice(s.id, s.rate_per_minute) for s in senders.senders],
             chunks=chunks(),
         )
-        return await self._batch(row)
+        return campaigns_pb2.BulkFileUploaded(
+            batch=await self._batch(ingested.batch),
+            duplicates=ingested.duplicates,
+            invalid_rows=ingested.invalid,
+            invalid=[
+                campaigns_pb2.RowProblem(row=r.line, value=r.value, reason=r.reason) for r in ingested.invalid_samples
+            ],
+        )
 
     async def GetBatch(self, request: campaigns_pb2.BatchRef, context: grpc.aio.ServicerContext) -> campaigns_pb2.Batch:
         return await self._batch(await self.voice.get(current_caller(), request.batch_id))
@@ -383,7 +408,9 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
     async def DeleteJob(
         self, request: campaigns_pb2.JobRef, context: grpc.aio.ServicerContext
     ) -> campaigns_pb2.DeleteJobResponse:
-        await self.voice.delete_job(current_caller(), request.job_id)
+        cancelled = await self.voice.delete_job(current_caller(), request.job_id)
+        if cancelled is not None:
+            return campaigns_pb2.DeleteJobResponse(job_id=request.job_id, cancelled=True, job=job_pb(cancelled))
         return campaigns_pb2.DeleteJobResponse(job_id=request.job_id)
 
     async def GetDashboard(
@@ -410,6 +437,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
             total_minutes=str((c["total_seconds"] / 60).quantize(Decimal("0.01"))),
             recent_jobs=[job_pb(r) for r in recent],
             calls_today=today,
+            jobs_today=c["jobs_today"],
         )
 
     async def ListCalls(

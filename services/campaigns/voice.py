@@ -41,6 +41,7 @@ PROCESSING_TYPES = ("basic", "acquisition")
 STATUSES = ("pending", "scheduled", "in_progress", "completed", "failed", "cancelled", "suspended")
 _OBJECT_ID = re.compile(r"^[0-9a-f]{24}$")
 _JOB_ID = re.compile(r"^job-(\d{1,18})$")
+MAX_JOB_KEY = 2**63 - 1  # voice_jobs.id is a bigint
 
 
 def job_ids(job_id: int) -> tuple[str, str]:
@@ -49,14 +50,19 @@ def job_ids(job_id: int) -> tuple[str, str]:
 
 
 def parse_job_ref(text: str) -> int:
+    """The key of `job-<n>`, `<n>` or the 24-hex `_id`. Any other id names no job, and neither
+    does one beyond bigint (an id of the original backend is 24-hex too)."""
     text = text.strip().lower()
+    key = -1
     if m := _JOB_ID.match(text):
-        return int(m.group(1))
-    if _OBJECT_ID.match(text):
-        return int(text, 16)
-    if text.isdigit() and len(text) <= 18:
-        return int(text)
-    raise NotFound(f"job {text} not found")
+        key = int(m.group(1))
+    elif _OBJECT_ID.match(text):
+        key = int(text, 16)
+    elif text.isascii() and text.isdigit() and len(text) <= 18:
+        key = int(text)
+    if not 0 < key <= MAX_JOB_KEY:
+        raise NotFound(f"job {text[:64]} not found")
+    return key
 
 
 def waiting_jobs(batch: asyncpg.Record) -> int:
@@ -410,12 +416,16 @@ class VoiceBatches:
             raise Conflict(f"job {job_id} is {row['status']}: only pending or scheduled jobs are cancelled")
         return await self.job(caller, job_id)
 
-    async def delete_job(self, caller: Caller, job_id: str) -> None:
-        row = await self.repo.delete_job(job_id=parse_job_ref(job_id), scope=scope_of(caller))
+    async def delete_job(self, caller: Caller, job_id: str) -> asyncpg.Record | None:
+        """Deletes the job (None). A job being called is cancelled instead, and returned: the
+        dashboard's bulk delete must not fail on it. Its call ends normally, nothing follows it,
+        and the job ends `cancelled` (call_results)."""
+        row = await self.repo.delete_job(job_id=parse_job_ref(job_id), scope=scope_of(caller), reason="deleted by user")
         if row is None:
             raise NotFound(f"job {job_id} not found")
         if row["status"] == "in_progress":
-            raise Conflict(f"job {job_id} is being called; delete it once the call ends")
+            return await self.job(caller, job_id)
+        return None
 
     async def retry_job(self, caller: Caller, job_id: str) -> asyncpg.Record:
         row = await self.repo.retry_job(job_id=parse_job_ref(job_id), scope=scope_of(caller))
@@ -434,10 +444,10 @@ class VoiceBatches:
 
     async def dashboard(self, caller: Caller, account_id: str) -> Dashboard:
         scope = caller.account_scope(account_id) if account_id else scope_of(caller)
-        counters = await self.repo.dashboard(scope=scope)
+        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+        counters = await self.repo.dashboard(scope=scope, today=today)
         scheduled = await self.repo.scheduled_in(scope=scope)
         recent, _ = await self.repo.calls(scope=scope, batch_id=None, status="", limit=10, skip=0, count=False)
-        today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
         calls_today = await self.repo.calls_since(scope=scope, since=today)
         return Dashboard(scope, counters, scheduled, recent, calls_today)
 

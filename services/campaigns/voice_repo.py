@@ -16,6 +16,7 @@ import asyncpg
 
 from services.runtime.db import analyze_loaded
 
+from .repo import ALL_FAILED
 from .repo import Q as CampaignsQ
 
 JOB_COLUMNS = (
@@ -138,6 +139,9 @@ class Q:
         RETURNING *"""
     LOCK_JOB = "SELECT * FROM voice_jobs WHERE id = $1 AND ($2 = '' OR account_id = $2) FOR UPDATE"
     DELETE_JOB = "DELETE FROM voice_jobs WHERE id = $1"
+    # A job being called is not deleted under its call: it is marked, and its result cancels it
+    # (call_results). A reason on a job in progress means exactly this (MARK_CALLING clears it).
+    CANCEL_AFTER_CALL = "UPDATE voice_jobs SET cancellation_reason = $2, updated_at = now() WHERE id = $1 RETURNING *"
     RETRY_JOB = """
         UPDATE voice_jobs SET status = 'pending', attempts = 0, next_phone_index = 0, next_attempt_at = now(),
                finished_at = NULL, cancellation_reason = '', updated_at = now()
@@ -171,7 +175,9 @@ class Q:
                coalesce(sum(suspended_jobs), 0) AS suspended_jobs,
                coalesce(sum(queued_jobs), 0) AS in_progress_jobs,
                coalesce(sum(total_cost), 0) AS total_cost,
-               coalesce(sum(total_seconds), 0) AS total_seconds
+               coalesce(sum(total_seconds), 0) AS total_seconds,
+               -- A batch's jobs are created with it, in one transaction: the jobs created since $2.
+               coalesce(sum(total_jobs) FILTER (WHERE created_at >= $2), 0) AS jobs_today
         FROM batches WHERE channel = 'voice' AND status <> 'ingesting' AND ($1 = '' OR account_id = $1)"""
     CALLS_SINCE = """
         SELECT coalesce(sum(h.calls), 0) FROM batch_hours h JOIN batches b USING (batch_id)
@@ -223,7 +229,7 @@ class DialQ:
         UPDATE voice_jobs j SET next_attempt_at = p.at, updated_at = now()
         FROM unnest($1::bigint[], $2::timestamptz[]) AS p(id, at) WHERE j.id = p.id"""
     MARK_CALLING = """
-        UPDATE voice_jobs j SET status = 'in_progress', current_attempt = c.attempt,
+        UPDATE voice_jobs j SET status = 'in_progress', current_attempt = c.attempt, cancellation_reason = '',
                started_at = coalesce(j.started_at, $3), updated_at = now()
         FROM unnest($1::bigint[], $2::text[]) AS c(id, attempt) WHERE j.id = c.id"""
 
@@ -241,6 +247,9 @@ class ResultQ:
                updated_at = now()
         WHERE id = $1"""
     HAND_BACK = "UPDATE voice_jobs SET status = 'pending', current_attempt = NULL, updated_at = now() WHERE id = $1"
+    CANCEL_HANDED_BACK = """
+        UPDATE voice_jobs SET status = 'cancelled', current_attempt = NULL, finished_at = now(), updated_at = now()
+        WHERE id = $1"""
     ADD_HOUR = """
         INSERT INTO batch_hours AS h (batch_id, hour, calls, completed, failed, cost, seconds)
         VALUES ($1, $2, 1, $3, $4, $5, $6)
@@ -403,12 +412,15 @@ class VoiceRepo:
             await self._finish_if_done(conn, job["batch_id"])
             return row
 
-    async def delete_job(self, *, job_id: int, scope: str) -> asyncpg.Record | None:
-        """The deleted job (None when there is none); the counters follow in the same transaction."""
+    async def delete_job(self, *, job_id: int, scope: str, reason: str) -> asyncpg.Record | None:
+        """The deleted job (None when there is none); the counters follow in the same transaction.
+        A job being called stays, marked to end cancelled with its call: the job as marked."""
         async with self.pool.acquire() as conn, conn.transaction():
             job = await conn.fetchrow(Q.LOCK_JOB, job_id, scope)
-            if job is None or job["status"] == "in_progress":
-                return job
+            if job is None:
+                return None
+            if job["status"] == "in_progress":
+                return await conn.fetchrow(Q.CANCEL_AFTER_CALL, job_id, reason)
             await conn.execute(Q.DELETE_JOB, job_id)
             completed, failed, cancelled, suspended = counted(job["status"])
             called = int(job["call_ended_at"] is not None)
@@ -429,7 +441,7 @@ class VoiceRepo:
             return await conn.fetchrow(Q.RETRY_JOB, job_id)
 
     async def _finish_if_done(self, conn: asyncpg.Connection, batch_id: UUID) -> None:
-        await conn.fetchrow(CampaignsQ.FINISH_IF_DONE, batch_id)  # the one rule for when a batch is done
+        await conn.fetchrow(CampaignsQ.FINISH_IF_DONE, batch_id, ALL_FAILED)  # the one rule for when a batch is done
 
     # --- the dialer, inside its transaction ---
 
@@ -466,6 +478,9 @@ class VoiceRepo:
 
     async def lock_call(self, conn: asyncpg.Connection, *, job_id: int, attempt_id: str) -> asyncpg.Record | None:
         return await conn.fetchrow(ResultQ.LOCK_CALL, job_id, attempt_id)
+
+    async def cancel_handed_back(self, conn: asyncpg.Connection, *, job_id: int) -> None:
+        await conn.execute(ResultQ.CANCEL_HANDED_BACK, job_id)
 
     async def book_call(
         self,
@@ -535,8 +550,8 @@ class VoiceRepo:
 
     # --- dashboard ---
 
-    async def dashboard(self, *, scope: str) -> asyncpg.Record:
-        return await self.pool.fetchrow(Q.DASHBOARD, scope)
+    async def dashboard(self, *, scope: str, today: datetime) -> asyncpg.Record:
+        return await self.pool.fetchrow(Q.DASHBOARD, scope, today)
 
     async def calls_since(self, *, scope: str, since: Any) -> int:
         return int(await self.pool.fetchval(Q.CALLS_SINCE, scope, since))

@@ -429,7 +429,7 @@ class Engine:
             else:
                 unsendable.append(item)
         if unsendable:
-            await self._fail_unsent(chunk, unsendable, "no active device for this job")
+            await self._fail_unsent(chunk, unsendable, bus.NO_ACTIVE_SENDER)
 
     async def _fail_unsent(self, chunk: Chunk, items: list[events_pb2.WorkItem], error: str) -> None:
         """Items that cannot be sent end failed, on record first: a copy of this work that
@@ -586,7 +586,7 @@ class Engine:
             if senders:
                 self._enqueue(chunk, item, [self._lane(s) for s in senders.values()])
             else:
-                await self._fail_unsent(chunk, [item], "no active device for this job")
+                await self._fail_unsent(chunk, [item], bus.NO_ACTIVE_SENDER)
 
     async def _worker(self, lane: Lane) -> None:
         provider = self.providers[lane.sender.provider]

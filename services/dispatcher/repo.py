@@ -61,6 +61,15 @@ class SenderQ:
         WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
         RETURNING id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
                   rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at"""
+    # Marking a receiver serialises on its account for the rest of the transaction: two
+    # concurrent marks then run one after the other, and the second unmarks the first instead
+    # of failing on senders_one_receiver. Taken before any row lock, so it cannot deadlock.
+    LOCK_RECEIVER = """
+        SELECT pg_advisory_xact_lock(hashtextextended('pregonero.senders.receiver:' || $1, 0))"""
+    # The receiver mark is not a sending setting, so the version stays: claims go on.
+    UNMARK_RECEIVERS = """
+        UPDATE senders SET is_receiver = false, updated_at = now()
+        WHERE account_id = $1 AND channel = $2 AND is_receiver AND deleted_at IS NULL AND id <> $3"""
     SOFT_DELETE_SENDER = """
         UPDATE senders SET deleted_at = now(), updated_at = now(), version = version + 1
         WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
@@ -173,6 +182,14 @@ class SendersRepo:
             concurrency,
             provider_config_json,
         )
+
+    async def lock_receiver(self, *, account_id: str) -> None:
+        """Inside `transaction()`, before any row of the account is locked."""
+        await self.db.execute(SenderQ.LOCK_RECEIVER, account_id)
+
+    async def unmark_receivers(self, *, account_id: str, channel: str, keep_id: int = 0) -> None:
+        """Inside `transaction()`, after lock_receiver: every other receiver of the account stops being one."""
+        await self.db.execute(SenderQ.UNMARK_RECEIVERS, account_id, channel, keep_id)
 
     async def soft_delete(self, *, sender_id: int, account_id: str) -> bool:
         return await self.db.fetchval(SenderQ.SOFT_DELETE_SENDER, sender_id, account_id) is not None

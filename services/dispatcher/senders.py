@@ -169,28 +169,38 @@ class Senders:
         secret = _text(secret, "secret", max_len=MAX_SECRET, required=True)
         config = _config_object(json_object(provider_config_json, "provider_config"))
         _check_provider_config(provider, config)
-        return await self.repo.insert(
-            account_id=account,
-            channel=channel,
-            provider=provider,
-            device_name=_text(device_name, "device_name", max_len=MAX_DEVICE_NAME),
-            token=token,
-            secret_enc=self.box.encrypt(secret),
-            secret_hint=hint_of(secret),
-            is_receiver=_bool(is_receiver, "is_receiver"),
-            phone=_phone(phone),
-            rate_per_minute=_int(
-                DEFAULT_RATE_PER_MINUTE if rate_per_minute is None else rate_per_minute,
-                "rate_per_minute",
-                RATE_PER_MINUTE_RANGE,
-            ),
-            jitter_ms=_int(jitter_ms, "jitter_ms", JITTER_MS_RANGE),
-            concurrency=_int(
-                DEFAULT_CONCURRENCY if concurrency is None else concurrency, "concurrency", CONCURRENCY_RANGE
-            ),
-            provider_config_json=json.dumps(config),
-            status=_choice(status or "active", "status", STATUSES),
+        name = _text(device_name, "device_name", max_len=MAX_DEVICE_NAME)
+        receiver = _bool(is_receiver, "is_receiver")
+        phone = _phone(phone)
+        rate = _int(
+            DEFAULT_RATE_PER_MINUTE if rate_per_minute is None else rate_per_minute,
+            "rate_per_minute",
+            RATE_PER_MINUTE_RANGE,
         )
+        jitter = _int(jitter_ms, "jitter_ms", JITTER_MS_RANGE)
+        lanes = _int(DEFAULT_CONCURRENCY if concurrency is None else concurrency, "concurrency", CONCURRENCY_RANGE)
+        status = _choice(status or "active", "status", STATUSES)
+        async with self.repo.transaction() as tx:
+            if receiver:
+                # One receiver per account (the client's device form): the new one replaces it.
+                await tx.lock_receiver(account_id=account)
+                await tx.unmark_receivers(account_id=account, channel=channel)
+            return await tx.insert(
+                account_id=account,
+                channel=channel,
+                provider=provider,
+                device_name=name,
+                token=token,
+                secret_enc=self.box.encrypt(secret),
+                secret_hint=hint_of(secret),
+                is_receiver=receiver,
+                phone=phone,
+                rate_per_minute=rate,
+                jitter_ms=jitter,
+                concurrency=lanes,
+                provider_config_json=json.dumps(config),
+                status=status,
+            )
 
     async def get(self, caller: Caller, sender_id: int) -> asyncpg.Record:
         row = await self.repo.get(sender_id=sender_id, account_id=caller.account_scope())
@@ -220,12 +230,18 @@ class Senders:
         if unknown:
             raise InvalidArgument(f"unknown fields: {', '.join(unknown)}; allowed: {', '.join(sorted(UPDATABLE))}")
         changes = self._validate_patch(patch)
+        marks_receiver = changes.get("is_receiver") is True
         async with self.repo.transaction() as tx:
+            if marks_receiver:
+                await tx.lock_receiver(account_id=account)  # before the row lock: see LOCK_RECEIVER
             row = await tx.get(sender_id=sender_id, account_id=account, for_update=True)
             if row is None:
                 raise NotFound(f"sender {sender_id} not found")
             if not changes:
                 return row
+            if marks_receiver:
+                # One receiver per account (the client's device form): this one replaces it.
+                await tx.unmark_receivers(account_id=account, channel=row["channel"], keep_id=sender_id)
             provider = changes.get("provider", row["provider"])
             config = changes.get("provider_config", provider_config_of(row))
             if "provider" in changes or "provider_config" in changes:

@@ -21,6 +21,7 @@ from .config import GatewaySettings
 from .live import LiveHub
 from .notify_live import NotificationHub
 from .routes import accounts, admin, auth, batches, bulk, dashboard, devices, jobs, notifications, system, webhooks, ws
+from .socket_limit import SocketLimit
 
 log = logging.getLogger("pregonero.gateway.access")
 
@@ -55,6 +56,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.state.settings = settings
     # Built here, not in lifespan, so a malformed token list fails the start at once.
     app.state.auth = Authenticator(settings)
+    app.state.socket_limit = SocketLimit(
+        per_second=settings.pregonero_ws_connects_per_second, burst=settings.pregonero_ws_connect_burst
+    )
     errors.install(app)
     origins = settings.cors_origin_list()
     app.add_middleware(

@@ -33,6 +33,10 @@ class GatewaySettings(BaseServiceSettings):
     # Proxies (addresses or CIDRs) whose X-Forwarded-For is believed: Envoy. The login limit
     # counts per client address, which only they can tell.
     pregonero_trusted_proxies: str = "127.0.0.1,::1"
+    # WebSockets one client (address) may open: a burst, then this many a second. The bulk
+    # sender opens one or two per job; a client reconnecting in a loop is refused (4429).
+    pregonero_ws_connect_burst: int = Field(20, ge=1)
+    pregonero_ws_connects_per_second: float = Field(2.0, gt=0)
 
     # The WhatsApp Cloud API webhook (/webhooks/whatsapp): the Meta app's secret, which signs
     # every delivery, and the token the operator typed when subscribing. Unset: no webhook.

@@ -3,7 +3,15 @@
 One core-NATS subscription per gateway process (`events.batch.>`); any replica can serve any
 job's socket. The NATS callback only renders and enqueues, never awaits a socket: each socket
 has a bounded queue and its own writer task, so a slow client only ever loses its own
-per-recipient detail (coalesced into the latest counters), never slows the others."""
+per-recipient detail (coalesced into the latest counters), never slows the others.
+
+A (re)connecting socket first gets the job's state (`render_snapshot`): a running job's
+`job_started` and its counters with the last recipient, or its end. The bulk sender's app
+reconnects whenever its job history changes, and learning a job's end changes it; so a job's
+end is told once to each client (`Ends`): a later socket of the same client gets a neutral
+`job_status` and stays open, as the original backend's did, while a client whose socket dropped
+just before the end still learns it. That memory is per process: behind several replicas a
+client may be told once by each."""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -61,6 +70,12 @@ def counters_message(job_id: str, sent: int, failed: int, total: int) -> Message
     return {"type": "progress", "job_id": job_id, "progress": _progress(sent, failed, total)}
 
 
+# What a socket of a job that ended gets once its client has been told the end.
+STATUS_TYPE = "job_status"
+# How long a client is remembered as told of a job's end, and how many such pairs at most.
+ENDS_TTL_S = 600.0
+ENDS_MAX = 20_000
+
 _STATE_TYPES = {
     "paused": ("job_paused", "Envío masivo pausado"),
     "resumed": ("job_resumed", "Envío masivo reanudado"),
@@ -101,7 +116,8 @@ def render(event: events_pb2.BatchEvent) -> Push | None:
         return Push(Kind.TERMINAL, (done,))
     if kind == "job_failed":
         error = event.error or "error"
-        failed = {"type": "job_failed", "job_id": job_id, "error": error, "message": event.message or error}
+        message = event.message or f"{error}: {event.sent} enviados y {event.failed} fallidos de {event.total}"
+        failed = {"type": "job_failed", "job_id": job_id, "error": error, "message": message}
         return Push(Kind.TERMINAL, (failed,))
     if kind in _STATE_TYPES:
         socket_type, default_message = _STATE_TYPES[kind]
@@ -112,7 +128,9 @@ def render(event: events_pb2.BatchEvent) -> Push | None:
 
 def _render_progress(event: events_pb2.BatchEvent) -> Push:
     """Counters are those after the whole chunk; each outcome gets the counters as they were
-    right after it, so they rise one by one and the last equals the event's."""
+    right after it, so they rise one by one and the last equals the event's. A sent recipient
+    is a `progress`, a failed one an `error`, as the bulk-send guide has it (the app logs every
+    `progress` as sent)."""
     job_id, total = event.batch_id, event.total
     outcomes = [o for o in event.outcomes if o.status in ("sent", "failed")]
     sent_after = sum(1 for o in outcomes if o.status == "sent")
@@ -125,16 +143,52 @@ def _render_progress(event: events_pb2.BatchEvent) -> Push:
             failed_after -= 1
         # sent_after / failed_after now count the outcomes after this one.
         progress = _progress(max(0, event.sent - sent_after), max(0, event.failed - failed_after), total)
-        who = {"device_id": outcome.sender_id, "phone": outcome.to}
-        messages.append({"type": "progress", "job_id": job_id, **who, "status": outcome.status, "progress": progress})
-        if outcome.status == "failed":
-            messages.append({"type": "error", "job_id": job_id, **who, "error": outcome.error, "progress": progress})
+        messages.append(_recipient_message(job_id, outcome, progress))
     counters = counters_message(job_id, event.sent, event.failed, total)
     return Push(Kind.STREAM, tuple(messages) or (counters,), counters)
 
 
+def _recipient_message(job_id: str, outcome: events_pb2.JobOutcome, progress: dict[str, Any]) -> Message:
+    who = {"device_id": outcome.sender_id, "phone": outcome.to}
+    if outcome.status == "failed":
+        return {"type": "error", "job_id": job_id, **who, "error": outcome.error, "progress": progress}
+    return {"type": "progress", "job_id": job_id, **who, "status": outcome.status, "progress": progress}
+
+
+def render_snapshot(event: events_pb2.BatchEvent) -> Push | None:
+    """The state a (re)connecting socket starts from (see `batch_event`): the job's end; or,
+    once it has started, `job_started`, the counters with the last recipient (the app drops a
+    `progress` without `phone`) and its pause or suspension; or, before, the counters."""
+    if event.type != "job_started":
+        return render(event)
+    job_id = event.batch_id
+    messages: list[Message] = [
+        {"type": "job_started", "job_id": job_id, "message": f"Iniciando envío masivo de {event.total} mensajes"}
+    ]
+    counters = counters_message(job_id, event.sent, event.failed, event.total)
+    # The last one sent when there is one: a failed one would be an `error`, logged again.
+    last = next((o for o in event.outcomes if o.status == "sent"), None) or next(iter(event.outcomes), None)
+    messages.append(counters if last is None else _recipient_message(job_id, last, counters["progress"]))
+    if event.status in _STATE_TYPES:
+        socket_type, default_message = _STATE_TYPES[event.status]
+        messages.append({"type": socket_type, "job_id": job_id, "message": default_message})
+    return Push(Kind.STREAM, tuple(messages), counters)
+
+
+def status_message(event: events_pb2.BatchEvent) -> Message:
+    """A finished job's state for a client already told its end: a type the app ignores."""
+    return {
+        "type": STATUS_TYPE,
+        "job_id": event.batch_id,
+        "status": event.status or ("failed" if event.type == "job_failed" else "completed"),
+        "progress": _progress(event.sent, event.failed, event.total),
+        "message": "El job ya terminó",
+    }
+
+
 def batch_event(batch: campaigns_pb2.Batch) -> events_pb2.BatchEvent:
-    """The state of a batch as the event a late subscriber needs: its counters, or its end."""
+    """The state of a batch as the event a late subscriber needs (`render_snapshot`): its end;
+    `job_started` once it has started, with the last recipient sent and failed; else `progress`."""
     p = batch.progress
     event = events_pb2.BatchEvent(
         batch_id=batch.batch_id,
@@ -153,9 +207,49 @@ def batch_event(batch: campaigns_pb2.Batch) -> events_pb2.BatchEvent:
         event.type = "job_failed"
         event.error = batch.error or "failed"
         event.message = batch.error or "El envío masivo falló"
+    elif batch.status == "processing" or batch.HasField("started_at"):
+        event.type = "job_started"
+        for status, last in (("sent", batch.last_sent), ("failed", batch.last_failed)):
+            if last.to:
+                event.outcomes.append(
+                    events_pb2.JobOutcome(status=status, to=last.to, sender_id=last.sender_id, error=last.error)
+                )
     else:
         event.type = "progress"
     return event
+
+
+def end_signature(message: Message) -> tuple[Any, ...]:
+    """What makes two renderings of a job's end the same end (a retried job ends anew)."""
+    results = message.get("results") or {}
+    return (
+        message.get("type"),
+        message.get("status"),
+        results.get("sent"),
+        results.get("failed"),
+        results.get("total"),
+        message.get("error"),
+        message.get("message"),
+    )
+
+
+class Ends:
+    """Which clients were told which job's end, for a while: (job, client) → (end, when)."""
+
+    def __init__(self, *, ttl: float = ENDS_TTL_S, size: int = ENDS_MAX, clock: Callable[[], float]) -> None:
+        self.ttl, self.size, self.clock = ttl, size, clock
+        self._told: OrderedDict[tuple[str, str], tuple[tuple[Any, ...], float]] = OrderedDict()
+
+    def tell(self, batch_id: str, client: str, end: Message) -> None:
+        key = (batch_id, client)
+        self._told.pop(key, None)
+        self._told[key] = (end_signature(end), self.clock())
+        while len(self._told) > self.size:
+            self._told.popitem(last=False)
+
+    def told(self, batch_id: str, client: str, end: Message) -> bool:
+        entry = self._told.get((batch_id, client))
+        return entry is not None and entry[0] == end_signature(end) and self.clock() - entry[1] < self.ttl
 
 
 class Sink(Protocol):
@@ -181,9 +275,12 @@ class Subscriber:
         max_pending: int,
         send_timeout: float,
         on_done: Callable[[Subscriber], None],
+        on_end: Callable[[Subscriber, Message], None] = lambda sub, end: None,
+        client: str = "",
     ) -> None:
         self.batch_id = batch_id
         self.sink = sink
+        self.client = client
         self.max_pending = max_pending
         self.send_timeout = send_timeout
         self.dropped = 0  # socket events not delivered because the client was slow
@@ -196,6 +293,8 @@ class Subscriber:
         self.task: asyncio.Task[None] | None = None
         self.finished = False
         self._on_done = on_done
+        self._on_end = on_end
+        self._started = False  # job_started sent: the snapshot's and a live one are the same news
         self._wakeup = asyncio.Event()
 
     def _fits(self, n: int) -> bool:
@@ -278,9 +377,14 @@ class Subscriber:
                     self.queued -= len(item)
                     self._settle()
                     for message in item:
+                        if message["type"] == "job_started":
+                            if self._started:
+                                continue
+                            self._started = True
                         await self._send(message)
                 elif self.terminal is not None:
                     await self._send(self.terminal)
+                    self._on_end(self, self.terminal)
                     await self.close(CLOSE_NORMAL)
                     return
                 else:
@@ -308,10 +412,18 @@ class Subscriber:
 class LiveHub:
     """Fans BatchEvents out to the sockets of this process."""
 
-    def __init__(self, *, max_pending: int = 2048, send_timeout: float = 30.0, dedup_window: int = 4096) -> None:
+    def __init__(
+        self,
+        *,
+        max_pending: int = 2048,
+        send_timeout: float = 30.0,
+        dedup_window: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_pending = max_pending
         self.send_timeout = send_timeout
         self.subscribers: dict[str, set[Subscriber]] = {}
+        self.ends = Ends(clock=clock)
         self._nats_sub: Subscription | None = None
         # A publisher that retries sends the same Nats-Msg-Id twice; the stream drops the
         # copy, but core subscribers see both.
@@ -335,13 +447,29 @@ class LiveHub:
             await sub.stop()
         await asyncio.gather(*(sub.close(CLOSE_GOING_AWAY) for sub in subs))
 
-    def subscribe(self, batch_id: str, sink: Sink) -> Subscriber:
-        """Register a socket; it buffers (bounded) until `Subscriber.start`."""
+    def subscribe(self, batch_id: str, sink: Sink, *, client: str = "") -> Subscriber:
+        """Register a socket of `client` (its address); it buffers (bounded) until `Subscriber.start`."""
         sub = Subscriber(
-            batch_id, sink, max_pending=self.max_pending, send_timeout=self.send_timeout, on_done=self.unsubscribe
+            batch_id,
+            sink,
+            max_pending=self.max_pending,
+            send_timeout=self.send_timeout,
+            on_done=self.unsubscribe,
+            on_end=lambda s, end: self.ends.tell(s.batch_id, s.client, end),
+            client=client,
         )
         self.subscribers.setdefault(batch_id, set()).add(sub)
         return sub
+
+    def opening(self, sub: Subscriber, event: events_pb2.BatchEvent) -> Push | None:
+        """What a new socket starts from: the job's state, its end only if its client has not
+        been told that end (else a neutral `job_status`, and the socket stays open)."""
+        push = render_snapshot(event)
+        if push is None or push.kind is not Kind.TERMINAL:
+            return push
+        if self.ends.told(sub.batch_id, sub.client, push.messages[0]):
+            return Push(Kind.STATE, (status_message(event),))
+        return push
 
     def rekey(self, sub: Subscriber, batch_id: str) -> None:
         """Follow the canonical batch id when the client connected with another form of it."""

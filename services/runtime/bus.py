@@ -43,6 +43,9 @@ EVENTS_STREAM = "EVENTS"
 DEADLETTER_STREAM = "DEADLETTER"
 DEADLETTER_SUBJECTS = "deadletter.>"
 BATCH_STATE_BUCKET = "batch_state"
+# A dispatcher's JobOutcome.error when none of the job's senders is active: campaigns fails
+# the batch on it (it can no longer proceed).
+NO_ACTIVE_SENDER = "no active device for this job"
 
 # Duplicate window: a re-published chunk with the same Nats-Msg-Id inside it is dropped by
 # the server, which is what makes a feeder retry after a crash safe.

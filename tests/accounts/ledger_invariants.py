@@ -55,6 +55,14 @@ CHECKS = {
             FROM holds h WHERE h.account_id = a.account_id AND h.status = 'open' AND h.reserving) h ON true
         WHERE ($1 = '' OR a.account_id = $1)
           AND (a.credit_reserved <> h.credits OR a.minutes_reserved <> h.minutes)""",
+    "what was refunded equals the refund entries": """
+        SELECT a.account_id FROM accounts a
+        LEFT JOIN LATERAL (
+            SELECT coalesce(sum(amount) FILTER (WHERE unit = 'credits'), 0) AS credits,
+                   coalesce(sum(amount) FILTER (WHERE unit = 'minutes'), 0) AS minutes
+            FROM ledger_entries e WHERE e.account_id = a.account_id AND e.kind = 'refund') r ON true
+        WHERE ($1 = '' OR a.account_id = $1)
+          AND (a.credit_refunded <> r.credits OR a.minutes_refunded <> r.minutes)""",
     "a capture never charges more than was asked": """
         SELECT id FROM ledger_entries
         WHERE ($1 = '' OR account_id = $1) AND kind = 'capture' AND used_change > requested""",

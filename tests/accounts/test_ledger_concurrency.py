@@ -70,10 +70,13 @@ def money(rng: random.Random, top: int) -> str:
 
 
 def check_balance(b: accounts_pb2.Balance, shared: Shared) -> None:
-    balance, reserved, available = Decimal(b.credit_balance), Decimal(b.credit_reserved), Decimal(b.credit_available)
-    if balance < 0 or reserved < 0 or available != balance - reserved or available < 0:
+    # Served as added, charged, held: what is left is balance - used - reserved.
+    balance, used = Decimal(b.credit_balance), Decimal(b.credit_used)
+    reserved, available = Decimal(b.credit_reserved), Decimal(b.credit_available)
+    if balance < 0 or used < 0 or reserved < 0 or available != balance - used - reserved or available < 0:
         shared.errors.append(f"reply balance broken: {b}")
-    if Decimal(b.minutes_available) < 0:
+    minutes = [Decimal(v) for v in (b.minutes_purchased, b.minutes_used, b.minutes_reserved, b.minutes_available)]
+    if min(minutes) < 0 or minutes[3] != minutes[0] - minutes[1] - minutes[2]:
         shared.errors.append(f"reply minutes broken: {b}")
 
 
@@ -165,7 +168,7 @@ async def client(stub: accounts_pb2_grpc.AccountsServiceStub, n: int, ops: int, 
 async def snapshot(pool: asyncpg.Pool) -> tuple[list[tuple[object, ...]], int, list[tuple[object, ...]]]:
     accounts = await pool.fetch(
         "SELECT account_id, credit_balance, credit_reserved, credit_used, minutes_purchased, minutes_used,"
-        " minutes_reserved FROM accounts ORDER BY account_id"
+        " minutes_reserved, credit_refunded, minutes_refunded FROM accounts ORDER BY account_id"
     )
     entries = await pool.fetchval("SELECT count(*) FROM ledger_entries")
     holds = await pool.fetch("SELECT hold_id, amount_captured, amount_released, status FROM holds ORDER BY hold_id")

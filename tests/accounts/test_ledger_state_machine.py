@@ -317,6 +317,10 @@ class LedgerMachine(RuleBasedStateMachine):
         assert b.credit_balance >= 0 and b.minutes_purchased - b.minutes_used >= 0
         assert b.credit_available == b.credit_balance - b.credit_reserved >= 0
         assert b.minutes_available >= 0
+        # Served as added, charged, held: what is left is the same amount either way.
+        assert b.served_credit_balance - b.served_credit_used - b.credit_reserved == b.credit_available
+        assert b.served_minutes_purchased - b.served_minutes_used - b.minutes_reserved == b.minutes_available
+        assert b.served_credit_used >= b.credit_used >= 0 and b.served_minutes_used >= b.minutes_used >= 0
         assert (b.credit_balance, b.credit_reserved, b.credit_used) == (
             m.balance[CREDITS],
             m.reserved[CREDITS],

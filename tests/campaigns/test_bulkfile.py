@@ -121,8 +121,22 @@ def test_invalid_phones_are_skipped_and_sampled() -> None:
     rows, parser = parse("\n".join(lines).encode())
     assert [row.phone for row in rows] == ["+51987654321", "+51987654322"]
     assert (parser.total_lines, parser.accepted, parser.invalid) == (35, 2, 33)
-    assert parser.invalid_samples[:3] == [(3, "invalid phone 'abc'"), (4, "invalid phone '12'"), (5, "missing phone")]
-    assert len(parser.invalid_samples) == 20
+    assert parser.invalid_samples[:3] == [
+        (3, "abc", "invalid phone"),
+        (4, "12", "invalid phone"),
+        (5, "", "missing phone"),
+    ]
+    assert len(parser.invalid_samples) == 33  # up to MAX_INVALID_SAMPLES (100) are kept for the reply
+
+
+def test_invalid_samples_stop_at_one_hundred_and_cut_long_values() -> None:
+    lines = ["+51987654321|ok"] + [f"bad{i}|x" for i in range(150)]
+    rows, parser = parse("\n".join(lines).encode())
+    assert parser.invalid == 150 and len(parser.invalid_samples) == 100
+    assert [s.line for s in parser.invalid_samples] == list(range(2, 102))
+    assert parser.invalid_samples[-1] == (101, "bad99", "invalid phone")
+    _, long = parse(("+51987654321|ok\n" + "9x" * 250 + "|y\n").encode())
+    assert long.invalid_samples == [(2, "9x" * 48 + "9...", "invalid phone")]
 
 
 def test_duplicates_keep_the_first_row() -> None:

@@ -21,6 +21,7 @@ from services.campaigns.calling import (
     dynamic_variables,
     format_amount,
     in_window,
+    legal_window,
     next_window_start,
     parse_call_settings,
     weekly_limit_next_allowed,
@@ -28,6 +29,7 @@ from services.campaigns.calling import (
 from services.runtime.errors import InvalidArgument
 
 SANTIAGO = ZoneInfo("America/Santiago")
+BUENOS_AIRES = "America/Argentina/Buenos_Aires"
 
 
 def santiago(*args: int, fold: int = 0) -> datetime:
@@ -165,7 +167,11 @@ def test_the_defaults_already_fit_the_law() -> None:
         ({"allowed_hours": {"start": "20:00", "end": "22:00"}}, "no time left inside the legal 08:00-20:00"),
         ({"allowed_hours": {"start": "06:00", "end": "08:00"}}, "no time left"),
         ({"days_of_week": [0]}, "only Monday to Saturday"),
-        ({"timezone": "America/Argentina/Buenos_Aires"}, "Chilean local time"),
+        # In another zone the window must meet the legal one in every season.
+        ({"timezone": BUENOS_AIRES, "allowed_hours": {"start": "06:00", "end": "08:00"}}, "never meets it$"),
+        ({"timezone": BUENOS_AIRES, "allowed_hours": {"start": "20:00", "end": "21:00"}}, "in part of the year"),
+        ({"timezone": BUENOS_AIRES, "days_of_week": [0]}, "Monday to Saturday"),
+        ({"timezone": "Asia/Tokyo"}, "never meets it"),
     ],
 )
 def test_an_empty_legal_intersection_is_refused(raw: dict, message: str) -> None:
@@ -188,6 +194,94 @@ def test_only_chilean_debt_collection_is_clamped(country: str, use_case: str, cl
     assert (parsed.window_start == time(8, 0)) is clamped
     assert (parsed.days_of_week == {6}) is clamped
     assert parsed.weekly_contact_limit is clamped
+
+
+def buenos_aires(*args: int) -> datetime:
+    return datetime(*args, tzinfo=ZoneInfo(BUENOS_AIRES)).astimezone(UTC)
+
+
+def test_the_dashboards_zone_keeps_its_window_and_the_law_applies_in_chilean_time() -> None:
+    # The dashboard sends its default zone for a Chilean campaign: accepted, the window kept as
+    # asked, and the legal window (Santiago time) applied on top.
+    asked = {"allowed_hours": {"start": "07:00", "end": "21:00"}, "days_of_week": [0, 1, 2, 3, 4, 5, 6]}
+    parsed = collection({**asked, "timezone": BUENOS_AIRES})
+    assert parsed.timezone == BUENOS_AIRES and parsed.weekly_contact_limit
+    assert (parsed.window_start, parsed.window_end) == (time(7), time(21))
+    assert parsed.legal == legal_window(timezone=BUENOS_AIRES, country="CL", use_case="debt_collection")
+    assert parsed.legal is not None and parsed.legal.timezone == "America/Santiago"
+    assert parsed.legal.to_json()["allowed_hours"] == {"start": "08:00", "end": "20:00"}
+    assert parsed.debtor_timezone == "America/Santiago"
+    assert (
+        parse_call_settings(parsed.to_json(), account_timezone="America/Santiago", country="CL", use_case="") == parsed
+    )  # what the batch stores gives the same rules back
+    # July (Santiago UTC-4, Buenos Aires UTC-3): 08:00-20:00 in Chile is 09:00-21:00 there.
+    assert not in_window(parsed, buenos_aires(2026, 7, 7, 8, 30))
+    assert in_window(parsed, buenos_aires(2026, 7, 7, 9, 0)) and in_window(parsed, buenos_aires(2026, 7, 7, 20, 59))
+    assert next_window_start(parsed, buenos_aires(2026, 7, 7, 7, 0)) == buenos_aires(2026, 7, 7, 9, 0)
+    # January (both UTC-3): 08:00-20:00 on both clocks.
+    assert in_window(parsed, buenos_aires(2026, 1, 13, 8, 0)) and not in_window(
+        parsed, buenos_aires(2026, 1, 13, 20, 0)
+    )
+    assert next_window_start(parsed, buenos_aires(2026, 1, 13, 20, 0)) == buenos_aires(2026, 1, 14, 8, 0)
+    # Never on a Sunday or a Chilean holiday, though the batch asked for every day.
+    assert not in_window(parsed, buenos_aires(2026, 7, 12, 12, 0))
+    assert not in_window(parsed, buenos_aires(2026, 9, 18, 12, 0))
+    assert next_window_start(parsed, buenos_aires(2026, 9, 17, 21, 0)) == buenos_aires(2026, 9, 21, 8, 0)
+
+
+def test_a_narrower_window_in_another_zone_is_kept_as_asked() -> None:
+    parsed = collection({"allowed_hours": {"start": "10:00", "end": "13:00"}, "timezone": BUENOS_AIRES})
+    assert in_window(parsed, buenos_aires(2026, 7, 7, 10, 0)) and not in_window(parsed, buenos_aires(2026, 7, 7, 13, 0))
+
+
+@pytest.mark.parametrize(
+    ("country", "use_case", "zone", "legal_zone"),
+    [
+        ("CL", "debt_collection", "America/Santiago", "America/Santiago"),
+        ("CL", "", "Pacific/Easter", "Pacific/Easter"),
+        ("CL", "debt_collection", BUENOS_AIRES, "America/Santiago"),
+        ("CL", "marketing", BUENOS_AIRES, None),
+        ("AR", "debt_collection", BUENOS_AIRES, None),
+    ],
+)
+def test_the_legal_window_is_only_chilean_debt_collection(
+    country: str, use_case: str, zone: str, legal_zone: str | None
+) -> None:
+    found = legal_window(timezone=zone, country=country, use_case=use_case)
+    assert (found.timezone if found else None) == legal_zone
+
+
+@given(
+    st.integers(0, 23),
+    st.integers(1, 24),
+    st.lists(st.integers(0, 6), min_size=1, max_size=7, unique=True),
+    st.sampled_from([BUENOS_AIRES, "America/Lima", "America/Sao_Paulo", "UTC"]),
+    st.datetimes(min_value=datetime(2024, 1, 1), max_value=datetime(2030, 12, 31), timezones=st.just(UTC)),
+)
+@settings(max_examples=200, deadline=None)
+def test_a_foreign_zone_batch_only_calls_inside_both_windows(
+    start: int, hours: int, days: list[int], zone: str, at: datetime
+) -> None:
+    end = min(start + hours, 23)
+    if end <= start:
+        return
+    raw = {
+        "allowed_hours": {"start": f"{start:02d}:00", "end": f"{end:02d}:59"},
+        "days_of_week": days,
+        "timezone": zone,
+    }
+    try:
+        parsed = collection(raw)
+    except InvalidArgument:
+        return
+    opening = next_window_start(parsed, at)
+    assert opening >= at and in_window(parsed, opening)
+    chile = opening.astimezone(SANTIAGO)
+    assert time(8) <= chile.time() < time(20) and chile.isoweekday() != 7
+    local = opening.astimezone(ZoneInfo(zone))
+    assert time(start) <= local.time() and local.isoweekday() % 7 in days
+    if opening > at:
+        assert not in_window(parsed, opening - timedelta(microseconds=1))
 
 
 def test_chilean_debt_collection_never_calls_on_a_public_holiday() -> None:

@@ -306,7 +306,7 @@ async def test_the_scheduled_count_follows_every_change_of_the_jobs(env: Env, mo
     # Cancelled, deleted and retried jobs move it; the batch deleted leaves nothing behind.
     await env.voice.cancel_job(job_id=ids[0], scope=info.account_id, reason="no")
     assert await scheduled() == 5
-    await env.voice.delete_job(job_id=ids[1], scope=info.account_id)
+    await env.voice.delete_job(job_id=ids[1], scope=info.account_id, reason="deleted")
     assert await scheduled() == 4
     await env.voice.retry_job(job_id=ids[0], scope=info.account_id)  # due again at once
     assert await scheduled() == 4

@@ -263,9 +263,11 @@ async def test_a_job_too_large_for_any_chunk_fails_alone(env: Env) -> None:
     assert "too large" in jobs[1]["error"]
     row = await batch_row(env, mixed)
     assert (row["released_upto"], row["queued_jobs"], row["failed_jobs"]) == (3, 2, 1)
-    # A batch of nothing but unsendable jobs ends: it must not wait for results that never come.
+    # A batch of nothing but unsendable jobs ends, failed (none was sent): it must not wait for
+    # results that never come.
     row = await batch_row(env, only_huge)
-    assert (row["status"], row["failed_jobs"], row["queued_jobs"]) == ("completed", 1, 0)
+    assert (row["status"], row["failed_jobs"], row["queued_jobs"]) == ("failed", 1, 0)
+    assert row["error"] == "Todos los envíos fallaron"
     assert row["finished_at"] is not None
     assert await feeder.round() == 0, "nothing left to release"
 

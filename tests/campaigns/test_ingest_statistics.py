@@ -34,7 +34,7 @@ async def upload(batches: Batches, rows: int, first: int = 0) -> UUID:
     async def chunks() -> AsyncIterator[bytes]:
         yield "".join(f"+569{first + i:08d}|v{i}\n" for i in range(rows)).encode()
 
-    batch = await batches.ingest_bulk_file(
+    ingested = await batches.ingest_bulk_file(
         account_id="stats-acc",
         file_name="list.csv",
         template="Hola @valor1",
@@ -42,7 +42,7 @@ async def upload(batches: Batches, rows: int, first: int = 0) -> UUID:
         senders=[SenderChoice(id=1, rate_per_minute=0)],
         chunks=chunks(),
     )
-    return UUID(str(batch["batch_id"]))
+    return UUID(str(ingested.batch["batch_id"]))
 
 
 async def estimated_rows(pool: asyncpg.Pool, batch_id: UUID) -> float:

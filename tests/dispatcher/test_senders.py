@@ -4,6 +4,7 @@ and what the dispatch engine loads."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -318,3 +319,31 @@ def test_placeholder_secret_key_is_refused_outside_development() -> None:
         DispatcherSettings(database_url="postgresql://x/y", environment="production")
     real = DispatcherSettings(database_url="postgresql://x/y", environment="production", pregonero_secret_key="k" * 40)
     assert "k" * 40 not in repr(real)
+
+
+async def test_marking_a_receiver_unmarks_the_previous_one(stub: Stub, pool: asyncpg.Pool) -> None:
+    first = await create(stub, is_receiver=True)
+    second = await create(stub, is_receiver=True)
+    other_account = await create(stub, account_id="acme", is_receiver=True)
+    assert not (await get(stub, first.id)).is_receiver and (await get(stub, second.id)).is_receiver
+    assert (await update(stub, first.id, '{"is_receiver": true}')).is_receiver
+    assert not (await get(stub, second.id)).is_receiver
+    assert (await get(stub, other_account.id, ACME)).is_receiver  # another account keeps its own
+    # Unmarking leaves none; the database refuses two receivers whatever the code does.
+    assert not (await update(stub, first.id, '{"is_receiver": false}')).is_receiver
+    await pool.execute("UPDATE senders SET is_receiver = true WHERE id = $1", first.id)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await pool.execute("UPDATE senders SET is_receiver = true WHERE id = $1", second.id)
+
+
+async def test_concurrent_receiver_marks_leave_exactly_one(stub: Stub, pool: asyncpg.Pool) -> None:
+    existing = [await create(stub) for _ in range(4)]
+    for _ in range(3):
+        await asyncio.gather(
+            *(create(stub, is_receiver=True) for _ in range(4)),
+            *(update(stub, s.id, '{"is_receiver": true}') for s in existing),
+        )
+        receivers = await pool.fetchval(
+            "SELECT count(*) FROM senders WHERE account_id = 'default' AND is_receiver AND deleted_at IS NULL"
+        )
+        assert receivers == 1

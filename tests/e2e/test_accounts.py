@@ -40,6 +40,7 @@ BALANCE_FIELDS = {
     "credit_used",
     "minutes_purchased",
     "minutes_available",
+    "minutes_remaining",
     "minutes_reserved",
     "minutes_used",
 }
@@ -201,7 +202,7 @@ def test_patch_suspend_activate(base_url: str) -> None:
     r = httpx.put(url(base_url, account_id, "activate"), headers=ADMIN)
     assert r.json()["account"]["status"] == "active" and r.json()["account"]["suspension_reason"] == ""
     r = httpx.patch(url(base_url, account_id), headers=ADMIN, json={"is_active": False})
-    assert r.json()["status"] == "inactive" and r.json()["is_active"] is False
+    assert r.json()["status"] == "suspended" and r.json()["is_active"] is False
     assert_error(httpx.patch(url(base_url, account_id), headers=ADMIN, json={"status": "gone"}), 422, "status")
     bad = {"features": {"max_concurrent_calls": -1}}
     assert_error(httpx.patch(url(base_url, account_id), headers=ADMIN, json=bad), 422, "max_concurrent_calls")
@@ -257,7 +258,8 @@ def test_transactions_refund_adjust(base_url: str) -> None:
     assert topup["amount"] == 5 and topup["balance_after"] == 25 and topup["description"] == "Recarga web"
     assert initial["cause"] == "initial" and initial["balance_after"] == 20
     assert adjustment["amount"] == -2.5 and adjustment["balance_after"] == 22.5
-    assert set(topup) >= {"transaction_id", "type", "amount", "description", "created_at"}
+    assert set(topup) >= {"transaction_id", "type", "amount", "cost", "description", "created_at"}
+    assert topup["cost"] == 0 and adjustment["cost"] == 0  # neither charges anything
     assert topup["created_at"].endswith("Z")
     page = httpx.get(url(base_url, account_id, "transactions"), headers=ADMIN, params={"limit": 1, "skip": 1})
     assert page.json() == [topup] and page.headers["X-Total-Count"] == "3"

@@ -77,7 +77,9 @@ def test_a_campaign_larger_than_the_balance_waits_for_a_top_up_and_sends_each_on
     assert len(waiting) == 200 and not waiting & {e[2] for e in sends_to(suite, numbers)}
     # Every hold is settled: nothing reserved, nothing below zero.
     settled = wait_for("holds released", lambda: (b := balance(base_url, account_id))["credit_reserved"] == 0 and b)
-    assert settled["credit_balance"] == 0 and settled["credit_used"] == Decimal("3")
+    # Served as added and charged: all 3 added, all 3 charged, nothing left.
+    assert settled["credit_balance"] == Decimal("3") and settled["credit_used"] == Decimal("3")
+    assert settled["credit_balance"] - settled["credit_used"] == 0 == settled["credit_available"]
 
     # The account hears of it, and of its credit running out.
     kinds = wait_for(
@@ -105,8 +107,9 @@ def test_a_campaign_larger_than_the_balance_waits_for_a_top_up_and_sends_each_on
     sent = Counter(e[2] for e in sends_to(suite, numbers))
     assert len(sent) == 500 and set(sent.values()) == {1}, "a recipient was sent twice"
     final = wait_for("holds released", lambda: (b := balance(base_url, account_id))["credit_reserved"] == 0 and b)
-    assert final["credit_balance"] == Decimal("0.5") and final["credit_used"] == Decimal("5")
-    assert final["credit_available"] == final["credit_balance"] - final["credit_reserved"] >= 0
+    assert final["credit_balance"] == Decimal("5.5") and final["credit_used"] == Decimal("5")
+    assert final["credit_available"] == final["credit_balance"] - final["credit_used"] - final["credit_reserved"]
+    assert final["credit_available"] == Decimal("0.5")
 
 
 def test_a_suspended_account_releases_nothing_until_it_is_activated(base_url: str, suite: Stack) -> None:
@@ -137,7 +140,8 @@ def test_a_suspended_account_releases_nothing_until_it_is_activated(base_url: st
     sent = Counter(e[2] for e in sends_to(suite, numbers))
     assert len(sent) == 200 and set(sent.values()) == {1}
     final = wait_for("holds released", lambda: (b := balance(base_url, account_id))["credit_reserved"] == 0 and b)
-    assert final["credit_used"] == Decimal("2") and final["credit_balance"] == Decimal("98")
+    assert final["credit_used"] == Decimal("2") and final["credit_balance"] == Decimal("100")
+    assert final["credit_available"] == Decimal("98")
 
 
 def test_a_cancellation_is_audited_with_who_cancelled_and_its_holds_released(base_url: str) -> None:
@@ -169,4 +173,5 @@ def test_a_cancellation_is_audited_with_who_cancelled_and_its_holds_released(bas
     # Only what was sent is paid; the rest of the hold comes back.
     final = wait_for("holds released", lambda: (b := balance(base_url, account_id))["credit_reserved"] == 0 and b)
     sent = done["progress"]["sent"]
-    assert final["credit_used"] == Decimal(sent) / 100 and final["credit_balance"] == 10 - Decimal(sent) / 100
+    assert final["credit_used"] == Decimal(sent) / 100 and final["credit_balance"] == 10
+    assert final["credit_available"] == 10 - Decimal(sent) / 100

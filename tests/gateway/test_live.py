@@ -23,8 +23,9 @@ from websockets.exceptions import ConnectionClosed
 
 from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
-from services.gateway.live import LiveHub, Subscriber, batch_event, percentage, render
+from services.gateway.live import LiveHub, Subscriber, batch_event, percentage, render, render_snapshot
 from services.gateway.routes import ws
+from services.gateway.socket_limit import SocketLimit
 from services.runtime.identity import Caller
 from tests.http_server import serving
 
@@ -59,13 +60,13 @@ def test_progress_expands_per_recipient_with_rising_counters() -> None:
     )
     push = render(event)
     assert push is not None
+    # A failed recipient is an `error` only: the app logs every `progress` as sent.
     assert [(m["type"], m.get("phone"), m.get("status")) for m in push.messages] == [
         ("progress", "+561", "sent"),
-        ("progress", "+562", "failed"),
         ("error", "+562", None),
         ("progress", "+563", "sent"),
     ]
-    rising = [counters(9, 2, 20), counters(9, 3, 20), counters(9, 3, 20), counters(10, 3, 20)]
+    rising = [counters(9, 2, 20), counters(9, 3, 20), counters(10, 3, 20)]
     assert [m["progress"] for m in push.messages] == rising
     assert push.messages[0] == {
         "type": "progress",
@@ -75,7 +76,7 @@ def test_progress_expands_per_recipient_with_rising_counters() -> None:
         "status": "sent",
         "progress": {"sent": 9, "failed": 2, "total": 20, "percentage": 55.0},
     }
-    assert push.messages[2] == {
+    assert push.messages[1] == {
         "type": "error",
         "job_id": BATCH,
         "device_id": 5,
@@ -144,8 +145,43 @@ def test_lifecycle_events() -> None:
 
 def test_batch_snapshot_becomes_counters_or_the_end() -> None:
     progress = campaigns_pb2.Progress(sent=5, failed=1, total=9)
-    running = batch_event(campaigns_pb2.Batch(batch_id=BATCH, status="processing", progress=progress))
-    assert (running.type, running.sent, running.failed, running.total) == ("progress", 5, 1, 9)
+    waiting = batch_event(campaigns_pb2.Batch(batch_id=BATCH, status="pending", progress=progress))
+    assert (waiting.type, waiting.sent, waiting.failed, waiting.total) == ("progress", 5, 1, 9)
+    running = batch_event(
+        campaigns_pb2.Batch(
+            batch_id=BATCH,
+            status="processing",
+            progress=progress,
+            last_sent=campaigns_pb2.Recipient(to="+565", sender_id=3),
+            last_failed=campaigns_pb2.Recipient(to="+566", sender_id=4, error="x"),
+        )
+    )
+    assert (running.type, running.sent, running.failed, running.total) == ("job_started", 5, 1, 9)
+    push = render_snapshot(running)
+    assert push is not None
+    assert push.messages == (
+        {"type": "job_started", "job_id": BATCH, "message": "Iniciando envío masivo de 9 mensajes"},
+        # The last one sent, with the counters: the app drops a `progress` without `phone`.
+        {
+            "type": "progress",
+            "job_id": BATCH,
+            "device_id": 3,
+            "phone": "+565",
+            "status": "sent",
+            "progress": counters(5, 1, 9),
+        },
+    )
+    paused = campaigns_pb2.Batch(batch_id=BATCH, status="paused", progress=progress)
+    paused.started_at.GetCurrentTime()
+    only_failed = batch_event(paused)
+    only_failed.outcomes.append(events_pb2.JobOutcome(status="failed", to="+566", sender_id=4, error="x"))
+    push = render_snapshot(only_failed)
+    assert push is not None
+    assert [(m["type"], m.get("phone")) for m in push.messages] == [
+        ("job_started", None),
+        ("error", "+566"),
+        ("job_paused", None),
+    ]
     for status in ("completed", "cancelled"):
         batch = campaigns_pb2.Batch(batch_id=BATCH, status=status, progress=progress, devices_used=2, devices_limit=3)
         done = batch_event(batch)
@@ -233,7 +269,7 @@ async def test_slow_client_is_bounded_and_coalesced_while_fast_client_gets_every
         # socket's gate stays shut for the whole loop, so a publish that waited on it would
         # never finish and the timeout would fire (generous, so a busy host cannot trip it).
         await asyncio.wait_for(hub.on_message(nats_msg(event, msg_id=f"{BATCH}:p:{chunk}")), 5)
-        per_recipient += 4
+        per_recipient += 3
         assert slow.queued <= 32
         await asyncio.sleep(0)  # the network's pacing between messages: the fast writer gets a turn
     await hub.on_message(nats_msg(progress_event(sent, failed, total, outcome("+dup")), msg_id=f"{BATCH}:p:99"))
@@ -241,7 +277,7 @@ async def test_slow_client_is_bounded_and_coalesced_while_fast_client_gets_every
     await hub.on_message(nats_msg(done))
 
     await finish(fast)
-    phones = [m["phone"] for m in fast_socket.sent if m["type"] == "progress" and "phone" in m]
+    phones = [m["phone"] for m in fast_socket.sent if m["type"] in ("progress", "error") and "phone" in m]
     assert len(phones) == 300 and "+dup" not in phones  # every recipient once; the re-publish is dropped
     assert sum(1 for m in fast_socket.sent if m["type"] == "error") == 100
     assert fast.dropped == 0
@@ -342,6 +378,7 @@ async def live(own_nats: str) -> AsyncIterator[Live]:
     app.state.auth = Authenticator(
         GatewaySettings(database_url="postgresql://unused/x", pregonero_static_tokens=f"{TOKEN}=admin")
     )
+    app.state.socket_limit = SocketLimit(per_second=100, burst=100)
     app.include_router(ws.router)
     app.dependency_overrides[ws.snapshot_source] = lambda: fake_snapshot
     live = Live(app)
@@ -412,6 +449,24 @@ async def test_a_late_connection_to_a_finished_job_gets_the_end_at_once(live: Li
         done = await recv(conn)
         assert (done["type"], done["status"], done["results"]["failed"]) == ("job_completed", "cancelled", 1)
         assert await close_code(conn) == 1000
+    # The same client again: told already, it gets a neutral state and the socket stays open.
+    async with connect(f"{live.url}/ws/job/{finished}?token={TOKEN}") as conn:
+        assert [(await recv(conn))["type"] for _ in range(2)] == ["connected", "subscribed"]
+        state = await recv(conn)
+        assert (state["type"], state["status"], state["progress"]) == ("job_status", "cancelled", counters(4, 1, 9))
+        await conn.send(json.dumps({"type": "ping", "timestamp": 5}))
+        assert await recv(conn) == {"type": "pong", "timestamp": 5}
+
+
+async def test_a_client_opening_sockets_too_fast_is_refused(live: Live) -> None:
+    live.app.state.socket_limit = SocketLimit(per_second=0.001, burst=2)
+    for _ in range(2):
+        async with connect(f"{live.url}/ws/job/{BATCH}?token=wrong") as conn:
+            assert (await recv(conn))["error"] == "unauthorized"
+    async with connect(f"{live.url}/ws/job/{BATCH}?token={TOKEN}") as conn:
+        refused = await recv(conn)
+        assert (refused["type"], refused["error"]) == ("error", "too_many_connections")
+        assert await close_code(conn) == 4429
 
 
 async def test_unknown_job_is_4404_and_unknown_token_4401(live: Live) -> None:

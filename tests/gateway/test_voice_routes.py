@@ -5,6 +5,7 @@ fake campaigns stub: no running services."""
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -18,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pregonero.accounts.v1 import accounts_pb2
 from pregonero.campaigns.v1 import campaigns_pb2
 
-from services.gateway import errors
+from services.gateway import errors, ids
 from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
 from services.gateway.routes import batches, dashboard, jobs
@@ -26,6 +27,7 @@ from services.gateway.routes import batches, dashboard, jobs
 ADMIN, MEMBER = "voice-admin", "voice-member"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 MEMBER_AUTH = {"Authorization": f"Bearer {MEMBER}"}
+BATCH = "68fd0cdc8ac7d47a518bc017"  # a batch `_id`: the fake answers for any
 ISO = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$"
 
 JOB_FIELDS = (
@@ -237,8 +239,8 @@ def test_status_is_counters_only() -> None:
     body = batches.status_json(voice_batch())
     assert "call_settings" not in body and "description" not in body
     assert body["batch_id"] == "batch-2025-10-25-144604-615037" and body["is_active"] is True
-    # completed + failed + cancelled of 12.
-    assert body["progress_percentage"] == 41.7
+    # As the missing-endpoints document computes it: completed of 12, to two decimals.
+    assert body["progress_percentage"] == 25.0
     assert body["total_cost"] == 1.25 and body["updated_at"] == "2025-10-25T18:01:29Z"
     assert {"pending_jobs", "in_progress_jobs", "cancelled_jobs", "suspended_jobs", "total_minutes"} <= set(body)
 
@@ -316,6 +318,7 @@ def test_dashboard_stats_and_overview() -> None:
         total_cost="47.50",
         total_minutes="316.67",
         calls_today=30,
+        jobs_today=40,
         recent_jobs=[voice_job(status="completed")],
     )
     stats = dashboard.stats_json(d)
@@ -328,7 +331,8 @@ def test_dashboard_stats_and_overview() -> None:
     body = dashboard.overview_json(d, account, datetime(2025, 10, 25, 14, 30, tzinfo=UTC))
     assert body["success"] is True and body["timestamp"] == "2025-10-25T14:30:00Z"
     assert body["account"] == account and body["account_id"] == "acme"
-    metrics = {"jobs_today": 30, "success_rate_percentage": 88.9, "active_batches": 8, "pending_jobs": 50}
+    # Jobs created today, not calls made today.
+    metrics = {"jobs_today": 40, "success_rate_percentage": 88.9, "active_batches": 8, "pending_jobs": 50}
     assert body["metrics"] == metrics
     assert body["detailed_stats"]["jobs"]["total_finished"] == 90
     assert body["detailed_stats"]["batches"]["total_cost"] == 47.5
@@ -581,31 +585,31 @@ async def test_lists_are_arrays_with_x_total_count(client: httpx.AsyncClient, fa
 async def test_batch_jobs_resolve_the_batch_first_and_list_by_its_canonical_id(
     client: httpx.AsyncClient, fake: FakeCampaigns
 ) -> None:
-    r = await client.get("/api/v1/batches/68fd0cdc8ac7d47a518bc017/jobs", headers=AUTH)
+    r = await client.get(f"/api/v1/batches/{BATCH}/jobs", headers=AUTH)
     assert r.status_code == 200 and r.headers["X-Total-Count"] == "3"
     assert [c[0] for c in fake.calls] == ["GetBatch", "ListJobs"]
     assert fake.calls[-1][1].batch_id == "batch-2025-10-25-144604-615037"
 
 
 async def test_patch_messages_and_the_patch_sent(client: httpx.AsyncClient, fake: FakeCampaigns) -> None:
-    r = await client.patch("/api/v1/batches/b-1", json={"is_active": False}, headers=AUTH)
+    r = await client.patch(f"/api/v1/batches/{BATCH}", json={"is_active": False}, headers=AUTH)
     assert r.status_code == 200
     assert r.json()["message"] == "Batch paused" and r.json()["updated_fields"] == ["is_active", "updated_at"]
     assert json.loads(fake.calls[-1][1].patch_json) == {"is_active": False}
-    r = await client.patch("/api/v1/batches/b-1", json={"is_active": True}, headers=AUTH)
+    r = await client.patch(f"/api/v1/batches/{BATCH}", json={"is_active": True}, headers=AUTH)
     assert r.json()["message"] == "Batch resumed"
     change = {"priority": 4, "call_settings": {"ring_timeout": 20}}
-    r = await client.patch("/api/v1/batches/b-1", json=change, headers=AUTH)
+    r = await client.patch(f"/api/v1/batches/{BATCH}", json=change, headers=AUTH)
     assert r.json()["message"] == "Batch updated"
     assert json.loads(fake.calls[-1][1].patch_json) == change
-    assert (await client.patch("/api/v1/batches/b-1", json={"priority": 5}, headers=AUTH)).status_code == 422
+    assert (await client.patch(f"/api/v1/batches/{BATCH}", json={"priority": 5}, headers=AUTH)).status_code == 422
     # An empty patch changes nothing and still answers with the batch.
-    r = await client.patch("/api/v1/batches/b-1", json={}, headers=AUTH)
+    r = await client.patch(f"/api/v1/batches/{BATCH}", json={}, headers=AUTH)
     assert r.status_code == 200 and fake.calls[-1][0] == "GetBatch" and r.json()["updated_fields"] == []
 
 
 async def test_cancel_routes_carry_the_reason(client: httpx.AsyncClient, fake: FakeCampaigns) -> None:
-    r = await client.post("/api/v1/batches/b-1/cancel", params={"reason": "cliente pidió"}, headers=AUTH)
+    r = await client.post(f"/api/v1/batches/{BATCH}/cancel", params={"reason": "cliente pidió"}, headers=AUTH)
     assert r.status_code == 200 and r.json()["reason"] == "cliente pidió" and r.json()["batch"]["status"] == "cancelled"
     assert fake.calls[-1][1].reason == "cliente pidió"
     r = await client.put("/api/v1/jobs/job-17/cancel", headers=AUTH)
@@ -619,9 +623,23 @@ async def test_backend_errors_map_like_everywhere(client: httpx.AsyncClient, fak
         raise grpc.aio.AioRpcError(grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), "no such batch")
 
     fake.GetBatch = missing  # type: ignore[method-assign]
-    r = await client.get("/api/v1/batches/nope/status", headers=MEMBER_AUTH)
+    r = await client.get("/api/v1/batches/5f0c6a3e-0000-4000-8000-000000000001/status", headers=MEMBER_AUTH)
     assert r.status_code == 404
     assert r.json() == {"detail": "no such batch", "message": "no such batch", "code": "not_found"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/api/v1/jobs/68fd0cdc42cc4632daeb164f", "/api/v1/jobs/-1/cancel", "/api/v1/batches/batch-2025/status"]
+    + [f"/api/v1/jobs/{'9' * 30}", f"/api/v1/batches/{'x' * 300}"],
+)
+async def test_an_id_that_names_nothing_is_404_before_any_backend(
+    client: httpx.AsyncClient, fake: FakeCampaigns, path: str
+) -> None:
+    method = "PUT" if path.endswith("/cancel") else "GET"
+    r = await client.request(method, path, headers=AUTH)
+    assert r.status_code == 404 and r.json()["code"] == "not_found" and r.json()["message"], r.text
+    assert fake.calls == []
 
 
 async def test_use_cases(client: httpx.AsyncClient) -> None:
@@ -630,3 +648,38 @@ async def test_use_cases(client: httpx.AsyncClient) -> None:
     for use_case in body["use_cases"]:
         assert use_case["name"] and use_case["description"]
         assert use_case["processing_types"] == ["basic", "acquisition"] and use_case["countries"] == ["CL", "AR"]
+
+
+def test_the_summary_says_the_references_batch_states() -> None:
+    words = {
+        status: batches.summary_json(campaigns_pb2.BatchSummary(batch=voice_batch(status=status)))["status"]
+        for status in ("pending", "processing", "paused", "suspended", "completed", "cancelled", "failed")
+    }
+    assert set(words.values()) == {"active", "paused", "completed", "cancelled"}
+    assert (words["processing"], words["suspended"]) == ("active", "paused")
+
+
+@pytest.mark.parametrize(
+    ("given", "sent"),
+    [("RUNNING", "active"), ("running", "active"), ("PENDING", "pending"), ("Paused", "paused"), ("ERROR", "failed")]
+    + [(word, word) for word in ("active", "pending", "processing", "suspended", "completed")]
+    + [(None, ""), ("", "")],
+)
+def test_the_batch_filter_takes_the_dashboards_words(given: str | None, sent: str) -> None:
+    assert batches.batch_status_filter(given) == sent
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("job-17", 17), ("17", 17), ("000000000000000000000011", 17), ("JOB-17", 17), ("7fffffffffffffffffffffff", None)]
+    + [("68fd0cdc42cc4632daeb164f", None), ("9223372036854775808", None), ("0", None), ("-1", None)]
+    + [("job-", None), ("abc", None), ("x" * 300, None), ("1" * 20, None), ("9223372036854775807", 2**63 - 1)],
+)
+def test_a_voice_job_id_names_a_key_or_nothing(text: str, key: int | None) -> None:
+    assert ids.voice_job_key(text) == key
+
+
+def test_a_batch_id_is_a_uuid_or_24_hex() -> None:
+    assert ids.is_batch_id("68fd0cdc8ac7d47a518bc017") and ids.is_batch_id(str(uuid.uuid4()))
+    for text in ("batch-2025-10-25-144604-615037", "abc", "-1", "68fd0cdc8ac7d47a518bc01", "x" * 300):
+        assert not ids.is_batch_id(text), text

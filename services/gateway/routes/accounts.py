@@ -129,6 +129,9 @@ def _text(value: Decimal | None) -> str:
 
 
 def balance_json(b: accounts_pb2.Balance) -> dict[str, Any]:
+    """The original data model's balances (API_COMPAT.md): `credit_balance` is all credit ever
+    added and `credit_used` all ever charged, so the dashboard's `credit_balance -
+    credit_used` is what is left; `*_available` / `minutes_remaining` also take out what is held."""
     return {
         "account_id": b.account_id,
         "plan_type": b.plan_type,
@@ -138,6 +141,7 @@ def balance_json(b: accounts_pb2.Balance) -> dict[str, Any]:
         "credit_used": number(b.credit_used),
         "minutes_purchased": number(b.minutes_purchased),
         "minutes_available": number(b.minutes_available),
+        "minutes_remaining": number(b.minutes_available),
         "minutes_reserved": number(b.minutes_reserved),
         "minutes_used": number(b.minutes_used),
     }
@@ -180,6 +184,8 @@ def transaction_json(t: accounts_pb2.Transaction) -> dict[str, Any]:
         "kind": t.kind,
         "unit": t.unit,
         "amount": number(t.amount),
+        # What the entry charged the account (a capture's cost), in `unit`; nothing else costs.
+        "cost": number(t.used_change) if t.kind == "capture" else 0.0,
         "held_change": number(t.held_change),
         "used_change": number(t.used_change),
         "balance_after": number(t.balance_after),

@@ -22,6 +22,7 @@ from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..errors import ApiError
+from ..ids import BatchId
 from ..values import json_array, json_object, number, optional_number, when
 from .bulk import UPLOAD_PART, percentage
 from .jobs import AccountFilter, Limit, Skip, job_status_filter, list_jobs_page, scoped_account
@@ -43,11 +44,21 @@ COUNTRIES = {"chile": "CL", "argentina": "AR"}
 BATCH_STATUSES = ("pending", "processing", "paused", "suspended", "completed", "failed", "cancelled")
 # The document's filter values: `active` is pending or processing.
 BATCH_FILTERS = ("active", *BATCH_STATUSES)
+# The campaigns page's own filter words (any case), in the suite's terms. The page shows every
+# campaign that is active (`is_active`) as running, so RUNNING is `active`, not `processing`.
+DASHBOARD_FILTERS = {
+    "pending": "pending",
+    "running": "active",
+    "paused": "paused",
+    "completed": "completed",
+    "cancelled": "cancelled",
+    "error": "failed",
+}
+DASHBOARD_WORDS = tuple(word.upper() for word in DASHBOARD_FILTERS)
 # Statuses in which the feeder releases the batch's calls: what the dashboard calls active.
 ACTIVE_STATUSES = ("pending", "processing")
 
 CallerDep = Annotated[Caller, Depends(require_caller)]
-BatchId = Annotated[str, Path(min_length=1, max_length=64, description="`batch_id` or `_id`")]
 Priority = Annotated[int, Field(ge=1, le=4, description="1 (highest) .. 4")]
 HHMM = Annotated[str, Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="HH:MM")]
 
@@ -227,6 +238,8 @@ def batch_json(batch: campaigns_pb2.Batch) -> dict[str, Any]:
         "processing_type": batch.processing_type or None,
         "priority": batch.priority or 1,
         "call_settings": json_object(batch.call_settings_json),
+        # Chilean debt collection: the legal window applied on top of call_settings, null otherwise.
+        "legal_window": json_object(batch.legal_window_json) or None,
         "file_name": batch.file_name or None,
         "total_jobs": p.total,
         "pending_jobs": p.pending,
@@ -250,9 +263,23 @@ def batch_json(batch: campaigns_pb2.Batch) -> dict[str, Any]:
 
 
 def progress_percentage(b: dict[str, Any]) -> float:
-    """Share of the jobs that are done with, whatever their outcome: a batch whose calls all
-    failed is finished, not stuck at 0 %."""
-    return percentage(b["completed_jobs"] + b["failed_jobs"] + b["cancelled_jobs"], b["total_jobs"])
+    """As the missing-endpoints document computes it: completed jobs over all jobs, in percent
+    to two decimals (failed and cancelled jobs are not progress)."""
+    return round(100.0 * b["completed_jobs"] / b["total_jobs"], 2) if b["total_jobs"] else 0.0
+
+
+# The API reference's batch states (active | paused | completed | cancelled) for the suite's.
+# A suspended batch (its account out of credit, or suspended) waits to go on, as a paused one
+# does; a failed one has stopped for good without finishing its calls.
+DOCUMENTED_STATUS = {
+    "pending": "active",
+    "processing": "active",
+    "paused": "paused",
+    "suspended": "paused",
+    "completed": "completed",
+    "cancelled": "cancelled",
+    "failed": "cancelled",
+}
 
 
 def status_json(batch: campaigns_pb2.Batch) -> dict[str, Any]:
@@ -284,6 +311,9 @@ def summary_json(summary: campaigns_pb2.BatchSummary) -> dict[str, Any]:
     b = batch_json(summary.batch)
     return {
         **b,
+        # The reference's word in `status`, the suite's own beside it.
+        "status": DOCUMENTED_STATUS.get(b["status"], b["status"]),
+        "batch_status": b["status"],
         "completion_rate": percentage(b["completed_jobs"], b["total_jobs"]),
         "progress_percentage": progress_percentage(b),
         "hourly_stats": [
@@ -447,21 +477,35 @@ async def list_batches(
     response: Response,
     caller: CallerDep,
     account_id: AccountFilter = None,
-    status: Annotated[str | None, Query(max_length=32, description=" | ".join(BATCH_FILTERS))] = None,
+    status: Annotated[
+        str | None,
+        Query(max_length=32, description=f"{' | '.join(BATCH_FILTERS)} or {' | '.join(DASHBOARD_WORDS)}"),
+    ] = None,
     limit: Limit = 50,
     skip: Skip = 0,
 ) -> list[dict[str, Any]]:
-    if status and status not in BATCH_FILTERS:
-        raise ApiError(400, f"status must be one of {', '.join(BATCH_FILTERS)}")
     reply = await stub(request).ListBatches(
         campaigns_pb2.ListBatchesRequest(
-            account_id=scoped_account(caller, account_id), status=status or "", channel=VOICE, limit=limit, skip=skip
+            account_id=scoped_account(caller, account_id),
+            status=batch_status_filter(status),
+            channel=VOICE,
+            limit=limit,
+            skip=skip,
         ),
         metadata=outgoing_metadata(caller),
         timeout=RPC_TIMEOUT_S,
     )
     response.headers["X-Total-Count"] = str(reply.total)
     return [batch_json(b) for b in reply.batches]
+
+
+def batch_status_filter(status: str | None) -> str:
+    """The suite's filter for `?status=`: its own words as they are, the dashboard's in any case."""
+    if not status or status in BATCH_FILTERS:
+        return status or ""
+    if (word := status.strip().lower()) in DASHBOARD_FILTERS:
+        return DASHBOARD_FILTERS[word]
+    raise ApiError(400, f"status must be one of {', '.join((*BATCH_FILTERS, *DASHBOARD_WORDS))}")
 
 
 async def _get(request: Request, caller: Caller, batch_id: str) -> campaigns_pb2.Batch:

@@ -89,13 +89,19 @@ async def send_bulk_file(
         while chunk := await file.read(UPLOAD_PART):
             yield campaigns_pb2.UploadBulkFileRequest(chunk=chunk)
 
-    batch = await request.app.state.backends.campaigns.UploadBulkFile(
+    uploaded = await request.app.state.backends.campaigns.UploadBulkFile(
         parts(), metadata=outgoing_metadata(caller), timeout=300
     )
+    batch = uploaded.batch
     return {
         "status": "success",
         "message": f"Job creado y en proceso. Procesando {batch.progress.total} mensajes desde archivo '{name}'.",
         "job": job_json(batch),
+        # What of the file is not sent: repeated phones (each sent once) and rows without a
+        # usable phone, the first 100 of them by line.
+        "duplicates": uploaded.duplicates,
+        "invalid_rows": uploaded.invalid_rows,
+        "invalid": [{"line": r.row, "value": r.value, "reason": r.reason} for r in uploaded.invalid],
     }
 
 

@@ -20,6 +20,7 @@ from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..values import number, when
+from .accounts import balance_json
 from .bulk import percentage
 from .jobs import AccountFilter, Limit, Skip, job_json, scoped_account
 
@@ -69,6 +70,7 @@ def stats_json(d: campaigns_pb2.Dashboard) -> dict[str, Any]:
         "cancelled_jobs": d.cancelled_jobs,
         "suspended_jobs": d.suspended_jobs,
         "calls_today": d.calls_today,
+        "jobs_today": d.jobs_today,
         "success_rate_percentage": percentage(d.completed_jobs, finished),
         "total_cost": number(d.total_cost),
         "total_minutes": number(d.total_minutes),
@@ -77,8 +79,11 @@ def stats_json(d: campaigns_pb2.Dashboard) -> dict[str, Any]:
 
 def account_summary_json(account: accounts_pb2.Account, balance: accounts_pb2.Balance) -> dict[str, Any]:
     """Both documented account shapes: `{name, status, balance, billing_type}` and
-    `{credit_balance}`; `balance` is in the plan's own unit."""
+    `{credit_balance}`; `balance` is what is left to spend, in the plan's own unit. The
+    balances mean what they mean on the account objects (`balance_json`)."""
     minutes = balance.plan_type == "minutes_based"
+    amounts = balance_json(balance)
+    del amounts["account_id"], amounts["plan_type"]
     return {
         "account_id": account.account_id,
         "_id": account.object_id,
@@ -88,10 +93,7 @@ def account_summary_json(account: accounts_pb2.Account, balance: accounts_pb2.Ba
         "plan_type": balance.plan_type,
         "billing_type": "minutes" if minutes else "credits",
         "balance": number(balance.minutes_available if minutes else balance.credit_available),
-        "credit_balance": number(balance.credit_balance),
-        "credit_available": number(balance.credit_available),
-        "minutes_purchased": number(balance.minutes_purchased),
-        "minutes_available": number(balance.minutes_available),
+        **amounts,
     }
 
 
@@ -105,14 +107,14 @@ def overview_json(d: campaigns_pb2.Dashboard, account: dict[str, Any] | None, no
         "account": account,
         # The "missing endpoints" document's shape (the metric cards).
         "metrics": {
-            "jobs_today": s["calls_today"],
+            "jobs_today": s["jobs_today"],
             "success_rate_percentage": s["success_rate_percentage"],
             "active_batches": s["active_batches"],
             "pending_jobs": s["pending_jobs"],
         },
         "detailed_stats": {
             "jobs": {
-                "today": s["calls_today"],
+                "today": s["jobs_today"],
                 "pending": s["pending_jobs"],
                 "completed": s["completed_jobs"],
                 "failed": s["failed_jobs"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pregonero.campaigns.v1 import campaigns_pb2
 from pydantic import BaseModel, Field
 
@@ -19,13 +19,13 @@ from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..errors import ApiError
+from ..ids import VoiceJobId
 from ..values import json_object, number, optional_number, when, with_keys
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["voice jobs"])
 
 RPC_TIMEOUT_S = 10.0
 CallerDep = Annotated[Caller, Depends(require_caller)]
-JobId = Annotated[str, Path(min_length=1, max_length=64, description="`job_id` or `_id`")]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Skip = Annotated[int, Query(ge=0, le=2**31 - 1)]
 AccountFilter = Annotated[str | None, Query(max_length=64, description="admins: one account; members: their own")]
@@ -172,7 +172,7 @@ async def list_jobs(
 
 
 @router.get("/{job_id}", summary="One voice job")
-async def get_job(request: Request, caller: CallerDep, job_id: JobId) -> dict[str, Any]:
+async def get_job(request: Request, caller: CallerDep, job_id: VoiceJobId) -> dict[str, Any]:
     job = await stub(request).GetJob(
         campaigns_pb2.JobRef(job_id=job_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
     )
@@ -180,7 +180,7 @@ async def get_job(request: Request, caller: CallerDep, job_id: JobId) -> dict[st
 
 
 @router.put("/{job_id}/retry", summary="Call again: a failed or cancelled job goes back to pending")
-async def retry_job(request: Request, caller: CallerDep, job_id: JobId) -> dict[str, Any]:
+async def retry_job(request: Request, caller: CallerDep, job_id: VoiceJobId) -> dict[str, Any]:
     job = await stub(request).RetryJob(
         campaigns_pb2.JobRef(job_id=job_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
     )
@@ -191,7 +191,7 @@ async def retry_job(request: Request, caller: CallerDep, job_id: JobId) -> dict[
 async def cancel_job(
     request: Request,
     caller: CallerDep,
-    job_id: JobId,
+    job_id: VoiceJobId,
     body: JobCancel | None = None,
     reason: Annotated[str | None, Query(max_length=500)] = None,
 ) -> dict[str, Any]:
@@ -205,9 +205,15 @@ async def cancel_job(
     return {"success": True, "message": "Job cancelled", "job": job_json(job)}
 
 
-@router.delete("/{job_id}", summary="Delete the job (as the dashboard's bulk delete expects)")
-async def delete_job(request: Request, caller: CallerDep, job_id: JobId) -> dict[str, Any]:
+@router.delete(
+    "/{job_id}",
+    summary="Delete the job (as the dashboard's bulk delete expects); a job being called is cancelled instead",
+)
+async def delete_job(request: Request, caller: CallerDep, job_id: VoiceJobId) -> dict[str, Any]:
     reply = await stub(request).DeleteJob(
         campaigns_pb2.JobRef(job_id=job_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
     )
+    if reply.cancelled:
+        # The cancel-job document's reply: its call ends normally and the job ends cancelled.
+        return {"success": True, "message": "Job cancelled", "job_id": reply.job_id, "job": job_json(reply.job)}
     return {"success": True, "message": "Job deleted", "job_id": reply.job_id or job_id}

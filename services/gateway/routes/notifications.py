@@ -21,6 +21,7 @@ from services.runtime.rpc import outgoing_metadata
 from ..auth import Authenticator, require_caller
 from ..errors import ApiError
 from ..notify_live import NotificationHub, notification_json
+from ..socket_limit import admit, socket_client
 
 log = logging.getLogger("pregonero.gateway.notifications")
 
@@ -158,6 +159,8 @@ async def _first_message_token(websocket: WebSocket) -> str:
 @router.websocket("/ws/{user_id}")
 async def user_notifications(websocket: WebSocket, user_id: str, token: str | None = None) -> None:
     request_id_var.set(websocket.headers.get(REQUEST_ID_KEY) or new_request_id())
+    if not await admit(websocket, socket_client(websocket)):
+        return
     await websocket.accept()
     authorization = websocket.headers.get("authorization") or (f"Bearer {token}" if token else None)
     if not authorization:

@@ -20,7 +20,8 @@ from services.runtime.rpc import outgoing_metadata
 
 from ..auth import Authenticator
 from ..errors import ApiError
-from ..live import LiveHub, Subscriber, batch_event, render
+from ..live import LiveHub, Subscriber, batch_event
+from ..socket_limit import admit, socket_client
 
 log = logging.getLogger("pregonero.gateway.ws")
 
@@ -85,6 +86,9 @@ async def job_updates(
     token: str | None = None,
 ) -> None:
     request_id_var.set(websocket.headers.get(REQUEST_ID_KEY) or new_request_id())
+    client = socket_client(websocket)
+    if not await admit(websocket, client):
+        return
     # Accepted before checking, so the client gets a reason instead of a bare handshake failure.
     await websocket.accept()
     # Browsers cannot set headers on a WebSocket, hence `?token=`.
@@ -98,7 +102,7 @@ async def job_updates(
 
     hub: LiveHub = websocket.app.state.live
     # Subscribed before the snapshot is taken, so no event falls between the two.
-    sub = hub.subscribe(job_id, websocket)
+    sub = hub.subscribe(job_id, websocket, client=client)
     reader: asyncio.Task[None] | None = None
     try:
         try:
@@ -117,7 +121,7 @@ async def job_updates(
             {"type": "connected", "job_id": batch_id, "message": "Conectado a las actualizaciones en tiempo real"},
             {"type": "subscribed", "job_id": batch_id, "message": f"Suscrito a las actualizaciones del job {batch_id}"},
         ]
-        sub.start(prelude, render(event))
+        sub.start(prelude, hub.opening(sub, event))
         assert sub.task is not None
         reader = asyncio.create_task(_read(websocket, sub), name=f"live-reader-{batch_id}")
         # Ends when the client leaves, or when the writer has closed the socket (job over) or lost it.
