@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import asyncpg
 
 from services.runtime.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
-from services.runtime.identity import Caller
+from services.runtime.identity import Caller, is_account_id
 from services.runtime.protos import json_object
 
 from .ledger import CREDITS, MINUTES, parse_amount
@@ -23,7 +23,6 @@ PLANS = ("credit_based", "minutes_based", "unlimited")
 STATUSES = ("active", "suspended", "inactive")
 COUNTRIES = {"CL": "America/Santiago", "AR": "America/Argentina/Buenos_Aires"}
 PRICES = ("cost_per_minute", "cost_per_call_setup", "cost_per_whatsapp_message")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _TEXT_FIELDS = ("account_name", "suspension_reason", "contact_name", "contact_email", "contact_phone")
 # What a member may change on its own account; the rest (state, plan, limits, prices) is
 # the operator's.
@@ -112,7 +111,7 @@ class Accounts:
         exist_ok: bool = False,
     ) -> asyncpg.Record:
         account_id = account_id or new_account_id()
-        if not _ID_RE.match(account_id):
+        if not is_account_id(account_id):
             raise InvalidArgument("account_id may hold letters, digits, '_', '.', '-' (max 64)")
         plan_type = plan_type or "credit_based"
         if plan_type not in PLANS:

@@ -4,6 +4,7 @@ reads them and scopes every query by account (admins may cross accounts)."""
 from __future__ import annotations
 
 import contextvars
+import re
 from dataclasses import dataclass
 
 from .errors import NotFound, Unauthenticated
@@ -14,6 +15,13 @@ ROLE_KEY = "x-role"
 
 ADMIN = "admin"
 MEMBER = "member"
+# The shape of every account id (the accounts service creates no other). Anything else names
+# no account, and must not travel on: as gRPC metadata it could not even be sent (ASCII only).
+ACCOUNT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def is_account_id(text: str) -> bool:
+    return ACCOUNT_ID_RE.fullmatch(text) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +42,8 @@ class Caller:
         the one it names. Another tenant's resource is 'not found', never 'forbidden', so
         ids cannot be probed."""
         if self.is_admin:
+            if requested and not is_account_id(requested):
+                raise NotFound(f"account {requested[:64]} not found")
             return requested or self.account_id
         if requested and requested != self.account_id:
             raise NotFound(f"account {requested} not found")

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
 import grpc
 
 from . import identity
@@ -15,6 +16,11 @@ from .errors import ERROR_REASON_KEY, DomainError
 from .logs import REQUEST_ID_KEY, new_request_id, request_id_var
 
 log = logging.getLogger("pregonero.rpc")
+
+# Text PostgreSQL cannot store, whichever field of whichever request carried it: a NUL
+# character (22021), or one a JSON column cannot hold (22P05, `\u0000`). The statement failed,
+# so nothing was written; the client sent bad input, which is theirs to fix.
+UNSTORABLE_TEXT = (asyncpg.exceptions.CharacterNotInRepertoireError, asyncpg.exceptions.UntranslatableCharacterError)
 
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> None:
@@ -24,6 +30,8 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> N
         if reason:
             context.set_trailing_metadata(((ERROR_REASON_KEY, reason),))
         await context.abort(exc.code, exc.message)
+    if isinstance(exc, UNSTORABLE_TEXT):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text may not contain NUL (\\u0000) characters")
     if isinstance(exc, grpc.aio.AioRpcError):
         # A downstream service's answer passes through unchanged (NOT_FOUND stays NOT_FOUND).
         await context.abort(exc.code(), exc.details() or "")

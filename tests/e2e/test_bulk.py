@@ -307,6 +307,21 @@ def test_bad_files_get_a_clear_error_and_change_nothing(
     assert _counts(suite) == before
 
 
+def test_a_nul_in_the_message_is_400_and_changes_nothing(base_url: str, suite: Stack) -> None:
+    add_device(base_url, rate_per_minute=0)
+    before = _counts(suite)
+    r = send_file(base_url, make_file(phones(16, 2)), message="Hola\x00 @valor1")
+    assert r.status_code == 400 and "NUL" in r.json()["message"], r.text
+    assert _counts(suite) == before
+
+
+def test_paging_beyond_the_wire_limits_is_422(base_url: str, suite: Stack) -> None:
+    r = httpx.get(f"{base_url}/jobs", headers=ADMIN, params={"skip": 2**31})
+    assert r.status_code == 422 and "skip" in r.json()["message"], r.text
+    r = httpx.get(f"{base_url}/jobs/{uuid.uuid4()}/results", headers=ADMIN, params={"after": 2**63})
+    assert r.status_code == 422 and "after" in r.json()["message"], r.text
+
+
 def test_more_than_a_million_recipients_is_413(base_url: str, suite: Stack) -> None:
     add_device(base_url, rate_per_minute=0)
     before = _counts(suite)

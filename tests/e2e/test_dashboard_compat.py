@@ -195,6 +195,16 @@ def test_no_malformed_id_is_an_error_of_ours_on_any_route(base_url: str, api: ht
     assert not failures, "\n".join(failures)
 
 
+def test_an_account_id_no_account_can_have_is_not_found(api: httpx.Client) -> None:
+    """An admin naming an account by a string outside the account id alphabet (here, what a
+    fuzzer sent) finds nothing; it used to break the campaigns service's call onward (500)."""
+    for bad in ("ca\u00f1a-\U000f246b", "a b"):
+        r = api.post("/batches", json={"name": "x", "account_id": bad})
+        assert r.status_code == 404 and r.json()["code"] == "not_found", r.text
+        r = api.get("/jobs", params={"account_id": bad})
+        assert r.status_code == 404, r.text
+
+
 # --- 3. deleting a job whose call is in progress --------------------------------------------------
 
 

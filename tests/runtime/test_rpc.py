@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 import pytest
 
@@ -32,6 +33,8 @@ async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     what = request.decode()
     if what in RAISES:
         raise RAISES[what][0]
+    if what == "nul":
+        raise asyncpg.exceptions.CharacterNotInRepertoireError('invalid byte sequence for encoding "UTF8": 0x00')
     if what == "crash":
         raise KeyError("secret internal detail")
     if what == "whoami":
@@ -88,6 +91,21 @@ async def test_unexpected_errors_are_internal_without_details(client: grpc.aio.C
         await call(client, "crash")
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in (info.value.details() or "")
+
+
+async def test_text_postgres_cannot_store_is_invalid_argument(client: grpc.aio.Channel) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(client, "nul")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "NUL" in (info.value.details() or "")
+
+
+@pytest.mark.parametrize("bad", ["caf\u00e9", "\udb08x", "a b", "-lead", "x" * 65, "acme\n", "acme\x00"])
+def test_an_admin_naming_an_id_no_account_can_have_finds_nothing(bad: str) -> None:
+    admin = identity.Caller(role=identity.ADMIN, account_id="default", user_id="op")
+    with pytest.raises(errors.NotFound):
+        admin.account_scope(bad)
+    assert admin.account_scope("acme-2.b_c") == "acme-2.b_c" and admin.account_scope() == "default"
 
 
 async def test_errors_in_streams_are_mapped_too(client: grpc.aio.Channel) -> None:

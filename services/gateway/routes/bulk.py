@@ -111,7 +111,8 @@ async def list_jobs(
     response: Response,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    skip: Annotated[int, Query(ge=0)] = 0,
+    # The proto's int32: beyond it the request cannot be encoded (a 422 here, not a crash).
+    skip: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     status: str = "",
 ) -> list[dict[str, Any]]:
     reply = await request.app.state.backends.campaigns.ListBatches(
@@ -167,7 +168,7 @@ async def job_results(
     job_id: str,
     status: str = "",
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,  # the proto's int64
 ) -> dict[str, Any]:
     if status and status not in ("pending", "sent", "failed", "cancelled", "unknown", "suspended"):
         raise ApiError(400, "status must be one of pending, sent, failed, cancelled, unknown, suspended")
