@@ -15,6 +15,40 @@ from pregonero.events.v1 import events_pb2
 from services.runtime import bus
 from services.runtime.protos import to_timestamp
 
+# NATS refuses a message over its max_payload (1 MiB by default). A progress event of one
+# results fetch (up to 64 result chunks of 500) carries tens of thousands of outcomes, several
+# MiB: its outcomes go out in parts of at most this many bytes, each with the counters.
+EVENT_BYTES = 512 * 1024
+
+
+def in_parts(event: events_pb2.BatchEvent, budget: int = EVENT_BYTES) -> list[events_pb2.BatchEvent]:
+    """The event as it is when it fits `budget`, else one copy per slice of its outcomes."""
+    if event.ByteSize() <= budget or len(event.outcomes) <= 1:
+        return [event]
+    head = events_pb2.BatchEvent()
+    head.CopyFrom(event)
+    head.ClearField("outcomes")
+    room = budget - head.ByteSize()
+    parts: list[events_pb2.BatchEvent] = []
+    part: list[events_pb2.JobOutcome] = []
+    used = 0
+    for outcome in event.outcomes:
+        size = outcome.ByteSize() + 8  # the field's tag and length
+        if part and used + size > room:
+            parts.append(_with(head, part))
+            part, used = [], 0
+        part.append(outcome)
+        used += size
+    parts.append(_with(head, part))
+    return parts
+
+
+def _with(head: events_pb2.BatchEvent, outcomes: list[events_pb2.JobOutcome]) -> events_pb2.BatchEvent:
+    event = events_pb2.BatchEvent()
+    event.CopyFrom(head)
+    event.outcomes.extend(outcomes)
+    return event
+
 
 def state_key(batch_id: object) -> str:
     return f"batch.{batch_id}"
@@ -58,7 +92,8 @@ class Notifier:
         """Lifecycle events go through JetStream with a dedup id; progress snapshots are
         fire-and-forget (the next one supersedes a lost one)."""
         subject = f"events.batch.{event.batch_id}"
-        if durable_id:
-            await bus.publish(self.js, subject, event, msg_id=durable_id)
-        else:
-            await self.nc.publish(subject, event.SerializeToString())
+        for n, part in enumerate(in_parts(event)):
+            if durable_id:
+                await bus.publish(self.js, subject, part, msg_id=durable_id if n == 0 else f"{durable_id}:{n}")
+            else:
+                await self.nc.publish(subject, part.SerializeToString())
