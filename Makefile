@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := gen/.stamp
 export PYTHONPATH := $(CURDIR)/gen:$(CURDIR)
-BENCH_SCENARIOS := fanout ledger excel voice crash faults
+BENCH_SCENARIOS := fanout ledger excel voice crash faults contact_import
 
 .PHONY: run test bench protos lint fmt clean install $(BENCH_SCENARIOS)
 

@@ -3,8 +3,9 @@
 Writes bench/results/latest.json and appends a line to bench/results/history.jsonl.
 `python -m bench [scenario ...]` (or `make bench scenario ...`) runs some; default: fanout
 (upload and fan-out), ledger, excel (workbook ingest), voice (status poll and dashboard over a
-million calls). Extra (slow): `faults` (every fault case of the send path at 100,000
-recipients, see bench/faults.py) and `crash` (its dispatcher case alone)."""
+million calls). Extra: `contact_import` (an address-book CSV through the API). Extra (slow):
+`faults` (every fault case of the send path at 100,000 recipients, see bench/faults.py) and
+`crash` (its dispatcher case alone)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import httpx
 import psutil
 from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
-from bench import excel_ingest, faults, voice_reads
+from bench import contact_import, excel_ingest, faults, voice_reads
 from bench.stack import (
     LEDGER_DRIFT,
     H,
@@ -248,6 +249,8 @@ SCENARIOS = {
     "ledger": ledger,
     "excel": lambda: excel_ingest.measure(int(os.environ.get("BENCH_EXCEL_ROWS", "100000"))),
     "voice": lambda: voice_reads.measure(start, H, int(os.environ.get("BENCH_VOICE_JOBS", "1000000"))),
+    # The address book's import of a 100,000-row CSV through the API (issue 11: at most 10 s).
+    "contact_import": lambda: contact_import.measure(int(os.environ.get("BENCH_CONTACT_ROWS", "100000"))),
 }
 
 

@@ -19,13 +19,16 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from services.runtime import bus
-from services.runtime.devstack import Stack
+from services.runtime.devstack import Stack, free_port
+from tests.dispatcher.fake_waha import API_KEY as WAHA_API_KEY
+from tests.dispatcher.fake_waha import HMAC_KEY as WAHA_HMAC_KEY
 
 ADMIN_TOKEN = "test-admin-token"
 MEMBER_TOKEN = "test-member-token-acme"
 REPO = Path(__file__).resolve().parents[1]
 WHATSAPP_APP_SECRET = "meta-app-secret-for-tests"
 WHATSAPP_VERIFY_TOKEN = "verify-me-please"
+WABLAS_WEBHOOK_SECRET = "wablas-webhook-secret-for-tests"
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +92,21 @@ async def collected(nc: NATS, subject: str, decode: Callable[[bytes], Any]) -> A
         await sub.unsubscribe()
 
 
+def new_member(base_url: str, account_id: str) -> dict[str, Any]:
+    """A member user of the account, of the caller's own, signed in: the login reply
+    (`access_token`, `user`). Per-user limits count each such user apart."""
+    import httpx
+
+    email, password = f"member-{uuid.uuid4().hex[:12]}@example.com", "Member-Passw0rd!"
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    body = {"email": email, "password": password, "role": "member", "account_id": account_id}
+    r = httpx.post(f"{base_url}/api/auth/users", headers=admin, json=body)
+    assert r.status_code == 201, r.text
+    r = httpx.post(f"{base_url}/api/auth/login", json={"email": email, "password": password})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
 def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, every: float = 0.2) -> Any:
     """The first truthy answer of `probe`, asked every `every` seconds; fails with the last
     answer after `timeout` (bounds generous enough for a loaded machine: they only end a
@@ -122,7 +140,47 @@ async def fresh_db(infra: Stack) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="session")
-def suite(infra: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def session_graph() -> Iterator[Any]:
+    """The local Graph the suite's dispatcher sends to (WHATSAPP_GRAPH_URL): where a provider
+    is reached is the operator's setting, so one fake serves the whole session and each test
+    takes it clean (the `graph` fixture of tests/e2e/test_whatsapp_cloud.py)."""
+    from tests.dispatcher.fake_graph import FakeGraph
+    from tests.http_server import running_in_thread
+
+    with running_in_thread(FakeGraph()) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def session_waha() -> Iterator[Any]:
+    """The local WAHA the suite's dispatcher runs WhatsApp Web sessions on (WAHA_BASE_URL), posting
+    its signed webhooks to the suite's gateway (tests/e2e/test_waha.py)."""
+    from tests.dispatcher.fake_waha import FakeWaha
+    from tests.http_server import running_in_thread
+
+    with running_in_thread(FakeWaha(auto_webhooks=True)) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def session_wablas() -> Iterator[Any]:
+    """The local Wablas the suite's `wablas` devices send through (WABLAS_BASE_URL); the
+    dispatcher gives each device its Tracking URL there (tests/e2e/test_whatsapp_devices.py)."""
+    from tests.dispatcher.fake_wablas import FakeWablas
+    from tests.http_server import running_in_thread
+
+    with running_in_thread(FakeWablas()) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def suite(
+    infra: Stack,
+    session_graph: Any,
+    session_waha: Any,
+    session_wablas: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
     """The four services and Envoy, started once, on their own database."""
     import subprocess
 
@@ -139,6 +197,7 @@ def suite(infra: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
         database_url=_with_database(infra.database_url, name),
         nats_url=infra.nats_url,
     )
+    http_port = free_port()  # known before the start: WAHA is told to call back there
     stack.extra_env.update(
         {
             "PREGONERO_STATIC_TOKENS": f"{ADMIN_TOKEN}=admin,{MEMBER_TOKEN}=account:acme",
@@ -150,10 +209,20 @@ def suite(infra: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
             # The WhatsApp Cloud API webhook, as a Meta app would be set up to call it.
             "WHATSAPP_APP_SECRET": WHATSAPP_APP_SECRET,
             "WHATSAPP_VERIFY_TOKEN": WHATSAPP_VERIFY_TOKEN,
+            "WHATSAPP_GRAPH_URL": session_graph.url,
+            # WhatsApp Web sessions at the local WAHA, which calls back through Envoy.
+            "WAHA_BASE_URL": session_waha.url,
+            "WAHA_API_KEY": WAHA_API_KEY,
+            "WAHA_WEBHOOK_HMAC_KEY": WAHA_HMAC_KEY,
+            "WAHA_WEBHOOK_URL": f"http://127.0.0.1:{http_port}/webhooks/waha",
+            # Wablas devices at the local Wablas; each one's Tracking URL points back through Envoy.
+            "WABLAS_BASE_URL": session_wablas.url,
+            "WABLAS_WEBHOOK_URL": f"http://127.0.0.1:{http_port}/webhooks/wablas",
+            "WABLAS_WEBHOOK_SECRET": WABLAS_WEBHOOK_SECRET,
         }
     )
     try:
-        stack.start_services()
+        stack.start_services(http_port=http_port)
         yield stack
     finally:
         stack.stop()

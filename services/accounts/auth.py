@@ -16,8 +16,10 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
+from zoneinfo import available_timezones
 
 import asyncpg
 import jwt
@@ -66,6 +68,24 @@ class RefreshReused(Unauthenticated):
     def __init__(self, session_id: str) -> None:
         super().__init__("refresh token already used; the session has been revoked")
         self.session_id = session_id
+
+
+# Files of the system's zone folder that name no zone a user means (`localtime` is the
+# machine's own, whatever it is).
+_NOT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
+@cache
+def _iana_zones() -> frozenset[str]:
+    return frozenset(available_timezones()) - _NOT_ZONES
+
+
+def check_timezone(name: str) -> str:
+    """An IANA zone name, or empty (the account's zone). Looked up in the list, not opened
+    with ZoneInfo(name), which takes any file of the zone folder."""
+    if name and name not in _iana_zones():
+        raise InvalidArgument(f"unknown timezone {name[:64]!r}: give an IANA name such as America/Santiago")
+    return name
 
 
 def new_secret(prefix: str) -> str:
@@ -233,12 +253,15 @@ class Auth:
         passwords: Passwords,
         refresh_ttl_seconds: int,
         login_limit: LoginLimit,
+        default_account: str = "default",
     ) -> None:
         self.repo = repo
         self.tokens = tokens
         self.passwords = passwords
         self.refresh_ttl_seconds = refresh_ttl_seconds
         self.login_limit = login_limit
+        # Admins belong to no account; their dates are read in this one's zone.
+        self.default_account = default_account
 
     # users
 
@@ -292,9 +315,21 @@ class Auth:
     async def get_user(self, caller: Caller, user_id: str) -> Row:
         wanted = user_id or caller.user_id
         # Another user is 'not found' to a member, so ids cannot be probed.
-        row = await self.repo.user_by_id(user_id=wanted) if caller.is_admin or wanted == caller.user_id else None
+        row = (
+            await self.repo.user_profile(user_id=wanted, default_account=self.default_account)
+            if caller.is_admin or wanted == caller.user_id
+            else None
+        )
         if row is None:
             raise NotFound(f"user {wanted} not found")
+        return row
+
+    async def update_user(self, caller: Caller, user_id: str, *, timezone: str | None) -> Row:
+        """The caller's own profile (admins: anyone's); None leaves a field as it is."""
+        row = await self.get_user(caller, user_id)
+        if timezone is not None:
+            await self.repo.set_timezone(user_id=row["user_id"], timezone=check_timezone(timezone.strip()))
+            row = await self.get_user(caller, row["user_id"])
         return row
 
     # sessions
@@ -385,6 +420,13 @@ class Auth:
     async def session_active(self, session_id: str) -> bool:
         return await self.repo.session_active(session_id=session_id)
 
+    async def session_timezone(self, session_id: str) -> str | None:
+        """The effective zone of the live session's user; None when the session has ended."""
+        return await self.repo.session_timezone(session_id=session_id, default_account=self.default_account)
+
+    async def account_timezone(self, account_id: str) -> str:
+        return await self.repo.account_timezone(account_id=account_id) or ""
+
     # API keys
 
     async def create_api_key(self, caller: Caller, *, name: str, account_id: str) -> tuple[Row, str]:
@@ -455,4 +497,5 @@ def build_auth(pool: asyncpg.Pool, settings: AccountsSettings) -> Auth:
         ),
         refresh_ttl_seconds=settings.pregonero_refresh_token_ttl_seconds,
         login_limit=LoginLimit(settings.pregonero_login_max_failures, settings.pregonero_login_window_seconds),
+        default_account=settings.pregonero_default_account,
     )

@@ -23,6 +23,14 @@ class Q:
     USER_BY_EMAIL = "SELECT * FROM users WHERE lower(email) = lower($1)"
     USER_BY_ID = "SELECT * FROM users WHERE user_id = $1"
     SET_PASSWORD_HASH = "UPDATE users SET password_hash = $2, updated_at = now() WHERE user_id = $1"
+    # The user with the zone its dates are read in: its own, else its account's (an admin's:
+    # the default account's, $2), else Chile's.
+    USER_PROFILE = """
+        SELECT u.*, COALESCE(NULLIF(u.timezone, ''), a.timezone, 'America/Santiago') AS effective_timezone
+        FROM users u LEFT JOIN accounts a ON a.account_id = COALESCE(u.account_id, $2)
+        WHERE u.user_id = $1"""
+    SET_TIMEZONE = "UPDATE users SET timezone = $2, updated_at = now() WHERE user_id = $1 RETURNING user_id"
+    ACCOUNT_TIMEZONE = "SELECT timezone FROM accounts WHERE account_id = $1"
 
     INSERT_SESSION = """
         INSERT INTO sessions (session_id, user_id, client_ip, expires_at)
@@ -38,6 +46,12 @@ class Q:
         SELECT EXISTS (
             SELECT 1 FROM sessions s JOIN users u USING (user_id)
             WHERE s.session_id = $1 AND s.revoked_at IS NULL AND s.expires_at > now() AND u.is_active)"""
+    # As SESSION_ACTIVE, with the user's effective zone (see USER_PROFILE); no row when not live.
+    SESSION_TIMEZONE = """
+        SELECT COALESCE(NULLIF(u.timezone, ''), a.timezone, 'America/Santiago')
+        FROM sessions s JOIN users u USING (user_id)
+        LEFT JOIN accounts a ON a.account_id = COALESCE(u.account_id, $2)
+        WHERE s.session_id = $1 AND s.revoked_at IS NULL AND s.expires_at > now() AND u.is_active"""
     EXTEND_SESSION = """
         UPDATE sessions SET expires_at = now() + $2::int * interval '1 second'
         WHERE session_id = $1 AND revoked_at IS NULL"""
@@ -125,6 +139,15 @@ class AuthRepo:
     async def user_by_id(self, *, user_id: str) -> asyncpg.Record | None:
         return await self.db.fetchrow(Q.USER_BY_ID, user_id)
 
+    async def user_profile(self, *, user_id: str, default_account: str) -> asyncpg.Record | None:
+        return await self.db.fetchrow(Q.USER_PROFILE, user_id, default_account)
+
+    async def set_timezone(self, *, user_id: str, timezone: str) -> bool:
+        return await self.db.fetchval(Q.SET_TIMEZONE, user_id, timezone) is not None
+
+    async def account_timezone(self, *, account_id: str) -> str | None:
+        return await self.db.fetchval(Q.ACCOUNT_TIMEZONE, account_id)
+
     async def set_password_hash(self, *, user_id: str, password_hash: str) -> None:
         await self.db.execute(Q.SET_PASSWORD_HASH, user_id, password_hash)
 
@@ -136,6 +159,10 @@ class AuthRepo:
 
     async def session_active(self, *, session_id: str) -> bool:
         return bool(await self.db.fetchval(Q.SESSION_ACTIVE, session_id))
+
+    async def session_timezone(self, *, session_id: str, default_account: str) -> str | None:
+        """The effective zone of a live session's user; None when the session is not live."""
+        return await self.db.fetchval(Q.SESSION_TIMEZONE, session_id, default_account)
 
     async def extend_session(self, *, session_id: str, ttl_seconds: int) -> None:
         await self.db.execute(Q.EXTEND_SESSION, session_id, ttl_seconds)

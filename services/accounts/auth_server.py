@@ -28,6 +28,9 @@ def user_pb(row: Row) -> auth_pb2.User:
         account_id=row["account_id"] or "",
         is_active=row["is_active"],
         created_at=to_timestamp(row["created_at"]),
+        # Not every query that returns a user reads its zone (a login's or refresh's need not).
+        timezone=row.get("timezone") or "",
+        effective_timezone=row.get("effective_timezone") or "",
     )
 
 
@@ -100,8 +103,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def CheckSession(
         self, request: auth_pb2.CheckSessionRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.SessionState:
-        active = await self.auth.session_active(request.session_id)
-        return auth_pb2.SessionState(session_id=request.session_id, active=active)
+        timezone = await self.auth.session_timezone(request.session_id)
+        return auth_pb2.SessionState(
+            session_id=request.session_id, active=timezone is not None, timezone=timezone or ""
+        )
 
     async def GetJwks(self, request: auth_pb2.GetJwksRequest, context: grpc.aio.ServicerContext) -> auth_pb2.Jwks:
         return auth_pb2.Jwks(jwks_json=json.dumps(self.auth.tokens.jwks()), issuer=self.auth.tokens.issuer)
@@ -118,6 +123,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     async def GetUser(self, request: auth_pb2.GetUserRequest, context: grpc.aio.ServicerContext) -> auth_pb2.User:
         return user_pb(await self.auth.get_user(current_caller(), request.user_id))
+
+    async def UpdateUser(self, request: auth_pb2.UpdateUserRequest, context: grpc.aio.ServicerContext) -> auth_pb2.User:
+        timezone = request.timezone if request.HasField("timezone") else None
+        return user_pb(await self.auth.update_user(current_caller(), request.user_id, timezone=timezone))
 
     async def CreateApiKey(
         self, request: auth_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
@@ -141,4 +150,6 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     async def ResolveApiKey(
         self, request: auth_pb2.ResolveApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> auth_pb2.ApiKey:
-        return api_key_pb(await self.auth.resolve_api_key(secret=request.secret))
+        key = api_key_pb(await self.auth.resolve_api_key(secret=request.secret))
+        key.timezone = await self.auth.account_timezone(key.account_id)
+        return key

@@ -12,12 +12,14 @@ from pregonero.accounts.v1 import (
     auth_pb2_grpc,
     notifications_pb2,
     notifications_pb2_grpc,
+    sync_pb2,
+    sync_pb2_grpc,
 )
 
 from services.runtime.db import check_queries
 from services.runtime.lifecycle import Runtime, serve_grpc
 
-from . import auth_repo, notify_repo
+from . import auth_repo, notify_repo, sync_repo
 from .audit import Audit
 from .auth import build_auth
 from .charges import Charges
@@ -33,6 +35,8 @@ from .notify_server import (
     nats_publisher,
 )
 from .repo import AccountsRepo, LedgerRepo, Q
+from .sync_operations import SyncOperations
+from .sync_server import SyncServicer
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -72,10 +76,15 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
         await auth.ensure_admin(email=settings.pregonero_admin_email, password=settings.pregonero_admin_password)
     auth_pb2_grpc.add_AuthServiceServicer_to_server(AuditedAuthServicer(auth, audit=audit), server)
     rt.spawn(auth.purge_forever(), name="auth-purge")
+    await check_queries(rt.pool, sync_repo.Q)
+    sync_operations = SyncOperations(sync_repo.SyncRepo(rt.pool))
+    sync_pb2_grpc.add_SyncServiceServicer_to_server(SyncServicer(sync_operations), server)
+    rt.spawn(sync_operations.purge_forever(), name="sync-purge")
     return [
         accounts_pb2.DESCRIPTOR.services_by_name["AccountsService"].full_name,
         auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
         notifications_pb2.DESCRIPTOR.services_by_name["NotificationsService"].full_name,
+        sync_pb2.DESCRIPTOR.services_by_name["SyncService"].full_name,
     ]
 
 

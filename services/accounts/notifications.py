@@ -28,6 +28,8 @@ log = logging.getLogger("pregonero.accounts.notifications")
 LOW_CREDIT = Decimal(10)
 BATCH_DURABLE = "accounts-notifications"
 FETCH = 256
+# Deep pages cost a scan of what they skip; past this a client should filter instead.
+MAX_OFFSET = 100_000
 
 Published = Callable[[asyncpg.Record], Awaitable[None]]
 
@@ -180,14 +182,21 @@ class Notifications:
         return account, "" if caller.is_admin else caller.user_id
 
     async def list(
-        self, caller: Caller, *, account_id: str = "", unread_only: bool = False, limit: int = 50
+        self, caller: Caller, *, account_id: str = "", unread_only: bool = False, limit: int = 50, offset: int = 0
     ) -> list[asyncpg.Record]:
         if not 1 <= limit <= 500:
             raise InvalidArgument("limit must be between 1 and 500")
+        if not 0 <= offset <= MAX_OFFSET:
+            raise InvalidArgument(f"offset must be between 0 and {MAX_OFFSET}")
         account, user = self._scope(caller, account_id)
         return await self.repo.list_notifications(
-            account_id=account, user_id=user, unread_only=unread_only, limit=limit
+            account_id=account, user_id=user, unread_only=unread_only, limit=limit, offset=offset
         )
+
+    async def count(self, caller: Caller, *, account_id: str = "", unread_only: bool = False) -> int:
+        """How many `list` pages through (its total, whatever the page)."""
+        account, user = self._scope(caller, account_id)
+        return await self.repo.count_notifications(account_id=account, user_id=user, unread_only=unread_only)
 
     async def unread_count(self, caller: Caller, *, account_id: str = "") -> int:
         account, user = self._scope(caller, account_id)

@@ -21,7 +21,11 @@ class Q:
         SELECT * FROM notifications
         WHERE ($1 = '' OR account_id = $1) AND ($2 = '' OR user_id IS NULL OR user_id = $2)
           AND (NOT $3 OR read_at IS NULL)
-        ORDER BY id DESC LIMIT $4"""
+        ORDER BY id DESC LIMIT $4 OFFSET $5"""
+    COUNT_NOTIFICATIONS = """
+        SELECT count(*) FROM notifications
+        WHERE ($1 = '' OR account_id = $1) AND ($2 = '' OR user_id IS NULL OR user_id = $2)
+          AND (NOT $3 OR read_at IS NULL)"""
     COUNT_UNREAD = """
         SELECT count(*) FROM notifications
         WHERE ($1 = '' OR account_id = $1) AND ($2 = '' OR user_id IS NULL OR user_id = $2)
@@ -74,9 +78,12 @@ class NotifyRepo:
         )
 
     async def list_notifications(
-        self, *, account_id: str, user_id: str, unread_only: bool, limit: int
+        self, *, account_id: str, user_id: str, unread_only: bool, limit: int, offset: int = 0
     ) -> list[asyncpg.Record]:
-        return list(await self.pool.fetch(Q.LIST_NOTIFICATIONS, account_id, user_id, unread_only, limit))
+        return list(await self.pool.fetch(Q.LIST_NOTIFICATIONS, account_id, user_id, unread_only, limit, offset))
+
+    async def count_notifications(self, *, account_id: str, user_id: str, unread_only: bool) -> int:
+        return int(await self.pool.fetchval(Q.COUNT_NOTIFICATIONS, account_id, user_id, unread_only))
 
     async def unread_count(self, *, account_id: str, user_id: str) -> int:
         return int(await self.pool.fetchval(Q.COUNT_UNREAD, account_id, user_id))

@@ -100,10 +100,18 @@ class NotificationsServicer(notifications_pb2_grpc.NotificationsServiceServicer)
     async def ListNotifications(
         self, request: notifications_pb2.ListNotificationsRequest, context: grpc.aio.ServicerContext
     ) -> notifications_pb2.ListNotificationsResponse:
+        caller = current_caller()
         rows = await self.notifications.list(
-            current_caller(), account_id=request.account_id, unread_only=request.unread_only, limit=request.limit or 50
+            caller,
+            account_id=request.account_id,
+            unread_only=request.unread_only,
+            limit=request.limit or 50,
+            offset=request.offset,
         )
-        return notifications_pb2.ListNotificationsResponse(notifications=[notification_pb(r) for r in rows])
+        total = await self.notifications.count(caller, account_id=request.account_id, unread_only=request.unread_only)
+        return notifications_pb2.ListNotificationsResponse(
+            notifications=[notification_pb(r) for r in rows], total=total
+        )
 
     async def UnreadCount(
         self, request: notifications_pb2.UnreadCountRequest, context: grpc.aio.ServicerContext

@@ -134,13 +134,27 @@ class Batches:
             take(parser.finish())
             await flush()
             await self.repo.analyze_jobs(conn, rows=job_id)
+            # Every row stays a job, so the file's lines add up in the job's counters; an
+            # opted-out number's job is cancelled, never released.
+            opted_out = await self.repo.cancel_opted_out(conn, batch_id=batch_id, account_id=account_id)
+            if opted_out == job_id:
+                raise InvalidArgument(
+                    f"nothing to send: all {job_id:,} numbers of the file opted out of this account's messages"
+                )
             batch = await self.repo.finish_ingest(
                 conn, batch_id=batch_id, total=job_id, invalid=parser.invalid, duplicates=parser.duplicates
             )
         await self.notifier.run_state(batch_id, "active")
         log.info(
             "ingested bulk file",
-            extra={"fields": {"batch_id": str(batch_id), "jobs": job_id, "invalid": parser.invalid}},
+            extra={
+                "fields": {
+                    "batch_id": str(batch_id),
+                    "jobs": job_id,
+                    "invalid": parser.invalid,
+                    "opted_out": opted_out,
+                }
+            },
         )
         return BulkFileIngested(batch, parser.duplicates, parser.invalid, parser.invalid_samples)
 

@@ -39,8 +39,8 @@ from services.runtime.lifecycle import Rounds
 from .batches import Batches
 from .credit import ChargesPending, Cover, Credit, reserve
 from .notify import Notifier
-from .repo import CampaignsRepo
-from .template import Template, compile_template
+from .repo import NO_CONNECTED_DEVICES, CampaignsRepo
+from .template import Template, compile_for
 
 log = logging.getLogger("pregonero.campaigns.feeder")
 
@@ -209,10 +209,11 @@ class Feeder:
                 self.release_backoff.succeeded(batch_id)
         return released
 
-    def _template(self, batch_id: UUID, text: str) -> Template:
+    def _template(self, batch_id: UUID, text: str, syntax: str = "valor") -> Template:
+        """The batch's compiled template, in the syntax it was written in (`template_syntax`)."""
         template = self._templates.get(batch_id)
         if template is None:
-            template = self._templates[batch_id] = compile_template(text)
+            template = self._templates[batch_id] = compile_for(syntax, text)
             if len(self._templates) > TEMPLATE_CACHE:
                 self._templates.popitem(last=False)
         else:
@@ -252,7 +253,7 @@ class Feeder:
             jobs = requeued + fresh
             if not jobs:
                 return 0
-            template = self._template(batch_id, batch["message_template"])
+            template = self._template(batch_id, batch["message_template"], batch["template_syntax"])
             items = [
                 events_pb2.WorkItem(
                     job_id=j["job_id"],
@@ -424,8 +425,10 @@ class Feeder:
                 return
             await self.repo.mark_settled(conn, batch_id=batch_id)
         price = batch["unit_price"]
-        if batch["status"] == "suspended" and price > 0 and freed >= price:
-            # What the holds had left pays for more: try again before waiting for a top-up.
+        waiting_for_credit = batch["status"] == "suspended" and batch["suspension_reason"] != NO_CONNECTED_DEVICES
+        if waiting_for_credit and price > 0 and freed >= price:
+            # What the holds had left pays for more: try again before waiting for a top-up
+            # (a batch waiting for its devices waits for them: device_events.py).
             await self.batches.resume_suspended(batch_id)
             self.wake()
 

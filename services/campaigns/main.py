@@ -6,7 +6,14 @@ from pathlib import Path
 
 import grpc
 from pregonero.accounts.v1 import accounts_pb2_grpc
-from pregonero.campaigns.v1 import campaigns_pb2, campaigns_pb2_grpc
+from pregonero.campaigns.v1 import (
+    address_book_pb2,
+    address_book_pb2_grpc,
+    campaigns_pb2,
+    campaigns_pb2_grpc,
+    messages_pb2,
+    messages_pb2_grpc,
+)
 from pregonero.dispatcher.v1 import dispatcher_pb2_grpc
 
 from services.runtime.bus import BATCH_STATE_BUCKET
@@ -14,18 +21,25 @@ from services.runtime.db import check_queries
 from services.runtime.lifecycle import Rounds, Runtime, serve_grpc
 from services.runtime.rpc import channel
 
-from . import voice_repo
+from . import address_book_repo, voice_repo
 from .account_events import AccountEvents
+from .address_book import AccountCountry, AddressBook
+from .address_book_server import AddressBookServicer
 from .batches import Batches
 from .call_results import CallResults
 from .config import CampaignsSettings
 from .credit import Credit
 from .delivery import DeliveryApplier
+from .device_events import RETRY_WAITING_S, DeviceEvents
 from .dialer import Dialer
 from .feeder import Feeder
+from .messages_repo import MessagesRepo
+from .messages_repo import Q as MessagesQ
+from .messages_server import ScheduledMessagesServicer
 from .notify import Notifier
 from .repo import CampaignsRepo, Q
 from .results import ResultsApplier
+from .scheduled_messages import Devices, DueMessages, ScheduledMessages
 from .server import CampaignsServicer
 from .voice import VoiceBatches
 
@@ -59,10 +73,27 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     # folded every few seconds, a status poll sums a handful of rows.
     rt.spawn(Rounds(calls.fold_waiting, name="waiting-fold", idle_wait=WAITING_FOLD_S).run(), name="waiting-fold")
     rt.spawn(AccountEvents(repo, batches, rt.js, wake=feeder.wake).run(), name="account-events")
+    device_events = DeviceEvents(repo, batches, rt.js, wake=feeder.wake)
+    rt.spawn(device_events.run(), name="device-events")
+    waiting = Rounds(device_events.retry_waiting, name="waiting-for-devices", idle_wait=RETRY_WAITING_S / 5)
+    rt.spawn(waiting.run(), name="waiting-for-devices")
     dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(channel(settings.dispatcher_addr))
     voice = VoiceBatches(calls, batches, credit)
     campaigns_pb2_grpc.add_CampaignsServiceServicer_to_server(CampaignsServicer(batches, voice, dispatcher), server)
-    return [campaigns_pb2.DESCRIPTOR.services_by_name["CampaignsService"].full_name]
+    await check_queries(rt.pool, MessagesQ)
+    messages_repo = MessagesRepo(rt.pool)
+    devices = Devices(dispatcher)
+    messages = ScheduledMessages(messages_repo, batches, notifier, credit, devices)
+    messages_pb2_grpc.add_ScheduledMessagesServiceServicer_to_server(ScheduledMessagesServicer(messages), server)
+    await check_queries(rt.pool, address_book_repo.Q)
+    book = AddressBook(address_book_repo.AddressBookRepo(rt.pool), AccountCountry(credit.account))
+    address_book_pb2_grpc.add_AddressBookServiceServicer_to_server(AddressBookServicer(book), server)
+    rt.spawn(DueMessages(messages_repo, notifier, devices, on_started=feeder.wake).run(), name="due-messages")
+    return [
+        campaigns_pb2.DESCRIPTOR.services_by_name["CampaignsService"].full_name,
+        messages_pb2.DESCRIPTOR.services_by_name["ScheduledMessagesService"].full_name,
+        address_book_pb2.DESCRIPTOR.services_by_name["AddressBookService"].full_name,
+    ]
 
 
 async def main() -> None:

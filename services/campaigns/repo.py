@@ -12,8 +12,13 @@ import asyncpg
 from services.runtime.db import analyze_loaded
 
 JOB_COLUMNS = ("batch_id", "job_id", "phone", "vals")
+# The error of a job whose number opted out of the account's messages (never sent).
+OPTED_OUT = "opted out"
 # The reason a WhatsApp batch none of whose recipients could be sent ends failed with.
 ALL_FAILED = "Todos los envíos fallaron"
+# The reason a WhatsApp batch waits, suspended, while none of its devices can send for now
+# (disconnected, waiting for a QR scan, at its daily cap): a device connecting resumes it.
+NO_CONNECTED_DEVICES = "Ningún device conectado o con cupo diario: el envío sigue cuando uno vuelva"
 
 
 class Q:
@@ -26,6 +31,19 @@ class Q:
         UPDATE batches SET total_jobs = $2, invalid_rows = $3, duplicate_rows = $4,
                status = 'pending', updated_at = now()
         WHERE batch_id = $1 RETURNING *"""
+    # Numbers that opted out of the account's messages are never sent: their jobs end
+    # cancelled as they are loaded, counted with the batch's cancelled ones. The EXISTS is a
+    # one-time filter, so an account without opt-outs does not even read its new jobs.
+    CANCEL_OPTED_OUT = """
+        WITH c AS (
+            UPDATE jobs j SET status = 'cancelled', error = $3, finished_at = now()
+            FROM opt_outs o
+            WHERE j.batch_id = $1 AND j.status = 'pending' AND o.account_id = $2 AND o.phone = j.phone
+              AND EXISTS (SELECT 1 FROM opt_outs WHERE account_id = $2)
+            RETURNING j.job_id)
+        UPDATE batches SET cancelled_jobs = cancelled_jobs + (SELECT count(*) FROM c), updated_at = now()
+        WHERE batch_id = $1
+        RETURNING (SELECT count(*) FROM c)"""
     GET_BATCH = "SELECT * FROM batches WHERE batch_id = $1 AND ($2 = '' OR account_id = $2)"
     LIST_BATCHES = """
         SELECT * FROM batches
@@ -103,6 +121,17 @@ class Q:
                suspended_jobs = 0, suspension_reason = '', updated_at = now()
         WHERE batch_id = $1 RETURNING *"""
     SUSPENDED_BATCHES = "SELECT batch_id FROM batches WHERE account_id = $1 AND status = 'suspended'"
+    # Batches suspended for the reason $2 (none of their devices could send) that one of the
+    # devices $3 may now send for.
+    WAITING_FOR_DEVICES = """
+        SELECT batch_id FROM batches
+        WHERE account_id = $1 AND status = 'suspended' AND suspension_reason = $2 AND sender_ids && $3::bigint[]"""
+    # Batches that have waited for their devices ($1) longer than $2 seconds: tried again
+    # whatever the device events said (one may have been lost).
+    LONG_WAITING_FOR_DEVICES = """
+        SELECT batch_id FROM batches
+        WHERE status = 'suspended' AND suspension_reason = $1 AND updated_at < now() - make_interval(secs => $2)
+        ORDER BY updated_at LIMIT 100"""
     RUNNING_BATCHES = """
         SELECT batch_id FROM batches WHERE account_id = $1 AND status IN ('pending', 'processing')"""
     LOCK_RUNNING = """
@@ -271,6 +300,10 @@ class CampaignsRepo:
     ) -> asyncpg.Record:
         return await conn.fetchrow(Q.FINISH_INGEST, batch_id, total, invalid, duplicates)
 
+    async def cancel_opted_out(self, conn: asyncpg.Connection, *, batch_id: UUID, account_id: str) -> int:
+        """After a load, in its transaction: how many of the new jobs were opted-out numbers."""
+        return int(await conn.fetchval(Q.CANCEL_OPTED_OUT, batch_id, account_id, OPTED_OUT))
+
     async def get_batch(self, *, batch_id: UUID, scope: str) -> asyncpg.Record | None:
         return await self.pool.fetchrow(Q.GET_BATCH, batch_id, scope)
 
@@ -384,6 +417,20 @@ class CampaignsRepo:
 
     async def suspended_batches(self, *, account_id: str) -> list[UUID]:
         return [r["batch_id"] for r in await self.pool.fetch(Q.SUSPENDED_BATCHES, account_id)]
+
+    async def suspend_locked(self, conn: asyncpg.Connection, *, batch_id: UUID, reason: str) -> asyncpg.Record | None:
+        """Inside a transaction that holds the batch's row: suspends it if it is running."""
+        batch = await conn.fetchrow(Q.LOCK_RUNNING, batch_id)
+        if batch is None:
+            return None
+        return await conn.fetchrow(Q.SUSPEND, batch_id, batch["released_upto"], [], reason)
+
+    async def waiting_for_devices(self, *, account_id: str, reason: str, sender_ids: Sequence[int]) -> list[UUID]:
+        rows = await self.pool.fetch(Q.WAITING_FOR_DEVICES, account_id, reason, list(sender_ids))
+        return [r["batch_id"] for r in rows]
+
+    async def long_waiting_for_devices(self, *, reason: str, older_than_s: float) -> list[UUID]:
+        return [r["batch_id"] for r in await self.pool.fetch(Q.LONG_WAITING_FOR_DEVICES, reason, older_than_s)]
 
     async def unsettled_batches(self) -> list[UUID]:
         return [r["batch_id"] for r in await self.pool.fetch(Q.UNSETTLED)]

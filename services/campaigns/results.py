@@ -2,7 +2,12 @@
 
 A WhatsApp batch ends `failed` when none of its recipients could be sent (FINISH_IF_DONE) or
 when a dispatcher reports that none of its devices is active any more: then it can no longer
-proceed, and its jobs not yet released fail at once rather than one release at a time."""
+proceed, and its jobs not yet released fail at once rather than one release at a time.
+
+When its devices are active but none can send for now (disconnected, waiting for a QR scan,
+at its daily cap), the dispatcher hands the recipients back unsent (`requeue` with
+NO_CONNECTED_SENDER): the batch is suspended with the reason, in the same transaction, until
+one of its devices connects again (device_events.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from services.runtime import bus
 from .batches import Batches
 from .call_results import CallResults
 from .notify import Notifier
-from .repo import CampaignsRepo
+from .repo import NO_CONNECTED_DEVICES, CampaignsRepo
 
 log = logging.getLogger("pregonero.campaigns.results")
 
@@ -70,12 +75,21 @@ class ResultsApplier:
                 finished = await self.repo.finish_if_done(conn, batch_id=batch_id)
             else:
                 applied, row, finished = await self._apply_messages(conn, batch, outcomes)
+                suspended = None
+                if self._waiting_for_devices(applied, outcomes):
+                    suspended = await self.repo.suspend_locked(conn, batch_id=batch_id, reason=NO_CONNECTED_DEVICES)
+                    row = suspended or row
         # Committed: what follows only informs. A failure here must not fail the results
         # (they are applied; a late socket reads the state from the snapshot instead).
         try:
             if batch["channel"] == "voice":
                 self.on_call_ended()
-            elif applied:
+            elif suspended is not None:
+                # What waits at the dispatchers is handed back at once, not item by item.
+                await self.notifier.run_state(batch_id, "paused")
+                reason = NO_CONNECTED_DEVICES
+                await self.notifier.publish(self.notifier.event(suspended, "suspended", error=reason, message=reason))
+            if batch["channel"] != "voice" and applied:
                 ids = {r["job_id"] for r in applied if r["status"] in ("sent", "failed")}
                 shown = [o for o in outcomes if o.job_id in ids]
                 await self.notifier.publish(self.notifier.event(finished or row, "progress", outcomes=shown))
@@ -83,6 +97,12 @@ class ResultsApplier:
                 await self.batches.publish_finished(finished)
         except Exception:  # noqa: BLE001
             log.exception("publishing progress of batch %s failed", batch_id)
+
+    @staticmethod
+    def _waiting_for_devices(applied: list[asyncpg.Record], outcomes: list[events_pb2.JobOutcome]) -> bool:
+        """Some recipients were handed back (now, not in a replay) because no device could send."""
+        requeued = {r["job_id"] for r in applied if r["status"] == "requeue"}
+        return any(o.error == bus.NO_CONNECTED_SENDER and o.job_id in requeued for o in outcomes)
 
     async def _apply_messages(
         self, conn: asyncpg.Connection, batch: asyncpg.Record, outcomes: list[events_pb2.JobOutcome]

@@ -326,7 +326,8 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
             contacts_processed=checked.parsed.total_rows,
             duplicates_skipped=checked.duplicates,
             invalid_rows=len(checked.parsed.invalid),
-            estimated_cost=str(checked.estimated_cost),
+            # The batch's own figure: contacts that opted out were cancelled and cost nothing.
+            estimated_cost=str(row["estimated_cost"]),
             invalid=[campaigns_pb2.RowProblem(row=p.row, reason=p.reason) for p in checked.parsed.invalid[:1000]],
         )
 

@@ -1,4 +1,5 @@
-"""WhatsApp message templates: `@valor1` … `@valorN` replaced by a recipient's values."""
+"""WhatsApp message templates: `@valor1` … `@valorN` replaced by a recipient's values (bulk
+files), or `{{name}}` / `{{phone}}` by a contact's (scheduled messages)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,39 @@ def compile_template(text: str) -> Template:
         start = match.end()
     literals.append(text[start:])
     return Template(text=text, literals=tuple(literals), indexes=tuple(indexes), max_index=max(indexes, default=-1) + 1)
+
+
+# The variables a scheduled message may use, in the order of its jobs' values.
+NAMED_VARIABLES = ("name", "phone")
+# Spaces inside the braces are forgiven (`{{ name }}`); anything else between them is a variable.
+_NAMED = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+
+
+class UnknownVariable(ValueError):
+    """A `{{x}}` that names no variable of a scheduled message."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown variable {{{{{name}}}}}: use {{{{name}}}} or {{{{phone}}}}")
+        self.name = name
+
+
+def compile_named(text: str) -> Template:
+    """`{{name}}` is value 1 and `{{phone}}` value 2 of a job (see NAMED_VARIABLES); any other
+    `{{x}}` raises UnknownVariable."""
+    literals: list[str] = []
+    indexes: list[int] = []
+    start = 0
+    for match in _NAMED.finditer(text):
+        name = match.group(1)
+        if name not in NAMED_VARIABLES:
+            raise UnknownVariable(name)
+        literals.append(text[start : match.start()])
+        indexes.append(NAMED_VARIABLES.index(name))
+        start = match.end()
+    literals.append(text[start:])
+    return Template(text=text, literals=tuple(literals), indexes=tuple(indexes), max_index=max(indexes, default=-1) + 1)
+
+
+def compile_for(syntax: str, text: str) -> Template:
+    """The compiler a batch's `template_syntax` names: `named` or the bulk file's `valor`."""
+    return compile_named(text) if syntax == "named" else compile_template(text)

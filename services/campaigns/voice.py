@@ -202,15 +202,34 @@ class VoiceBatches:
             for i in range(0, len(records), COPY_ROWS):
                 await self.repo.copy_jobs(conn, records=records[i : i + COPY_ROWS])
             await self.repo.analyze_jobs(conn, rows=len(records))
+            # Every contact stays a job, so the file adds up in the counters; one whose every
+            # phone opted out is cancelled, never called.
+            opted_out, trimmed = await self.repo.drop_opted_out(
+                conn, batch_id=batch["batch_id"], account_id=account.account_id
+            )
+            if opted_out == len(records):
+                raise InvalidArgument(
+                    f"nothing to call: every phone of the file's {opted_out:,} contacts opted out of this account"
+                )
             batch = await self.repo.finish_ingest(
                 conn,
                 batch_id=batch["batch_id"],
                 total=len(records),
                 invalid=len(checked.parsed.invalid),
                 duplicates=checked.duplicates,
-                cost=checked.estimated_cost,
+                cost=checked.per_call * (len(records) - opted_out),
             )
-        log.info("voice batch created", extra={"fields": {"batch_id": str(batch["batch_id"]), "jobs": len(records)}})
+        log.info(
+            "voice batch created",
+            extra={
+                "fields": {
+                    "batch_id": str(batch["batch_id"]),
+                    "jobs": len(records),
+                    "opted_out": opted_out,
+                    "with_opted_out_phones": trimmed,
+                }
+            },
+        )
         return batch, checked
 
     async def _checked(self, caller: Caller, upload: Upload, chunks: AsyncIterator[bytes]) -> Checked:

@@ -16,7 +16,7 @@ import asyncpg
 
 from services.runtime.db import analyze_loaded
 
-from .repo import ALL_FAILED
+from .repo import ALL_FAILED, OPTED_OUT
 from .repo import Q as CampaignsQ
 
 JOB_COLUMNS = (
@@ -55,6 +55,36 @@ class Q:
         UPDATE batches SET total_jobs = $2, invalid_rows = $3, duplicate_rows = $4, estimated_cost = $5,
                status = 'pending', updated_at = now()
         WHERE batch_id = $1 RETURNING *"""
+    # Opted-out numbers are never called: they leave the new jobs' phones (in order), and a job
+    # left with none ends cancelled at once, counted with the batch's cancelled ones. Each
+    # phone is one look-up in the opt-outs' key; the last EXISTS is a one-time filter, so an
+    # account without opt-outs does not even read its new jobs. ($1 batch, $2 account.)
+    DROP_OPTED_OUT = """
+        WITH hit AS (
+            SELECT j.id,
+                   ARRAY(SELECT u.p FROM unnest(j.phones) WITH ORDINALITY AS u(p, n)
+                         WHERE NOT EXISTS (SELECT 1 FROM opt_outs o WHERE o.account_id = $2 AND o.phone = u.p)
+                         ORDER BY u.n) AS kept
+            FROM voice_jobs j
+            WHERE j.batch_id = $1 AND j.status = 'pending'
+              AND EXISTS (SELECT 1 FROM unnest(j.phones) AS u(p)
+                          JOIN opt_outs o ON o.account_id = $2 AND o.phone = u.p)
+              AND EXISTS (SELECT 1 FROM opt_outs WHERE account_id = $2)),
+        upd AS (
+            UPDATE voice_jobs j
+            SET phones = CASE WHEN cardinality(hit.kept) = 0 THEN j.phones ELSE hit.kept END,
+                status = CASE WHEN cardinality(hit.kept) = 0 THEN 'cancelled' ELSE j.status END,
+                cancellation_reason = CASE WHEN cardinality(hit.kept) = 0 THEN $3 ELSE j.cancellation_reason END,
+                finished_at = CASE WHEN cardinality(hit.kept) = 0 THEN now() ELSE j.finished_at END,
+                updated_at = now()
+            FROM hit WHERE j.id = hit.id
+            RETURNING j.status)
+        UPDATE batches
+        SET cancelled_jobs = cancelled_jobs + (SELECT count(*) FROM upd WHERE status = 'cancelled'),
+            updated_at = now()
+        WHERE batch_id = $1
+        RETURNING (SELECT count(*) FROM upd WHERE status = 'cancelled') AS cancelled,
+                  (SELECT count(*) FROM upd) AS trimmed"""
     ACTIVE_DEBTORS = """
         SELECT DISTINCT debtor_key FROM voice_jobs
         WHERE account_id = $1 AND status IN ('pending', 'in_progress', 'suspended') AND debtor_key = ANY($2::text[])"""
@@ -310,6 +340,12 @@ class VoiceRepo:
         self, conn: asyncpg.Connection, *, batch_id: UUID, total: int, invalid: int, duplicates: int, cost: Decimal
     ) -> asyncpg.Record:
         return await conn.fetchrow(Q.FINISH_INGEST, batch_id, total, invalid, duplicates, cost)
+
+    async def drop_opted_out(self, conn: asyncpg.Connection, *, batch_id: UUID, account_id: str) -> tuple[int, int]:
+        """After a load, in its transaction: (jobs cancelled, as all their phones opted out;
+        jobs that lost some of their phones)."""
+        row = await conn.fetchrow(Q.DROP_OPTED_OUT, batch_id, account_id, OPTED_OUT)
+        return row["cancelled"], row["trimmed"]
 
     async def active_debtors(self, *, account_id: str, keys: Sequence[str]) -> set[str]:
         rows = await self.pool.fetch(Q.ACTIVE_DEBTORS, account_id, list(keys))

@@ -1,7 +1,8 @@
 import json
 from typing import Literal, Self
+from urllib.parse import urlsplit
 
-from pydantic import SecretStr, model_validator
+from pydantic import SecretStr, field_validator, model_validator
 
 from services.runtime.settings import GrpcServiceSettings, reject_placeholders
 
@@ -44,6 +45,52 @@ class DispatcherSettings(GrpcServiceSettings):
     # A claimed send whose outcome was lost is looked up at the provider once it is this old
     # (longer than any send can be under way), and sent again only if the provider never got it.
     send_grace_seconds: float = 30.0
+    # Where the WhatsApp providers are reached: the operator's choice, never a tenant's (a
+    # device's provider_config cannot name an endpoint). Wablas runs regional servers (such
+    # as https://texas.wablas.com); the deployment names the one its customers' devices are
+    # on. A provider whose endpoint is unset refuses new devices with a 400.
+    whatsapp_graph_url: str = "https://graph.facebook.com"
+    wablas_base_url: str = ""
+    # The public URL of the gateway's /webhooks/wablas and its WABLAS_WEBHOOK_SECRET: each
+    # wablas device's Tracking URL is set to it, with the device's id and a key derived for it
+    # (wablas_tracking.py). Unset: devices keep the Tracking URL their owner gave them.
+    wablas_webhook_url: str = ""
+    wablas_webhook_secret: SecretStr = SecretStr("")
+    # A WAHA-style WhatsApp HTTP API: its key (X-Api-Key), the key its webhooks are signed
+    # with (HMAC), and the public URL of our /webhooks/waha it is told to call.
+    waha_base_url: str = ""
+    waha_api_key: SecretStr = SecretStr("")
+    waha_webhook_hmac_key: SecretStr = SecretStr("")
+    waha_webhook_url: str = ""
+    # How often each device's connection is asked about (device gateways rate-limit status
+    # calls too: modest); the asks are spread over the period, each bounded by the timeout.
+    device_poll_seconds: float = 30.0
+    device_poll_timeout_seconds: float = 10.0
+
+    @field_validator("whatsapp_graph_url", "wablas_base_url", "wablas_webhook_url", "waha_base_url", "waha_webhook_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("device_poll_seconds", "device_poll_timeout_seconds")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be more than 0 seconds")
+        return value
+
+    def unconfigured_providers(self) -> dict[str, str]:
+        """Providers this deployment cannot reach, with the reason a new device of theirs gets."""
+        missing: dict[str, str] = {}
+        if not self.wablas_base_url:
+            missing["wablas"] = "wablas is not configured on this deployment"
+        if not (self.waha_base_url and self.waha_webhook_url):
+            missing["waha"] = "waha is not configured on this deployment"
+        return missing
 
     @model_validator(mode="after")
     def _voice_config_is_json(self) -> Self:
@@ -71,6 +118,18 @@ class DispatcherSettings(GrpcServiceSettings):
         return self
 
     @model_validator(mode="after")
+    def _wablas_webhook_is_keyed(self) -> Self:
+        if self.wablas_webhook_url and not self.wablas_webhook_secret.get_secret_value():
+            raise ValueError("WABLAS_WEBHOOK_URL needs WABLAS_WEBHOOK_SECRET (the gateway's)")
+        return self
+
+    @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Self:
         reject_placeholders(self, PREGONERO_SECRET_KEY=self.pregonero_secret_key.get_secret_value())
+        if self.waha_base_url:
+            # Unsigned session webhooks would let anyone mark a device connected or not.
+            reject_placeholders(self, WAHA_WEBHOOK_HMAC_KEY=self.waha_webhook_hmac_key.get_secret_value())
+        if self.wablas_webhook_url:
+            # The key of every device's Tracking URL is derived from it.
+            reject_placeholders(self, WABLAS_WEBHOOK_SECRET=self.wablas_webhook_secret.get_secret_value())
         return self

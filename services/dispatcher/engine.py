@@ -17,7 +17,37 @@ Nothing lost, nothing sent twice:
   queued work moves to the senders as they are now. So only sends in flight (and on a fast
   lane the few claimed ahead) can lose their outcome to a crash.
 - A claim whose outcome is lost is resolved from the provider's record once no send can still
-  be under way (`send_grace`); a provider that cannot say makes it `unknown`, never resent."""
+  be under way (`send_grace`); a provider that cannot say makes it `unknown`, never resent.
+
+Devices that cannot send for now (the engine's API, called by connections.py):
+- `sender_unavailable(sender_id, reason)`: the device is disconnected, waits for a QR scan,
+  or has used its `daily_limit` for its local day. From that call on it claims nothing more:
+  its lane is retired as an edit retires it, so what it holds and has not sent (queued, or
+  claimed ahead and given back) goes to the job's other available devices; sends already at
+  the provider finish and report what the provider says. (At its daily cap, claims it
+  already holds are within the cap and still go out through it.)
+- `sender_available(sender_id)`: it can send again; work from now on may go to it. When it
+  was out for its daily cap (reason `DAILY_LIMIT_REASON`: its local day has turned), a
+  `DeviceEvent` connected tells the batches that wait for it.
+- The database counts each device's claims per local day and refuses those past its cap
+  (CLAIM_SENDS), whichever dispatcher asks: a refusal through a device that has not changed
+  is that cap. The device then rests (its queued work moves on; claims it already holds are
+  within the cap and still go out) until the watcher says it is unavailable.
+- A device can also say so itself, refusing a send (`SendResult.device_unavailable`: a Wablas
+  device disconnected, expired, out of quota or with wrong credentials; a WAHA session not
+  WORKING, or WAHA unreachable). Nothing went out: the claim is given back (RELEASE, waiting
+  out a database that is away, so that no copy of the work takes it for a send of unknown
+  fate), the device is taken out at once by `sender_unavailable(..., for_s=...)`, for a while
+  only (at least DEVICE_REST_S: nobody else has said so yet; its state, asked of its provider
+  through `ask_device` when that is set, or found by the connections poller, keeps it out
+  until it connects), and the item goes to the job's other available devices, or is handed
+  back as below. Never retried on the same device, never failed for it.
+- An item none of whose job's devices can send now (at least one of them active) is handed
+  back unsent: `requeue` with `bus.NO_CONNECTED_SENDER`, on which campaigns suspends the
+  batch until a device connects. Only when no device of the job is active at all does it
+  fail (`bus.NO_ACTIVE_SENDER`, the bulk sender's documented behaviour).
+Both calls are synchronous, cheap and safe at any moment; they concern this process only, so
+every dispatcher replica's engine must be told (connections.py does)."""
 
 from __future__ import annotations
 
@@ -44,6 +74,8 @@ from pregonero.events.v1 import events_pb2
 from services.runtime import bus
 from services.runtime.bus import DISPATCH_STREAM
 
+from . import device_states
+from .connections import DAILY_LIMIT_REASON
 from .providers.base import Provider, SenderConfig, SendRequest, SendResult
 from .repo import AttemptsRepo
 from .runstate import RunStates
@@ -59,6 +91,15 @@ CLAIM_AHEAD = 64
 SEND_GRACE_S = 30.0
 
 LoadSenders = Callable[[Sequence[int]], Awaitable[dict[int, SenderConfig]]]
+# How long a device rests after the record refused a claim through it although it had not
+# changed (its daily cap is full, see `_refused_unchanged`): the connections watcher says
+# why within that time, and the device is not asked again claim after claim meanwhile.
+REFUSED_REST_S = 5.0
+# The least a device rests after it refused a send because it cannot send now (its provider's
+# `retry_after` when longer): then it is tried again, unless its state says it is still out.
+DEVICE_REST_S = 5.0
+# Asks the device's provider for its state now and records it (connections.py `ask`).
+AskDevice = Callable[[SenderConfig], Coroutine[Any, Any, None]]
 
 
 class SenderCache:
@@ -148,6 +189,9 @@ class Lane:
         self.queue: asyncio.Queue[Entry | None] = asyncio.Queue()
         self.workers: list[asyncio.Task[None]] = []
         self.retired = False
+        # Retired, but the claims it holds are still sent (its daily cap is full: they are
+        # within it). Otherwise a retired lane gives them back.
+        self.send_claimed = False
         # Claimed ahead, sent by the next free worker (unpaced lanes only; see `ahead`).
         self.ready: deque[Entry] = deque()
         self.idle_workers = 0  # waiting on an empty queue
@@ -287,6 +331,7 @@ class Engine:
         max_in_flight: int = 20_000,
         ack_wait: float = 15.0,
         send_grace: float = SEND_GRACE_S,
+        ask_device: AskDevice | None = None,
     ) -> None:
         self.js = js
         self.attempts = attempts
@@ -315,6 +360,15 @@ class Engine:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stopping = False
         self._rr = 0
+        # Devices that cannot send for now: told so (with the reason), or resting until a
+        # monotonic time after the record refused them a claim. Neither takes work.
+        self.unavailable: dict[int, str] = {}
+        self.resting: dict[int, float] = {}
+        self.device_states = device_states.DeviceStates(js)
+        # Told when a device refuses a send because it cannot send now: the dispatcher wires
+        # it to `Connections.ask`, which records and publishes the device's state (and tells
+        # this engine, and the other replicas, when it changed).
+        self.ask_device = ask_device
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(coro, name=name)
@@ -326,6 +380,83 @@ class Engine:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("engine task %s failed", task.get_name(), exc_info=task.exception())
+
+    # --- devices that cannot send for now (see the module docstring) ---
+
+    def sender_unavailable(self, sender_id: int, reason: str, *, for_s: float | None = None) -> None:
+        """The device is disconnected, waits for a QR scan or has used its daily cap: it claims
+        nothing more, and what its lane has queued goes to the job's other available devices,
+        or back to campaigns when none is left. Sends already at the provider finish. Claims
+        it took ahead are given back and move too, except at its daily cap (`reason`
+        DAILY_LIMIT_REASON): those are within the cap, and go out through it.
+
+        With `for_s` (the engine's own finding: the device refused a send) it is out for that
+        long only, then tried again, unless connections.py says it is out meanwhile (no
+        `for_s`: until `sender_available`), as nobody may ever tell it that it is back."""
+        if for_s is not None:
+            if sender_id not in self.unavailable:
+                if self.can_send(sender_id):
+                    log.info("device %s cannot send (%s); its work moves on for %.0fs", sender_id, reason, for_s)
+                until = time.monotonic() + for_s
+                self.resting[sender_id] = max(self.resting.get(sender_id, 0.0), until)
+            self._stop_lane(sender_id)
+            return
+        if sender_id not in self.unavailable:
+            log.info("device %s cannot send (%s); its queued work moves on", sender_id, reason)
+        self.unavailable[sender_id] = reason or "unavailable"
+        self._stop_lane(sender_id, send_claimed=reason == DAILY_LIMIT_REASON)
+
+    def sender_available(self, sender_id: int) -> None:
+        """The device can send again: work from now on may go to it. When it had been out for
+        its daily cap (its local day has turned), the batches that wait for it hear so: a
+        `DeviceEvent` connected, as when a device reconnects."""
+        reason = self.unavailable.pop(sender_id, None)
+        self.resting.pop(sender_id, None)
+        if reason is None:
+            return
+        log.info("device %s can send again", sender_id)
+        if reason == DAILY_LIMIT_REASON:
+            self._spawn(self._announce_new_day(sender_id), name=f"new-day-{sender_id}")
+
+    def can_send(self, sender_id: int) -> bool:
+        if sender_id in self.unavailable:
+            return False
+        until = self.resting.get(sender_id)
+        if until is None:
+            return True
+        if time.monotonic() < until:
+            return False
+        del self.resting[sender_id]
+        return True
+
+    def _stop_lane(self, sender_id: int, *, send_claimed: bool = False) -> None:
+        lane = self.lanes.get(sender_id)
+        if lane is not None:
+            lane.send_claimed = send_claimed
+            self._retire(lane)
+
+    def _refused_unchanged(self, lane: Lane) -> None:
+        """The record refused a claim through a device that has not changed: its daily cap is
+        full (the database counts every dispatcher's claims). Its queued work moves on now;
+        the claims it holds are within the cap and are still sent."""
+        sender_id = lane.sender.id
+        if self.can_send(sender_id):
+            log.info("device %s was refused a claim by the record (its daily limit); work moves on", sender_id)
+            self.resting[sender_id] = time.monotonic() + REFUSED_REST_S
+        if not lane.retired:
+            lane.send_claimed = True
+        self._retire(lane)
+
+    async def _announce_new_day(self, sender_id: int) -> None:
+        senders = await self._retrying(lambda: self.senders.get([sender_id]))
+        sender = senders.get(sender_id)
+        if sender is not None and self.can_send(sender_id):
+            await self.device_states.publish(
+                account_id=sender.account_id,
+                sender_id=sender_id,
+                state=device_states.CONNECTED,
+                reason="daily limit reset",
+            )
 
     # --- intake ---
 
@@ -416,7 +547,7 @@ class Engine:
         self.by_seq[seq] = chunk
         self.in_flight += chunk.remaining
         active = self.runstates.active(data.batch_id)
-        lanes = [self._lane(s) for s in senders.values()]
+        lanes = [self._lane(s) for s in senders.values() if self.can_send(s.id)]
         unsendable: list[events_pb2.WorkItem] = []
         for item in data.items:
             row = known.get(item.attempt_id)
@@ -426,6 +557,8 @@ class Engine:
                 self._resolve(chunk, item, "requeue")
             elif lanes:
                 self._enqueue(chunk, item, lanes)
+            elif senders:  # active, but none can send now: they wait, unsent
+                self._resolve(chunk, item, "requeue", error=bus.NO_CONNECTED_SENDER)
             else:
                 unsendable.append(item)
         if unsendable:
@@ -583,8 +716,11 @@ class Engine:
             self._resolve(chunk, item, "requeue")
         else:
             senders = await self._retrying(lambda: self.senders.get(list(chunk.data.sender_ids)))
-            if senders:
-                self._enqueue(chunk, item, [self._lane(s) for s in senders.values()])
+            usable = [s for s in senders.values() if self.can_send(s.id)]
+            if usable:
+                self._enqueue(chunk, item, [self._lane(s) for s in usable])
+            elif senders:  # active, but none can send now: it waits, unsent
+                self._resolve(chunk, item, "requeue", error=bus.NO_CONNECTED_SENDER)
             else:
                 await self._fail_unsent(chunk, [item], bus.NO_ACTIVE_SENDER)
 
@@ -609,7 +745,7 @@ class Engine:
                 if held:
                     await self._release([item])
                 self._drop(chunk)
-            elif lane.retired:
+            elif lane.retired and not (held and lane.send_claimed):
                 if held:
                     await self._release([item])
                 await self._route(chunk, item)
@@ -655,8 +791,7 @@ class Engine:
             owned = await self.claims.claim_many(rows)
         except Exception as exc:  # noqa: BLE001 - the database is away or restarting: nothing was sent
             log.warning("claim of %d sends failed (%r); trying again", len(rows), exc)
-            for entry in taken[1:]:
-                lane.queue.put_nowait(entry)
+            self._put_back(lane, taken[1:])
             return False
         for (c, i), mine in zip(taken[1:], owned[1:], strict=True):
             if mine:
@@ -670,6 +805,15 @@ class Engine:
             return True
         await self._refused(lane, chunk, item)
         return None
+
+    def _put_back(self, lane: Lane, entries: Sequence[Entry]) -> None:
+        """Items taken from a lane's queue and not claimed: back in line, or, once the lane is
+        retired (its workers may have ended), to the job's devices as they are now."""
+        for chunk, item in entries:
+            if lane.retired:
+                self._spawn(self._route(chunk, item), name="route")
+            else:
+                lane.queue.put_nowait((chunk, item))
 
     async def _release(self, items: Sequence[events_pb2.WorkItem]) -> None:
         """Claims taken ahead whose sends never started are given back, so another copy of the
@@ -696,6 +840,8 @@ class Engine:
                     return "drop"
                 if not self.runstates.active(batch_id):
                     return "stopped"
+                if lane.retired and not (claimed and lane.send_claimed):
+                    return "moved"  # the device changed or cannot send now: its work moves on
             if not claimed:
                 try:
                     claim = (item.attempt_id, batch_id, item.job_id, sender.id, sender.version)
@@ -732,19 +878,23 @@ class Engine:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
-            if isinstance(result, str) or result.status != "rate_limited":
+            if isinstance(result, str) or result.status != "rate_limited" or result.device_unavailable:
                 break
             await asyncio.sleep(result.retry_after or 1.0)
-        if held and result in ("drop", "stopped"):
+        if held and result in ("drop", "stopped", "moved"):
             await self._release([item])
         if result == "drop":
             self._drop(chunk)
         elif result == "stopped":
             self._resolve(chunk, item, "requeue")
+        elif result == "moved":
+            await self._route(chunk, item)
         elif result == "refused":
             await self._refused(lane, chunk, item)
         elif isinstance(result, str):  # still unclaimed after every try: nothing went out
             self._spawn(self._route(chunk, item), name="route")
+        elif result.device_unavailable:
+            await self._device_refused(lane, chunk, item, result)
         elif result.status == "rate_limited":
             self._resolve(chunk, item, "failed", sender_id=sender.id, error="rate limited by provider")
         else:
@@ -757,14 +907,54 @@ class Engine:
                 provider_message_id=result.provider_message_id,
             )
 
+    async def _device_refused(self, lane: Lane, chunk: Chunk, item: events_pb2.WorkItem, result: SendResult) -> None:
+        """The device refused the send because it cannot send now: nothing went out. The device
+        rests (its lane retired: what it queued or claimed ahead moves on), its state is asked
+        for, the claim is given back and the item goes to the job's devices as they are now."""
+        sender = lane.sender
+        lane.send_claimed = False  # not even claims within a daily cap can go out through it
+        if sender.id not in self.unavailable:
+            fresh = self.can_send(sender.id)
+            self.sender_unavailable(sender.id, result.error, for_s=max(result.retry_after, DEVICE_REST_S))
+            provider = self.providers.get(sender.provider)
+            if fresh and self.ask_device is not None and callable(getattr(provider, "device_state", None)):
+                self._spawn(self.ask_device(sender), name=f"ask-device-{sender.id}")
+        self._retire(lane)
+        await self._give_back(item)
+        await self._route(chunk, item)
+
+    async def _give_back(self, item: events_pb2.WorkItem) -> None:
+        """A claim whose send the provider refused (nothing went out) is given back before the
+        item moves on: a copy of the work that found it would wait out the grace and then ask
+        the provider, which may not be able to say (WAHA: `unknown` for a message never sent).
+        So it waits for a database that is away, except at a stop (the redelivery finds it)."""
+        delay = 0.5
+        while True:
+            try:
+                await self.attempts.release(attempt_ids=[item.attempt_id])
+                return
+            except Exception as exc:  # noqa: BLE001 - the database is away: nothing was sent, try again
+                if self.stopping:
+                    log.warning("could not give back the refused claim of %s: %r", item.attempt_id, exc)
+                    return
+                log.warning("giving back the refused claim of %s failed (%r); trying again", item.attempt_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
     async def _refused(self, lane: Lane, chunk: Chunk, item: events_pb2.WorkItem) -> None:
         """A claim was refused: another copy of this work holds it, or the sender changed."""
         row = await self._row(item.attempt_id)
         if row is not None:
             self._spawn(self._recover(chunk, item, row), name="recover")
             return
-        log.info("sender %s changed; its queued work moves on", lane.sender.id)
         self.senders.forget()
+        sender = lane.sender
+        now = await self._retrying(lambda: self.senders.get([sender.id]))
+        fresh = now.get(sender.id)
+        if fresh is not None and fresh.version == sender.version:
+            self._refused_unchanged(lane)
+        else:
+            log.info("sender %s changed; its queued work moves on", sender.id)
         self._retire(lane)
         await self._route(chunk, item)
 

@@ -17,50 +17,76 @@ class SenderQ:
     # where it is decrypted to send.
     INSERT_SENDER = """
         INSERT INTO senders (account_id, channel, provider, device_name, token, secret_enc, secret_hint,
-                             is_receiver, phone, rate_per_minute, jitter_ms, concurrency, provider_config, status)
+                             is_receiver, phone, rate_per_minute, jitter_ms, concurrency, provider_config, status,
+                             daily_limit)
         VALUES ($1, $2, $3,
                 -- Unnamed devices become "Device <n>"; counting deleted ones too keeps n from
                 -- repeating a name still shown on past attempts.
                 COALESCE(NULLIF($4, ''), 'Device ' || (SELECT count(*) + 1 FROM senders WHERE account_id = $1)),
-                $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14)
+                $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15)
         RETURNING id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-                  rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at"""
+                  rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
+                  connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
+                  sender_sent_today(id, provider_config) AS sent_today"""
     GET_SENDER = """
         SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at
+               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
+               connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
+               sender_sent_today(id, provider_config) AS sent_today
         FROM senders
         WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL"""
     # Row lock for read-merge-write updates: a concurrent patch of the provider cannot slip
     # between validating a provider_config and writing it.
     GET_SENDER_FOR_UPDATE = """
         SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at
+               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
+               connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
+               sender_sent_today(id, provider_config) AS sent_today
         FROM senders
         WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
         FOR UPDATE"""
     # An empty channel means every channel.
     LIST_SENDERS = """
         SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at
+               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
+               connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
+               sender_sent_today(id, provider_config) AS sent_today
         FROM senders
         WHERE account_id = $1 AND ($2 = '' OR channel = $2) AND deleted_at IS NULL
         ORDER BY id"""
     LIST_ACTIVE = """
         SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at
+               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
+               connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
+               sender_sent_today(id, provider_config) AS sent_today
         FROM senders
         WHERE account_id = $1 AND ($2 = '' OR channel = $2) AND status = 'active' AND deleted_at IS NULL
         ORDER BY id"""
+    # The live senders behind a business number ($3 '' = every account's): an inbound webhook
+    # names the number, not the account. An account has a handful of senders, so the
+    # provider's senders are read whole rather than indexed on their config.
+    BY_NUMBER = """
+        SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
+               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
+               connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
+               sender_sent_today(id, provider_config) AS sent_today
+        FROM senders
+        WHERE provider = $1 AND provider_config->>'phone_number_id' = $2 AND ($3 = '' OR account_id = $3)
+          AND deleted_at IS NULL
+        ORDER BY id LIMIT 100"""
     # A NULL secret keeps the stored one (and its hint).
     UPDATE_SENDER = """
         UPDATE senders
         SET provider = $3, device_name = $4, token = $5,
             secret_enc = COALESCE($6, secret_enc), secret_hint = COALESCE($7, secret_hint),
             status = $8, is_receiver = $9, phone = $10, rate_per_minute = $11, jitter_ms = $12,
-            concurrency = $13, provider_config = $14::jsonb, updated_at = now(), version = version + 1
+            concurrency = $13, provider_config = $14::jsonb, daily_limit = $15, updated_at = now(),
+            version = version + 1
         WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
         RETURNING id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-                  rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at"""
+                  rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
+                  connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
+                  sender_sent_today(id, provider_config) AS sent_today"""
     # Marking a receiver serialises on its account for the rest of the transaction: two
     # concurrent marks then run one after the other, and the second unmarks the first instead
     # of failing on senders_one_receiver. Taken before any row lock, so it cannot deadlock.
@@ -73,7 +99,48 @@ class SenderQ:
     SOFT_DELETE_SENDER = """
         UPDATE senders SET deleted_at = now(), updated_at = now(), version = version + 1
         WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
+        RETURNING id, account_id, channel, status, provider"""
+    # What a provider says of a device (connections.record), with the connection it had:
+    # news is only a change. A report without a quota (-1, a session webhook) keeps the last one.
+    RECORD_STATE = """
+        UPDATE senders AS s
+        SET connection = $2, connection_reason = $3,
+            quota_left = CASE WHEN $4::bigint >= 0 THEN $4::bigint ELSE s.quota_left END,
+            connection_checked_at = now()
+        FROM (SELECT id, connection FROM senders WHERE id = $1 AND deleted_at IS NULL FOR NO KEY UPDATE) AS before
+        WHERE s.id = before.id
+        RETURNING s.id, s.account_id, s.channel, s.status, before.connection AS previous"""
+    # The devices whose connection is due to be asked about, oldest check first, taken by one
+    # replica at a time: marking them checked now is what keeps another replica from asking
+    # too (a row a claim holds is skipped, and asked in a later round). Each is due somewhere
+    # in the last fifth of its period, so devices first asked together drift apart.
+    POLL_DUE = """
+        UPDATE senders AS s SET connection_checked_at = now()
+        FROM (SELECT id FROM senders
+              WHERE provider = ANY($1::text[]) AND status = 'active' AND deleted_at IS NULL
+                AND (connection_checked_at IS NULL
+                     OR connection_checked_at < now() - make_interval(secs => $2 * (0.8 + 0.2 * random())))
+              ORDER BY connection_checked_at NULLS FIRST, id
+              LIMIT $3
+              FOR NO KEY UPDATE SKIP LOCKED) AS due
+        WHERE s.id = due.id
+        RETURNING s.id, s.account_id, s.provider, s.token, s.secret_enc, s.phone, s.rate_per_minute, s.jitter_ms,
+                  s.concurrency, s.provider_config, s.version"""
+    # A provider's webhook names the device by its session at the provider (unique: migration 007).
+    BY_SESSION = """
+        SELECT id FROM senders WHERE provider = $1 AND session = $2 AND session <> '' AND deleted_at IS NULL"""
+    SET_SESSION = """
+        UPDATE senders SET session = $3, updated_at = now()
+        WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
         RETURNING id"""
+    # The active devices that cannot take work now: not linked, or their local day's cap is used.
+    UNAVAILABLE = """
+        SELECT id, connection, connection_reason,
+               daily_limit > 0 AND sender_sent_today(id, provider_config) >= daily_limit AS capped
+        FROM senders
+        WHERE status = 'active' AND deleted_at IS NULL AND channel = 'whatsapp'
+          AND (connection IN ('disconnected', 'qr_needed')
+               OR (daily_limit > 0 AND sender_sent_today(id, provider_config) >= daily_limit))"""
     # Internal, not account-scoped: the dispatch engine resolves senders named in its work.
     LOAD_FOR_DISPATCH = """
         SELECT id, account_id, provider, token, secret_enc, phone, rate_per_minute, jitter_ms, concurrency,
@@ -114,6 +181,7 @@ class SendersRepo:
         concurrency: int,
         provider_config_json: str,
         status: str,
+        daily_limit: int = 0,
     ) -> asyncpg.Record:
         """An empty device_name gets the next "Device <n>" of the account."""
         row = await self.db.fetchrow(
@@ -132,6 +200,7 @@ class SendersRepo:
             concurrency,
             provider_config_json,
             status,
+            daily_limit,
         )
         assert row is not None
         return row
@@ -145,6 +214,9 @@ class SendersRepo:
 
     async def list_active(self, *, account_id: str, channel: str = "") -> list[asyncpg.Record]:
         return await self.db.fetch(SenderQ.LIST_ACTIVE, account_id, channel)
+
+    async def by_number(self, *, provider: str, phone_number_id: str, scope: str) -> list[asyncpg.Record]:
+        return await self.db.fetch(SenderQ.BY_NUMBER, provider, phone_number_id, scope)
 
     async def update(
         self,
@@ -163,6 +235,7 @@ class SendersRepo:
         jitter_ms: int,
         concurrency: int,
         provider_config_json: str,
+        daily_limit: int,
     ) -> asyncpg.Record | None:
         """Writes every mutable column; secret_enc/secret_hint None keep the stored secret."""
         return await self.db.fetchrow(
@@ -181,6 +254,7 @@ class SendersRepo:
             jitter_ms,
             concurrency,
             provider_config_json,
+            daily_limit,
         )
 
     async def lock_receiver(self, *, account_id: str) -> None:
@@ -191,11 +265,31 @@ class SendersRepo:
         """Inside `transaction()`, after lock_receiver: every other receiver of the account stops being one."""
         await self.db.execute(SenderQ.UNMARK_RECEIVERS, account_id, channel, keep_id)
 
-    async def soft_delete(self, *, sender_id: int, account_id: str) -> bool:
-        return await self.db.fetchval(SenderQ.SOFT_DELETE_SENDER, sender_id, account_id) is not None
+    async def soft_delete(self, *, sender_id: int, account_id: str) -> asyncpg.Record | None:
+        """The deleted sender's id, account, channel, status and provider; None when there was none."""
+        return await self.db.fetchrow(SenderQ.SOFT_DELETE_SENDER, sender_id, account_id)
 
     async def load_for_dispatch(self, *, ids: Sequence[int]) -> list[asyncpg.Record]:
         return await self.db.fetch(SenderQ.LOAD_FOR_DISPATCH, list(ids))
+
+    async def record_state(
+        self, *, sender_id: int, connection: str, reason: str, quota_left: int
+    ) -> asyncpg.Record | None:
+        """The sender's id, account, channel, status and `previous` connection; None when deleted."""
+        return await self.db.fetchrow(SenderQ.RECORD_STATE, sender_id, connection, reason, quota_left)
+
+    async def poll_due(self, *, providers: Sequence[str], every_s: float, limit: int) -> list[asyncpg.Record]:
+        """Rows with the LOAD_FOR_DISPATCH columns, now marked checked."""
+        return await self.db.fetch(SenderQ.POLL_DUE, list(providers), every_s, limit)
+
+    async def by_session(self, *, provider: str, session: str) -> int | None:
+        return await self.db.fetchval(SenderQ.BY_SESSION, provider, session)
+
+    async def set_session(self, *, sender_id: int, account_id: str, session: str) -> bool:
+        return await self.db.fetchval(SenderQ.SET_SESSION, sender_id, account_id, session) is not None
+
+    async def unavailable(self) -> list[asyncpg.Record]:
+        return await self.db.fetch(SenderQ.UNAVAILABLE)
 
 
 class AttemptQ:
@@ -217,16 +311,38 @@ class AttemptQ:
     # twice the database's cost at full speed. It is visible to every other session at once;
     # only a crash of the database itself can lose the last few hundred milliseconds of
     # claims, and the outcomes of those sends are still recorded by FINISH (an upsert).
+    #
+    # The daily cap (migration 007): a device takes only the claims that fit in what is left of
+    # its local day's `daily_limit` (in the order asked), and the day's count moves by what was
+    # claimed, one upsert per device and statement; the rest are refused like claims through
+    # a changed sender. Counter rows are taken in sender order, so two statements cannot deadlock.
     CLAIM_SENDS = """
-        INSERT INTO attempts (attempt_id, batch_id, job_id, sender_id)
-        SELECT t.a, t.b, t.j, t.s
-        FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::bigint[], $5::bigint[]) AS t(a, b, j, s, v)
-        CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
-        JOIN senders ON senders.id = t.s AND senders.version = t.v
-                    AND senders.status = 'active' AND senders.deleted_at IS NULL
-        FOR SHARE OF senders
-        ON CONFLICT (attempt_id) DO NOTHING
-        RETURNING attempt_id"""
+        WITH asked AS (
+            SELECT t.a, t.b, t.j, t.s, t.v, row_number() OVER (PARTITION BY t.s ORDER BY t.n) AS place
+            FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::bigint[], $5::bigint[])
+                 WITH ORDINALITY AS t(a, b, j, s, v, n)
+        ), claimed AS (
+            INSERT INTO attempts (attempt_id, batch_id, job_id, sender_id)
+            SELECT asked.a, asked.b, asked.j, asked.s
+            FROM asked
+            CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS async_commit
+            JOIN senders ON senders.id = asked.s AND senders.version = asked.v
+                        AND senders.status = 'active' AND senders.deleted_at IS NULL
+            LEFT JOIN sender_days AS today
+                   ON today.sender_id = senders.id AND today.day = sender_day(senders.provider_config, now())
+            WHERE senders.daily_limit = 0 OR coalesce(today.sent, 0) + asked.place <= senders.daily_limit
+            FOR SHARE OF senders
+            ON CONFLICT (attempt_id) DO NOTHING
+            RETURNING attempt_id, sender_id
+        ), counted AS (
+            INSERT INTO sender_days AS d (sender_id, day, sent)
+            SELECT claimed.sender_id, sender_day(senders.provider_config, now()), count(*)
+            FROM claimed JOIN senders ON senders.id = claimed.sender_id
+            GROUP BY claimed.sender_id, senders.provider_config
+            ORDER BY claimed.sender_id
+            ON CONFLICT (sender_id, day) DO UPDATE SET sent = d.sent + excluded.sent
+        )
+        SELECT attempt_id FROM claimed"""
     # A claim left by a send whose outcome is lost (its process died) that the provider says
     # it never got: given up, so the item is claimed afresh and sent. Only the same claim, and
     # only once it is older than any send can take (a send still under way keeps it).
@@ -322,3 +438,28 @@ class AttemptsRepo:
 
     async def finish_call(self, *, attempt_id: str, status: str, call_id: str, error: str, result_json: str) -> None:
         await self.pool.execute(AttemptQ.FINISH_CALL, attempt_id, status, call_id, error, result_json)
+
+
+class MessageQ:
+    # ON CONFLICT: a send recorded twice (a retried write) keeps its first attempt.
+    REMEMBER = """
+        INSERT INTO provider_messages (provider, message_id, sender_id, attempt_id) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (provider, message_id) DO NOTHING"""
+    # Scoped to the device the webhook named: another device's message id finds nothing.
+    ATTEMPTS_OF = """
+        SELECT message_id, attempt_id FROM provider_messages
+        WHERE provider = $1 AND sender_id = $2 AND message_id = ANY($3::text[])"""
+
+
+class ProviderMessagesRepo:
+    """Provider message id → attempt, for providers whose delivery reports name only theirs."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def remember(self, *, provider: str, message_id: str, sender_id: int, attempt_id: str) -> None:
+        await self.pool.execute(MessageQ.REMEMBER, provider, message_id, sender_id, attempt_id)
+
+    async def attempts_of(self, *, provider: str, sender_id: int, message_ids: Sequence[str]) -> dict[str, str]:
+        rows = await self.pool.fetch(MessageQ.ATTEMPTS_OF, provider, sender_id, list(message_ids))
+        return {r["message_id"]: r["attempt_id"] for r in rows}

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
-from typing import Any
+import zoneinfo
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -16,7 +18,9 @@ from services.runtime.identity import Caller
 from services.runtime.protos import json_object
 
 from .crypto import InvalidToken, SecretBox, hint_of
-from .providers import whatsapp_cloud
+from .device_states import CHANNEL as DEVICE_CHANNEL
+from .device_states import DISCONNECTED, QR_NEEDED, DeviceStates, state_of
+from .providers import wablas, waha, whatsapp_cloud
 from .providers.base import SenderConfig
 from .providers.simulated import SimulatedBehaviour
 from .repo import SendersRepo
@@ -29,6 +33,12 @@ DEFAULT_RATE_PER_MINUTE = 60
 DEFAULT_CONCURRENCY = 4
 RATE_PER_MINUTE_RANGE = (0, 100_000)  # 0 = no limit
 JITTER_MS_RANGE = (0, 60_000)
+DAILY_LIMIT_RANGE = (0, 100_000)  # 0 = no cap
+# provider_config keys the suite reads itself, whatever the provider: the device's zone (its
+# local day for the daily cap). Providers never see them.
+SUITE_CONFIG_KEYS = ("timezone",)
+# Connections in which a device takes no work (see migration 007).
+UNAVAILABLE = (DISCONNECTED, QR_NEEDED)
 CONCURRENCY_RANGE = (1, 256)
 MAX_TOKEN = 1024
 MAX_SECRET = 4096
@@ -36,6 +46,7 @@ MAX_DEVICE_NAME = 100
 MAX_CONFIG_BYTES = 16_384
 _PHONE_SEPARATORS = re.compile(r"[\s().-]")
 _PHONE = re.compile(r"^\+?\d{6,15}$")
+_PHONE_NUMBER_ID = re.compile(r"[0-9]{1,32}")
 
 UPDATABLE = frozenset(
     {
@@ -50,6 +61,7 @@ UPDATABLE = frozenset(
         "concurrency",
         "provider",
         "provider_config",
+        "daily_limit",
     }
 )
 
@@ -59,7 +71,26 @@ UPDATABLE = frozenset(
 PROVIDERS: dict[str, Callable[[dict[str, Any]], object]] = {
     "simulated": SimulatedBehaviour.from_config,
     whatsapp_cloud.NAME: whatsapp_cloud.check_config,
+    wablas.NAME: wablas.check_config,
+    waha.NAME: waha.check_config,
 }
+# Providers whose device is a session the suite itself runs at the provider (a WhatsApp Web
+# session at WAHA): created without credentials, the session named after the device.
+SESSION_PROVIDERS = (waha.NAME,)
+
+
+class DeviceSessions(Protocol):
+    """Told when a device of a SESSION_PROVIDERS provider comes and goes (waha_sessions.py)."""
+
+    def created(self, sender_id: int) -> None: ...
+
+    def deleted(self, sender_id: int) -> None: ...
+
+
+class DeviceTracking(Protocol):
+    """Told when a wablas device is created, to set its Tracking URL (wablas_tracking.py)."""
+
+    def created(self, sender: SenderConfig) -> None: ...
 
 
 def _text(value: object, field: str, *, max_len: int, required: bool = False) -> str:
@@ -123,11 +154,28 @@ def _config_object(value: object) -> dict[str, Any]:
     return value
 
 
+@cache
+def _zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
 def _check_provider_config(provider: str, config: dict[str, Any]) -> None:
+    if "base_url" in config:
+        # Where a provider is reached is the operator's setting: a tenant's device must not
+        # point the suite's requests (and its credentials) at a host of its choosing.
+        raise InvalidArgument("provider_config: base_url is set by the operator, not per device")
+    zone = config.get("timezone")
+    if zone is not None and (not isinstance(zone, str) or zone not in _zones()):
+        raise InvalidArgument("provider_config: timezone must be an IANA zone such as America/Santiago")
     try:
-        PROVIDERS[provider](config)
+        PROVIDERS[provider](provider_only(config))
     except ValueError as exc:
         raise InvalidArgument(f"provider_config: {exc}") from exc
+
+
+def provider_only(config: dict[str, Any]) -> dict[str, Any]:
+    """A provider_config without the keys the suite reads itself (SUITE_CONFIG_KEYS)."""
+    return {k: v for k, v in config.items() if k not in SUITE_CONFIG_KEYS}
 
 
 def provider_config_of(row: asyncpg.Record) -> dict[str, Any]:
@@ -137,9 +185,28 @@ def provider_config_of(row: asyncpg.Record) -> dict[str, Any]:
 
 
 class Senders:
-    def __init__(self, repo: SendersRepo, box: SecretBox) -> None:
+    def __init__(
+        self,
+        repo: SendersRepo,
+        box: SecretBox,
+        states: DeviceStates | None = None,
+        *,
+        unconfigured: Mapping[str, str] | None = None,
+    ) -> None:
         self.repo = repo
         self.box = box
+        self.states = states or DeviceStates(None)
+        # Providers this deployment has no endpoint for, and what a new device of theirs is told.
+        self.unconfigured = dict(unconfigured or {})
+        # Runs the sessions of SESSION_PROVIDERS devices; set by main when WAHA is configured.
+        self.sessions: DeviceSessions | None = None
+        # Sets the Tracking URL of wablas devices; set by main when WABLAS_WEBHOOK_URL is.
+        self.tracking: DeviceTracking | None = None
+
+    def _configured(self, provider: str) -> str:
+        if provider in self.unconfigured:
+            raise InvalidArgument(self.unconfigured[provider])
+        return provider
 
     async def create(
         self,
@@ -158,15 +225,18 @@ class Senders:
         concurrency: int | None = None,
         provider_config_json: str = "",
         status: str = "",
+        daily_limit: object = 0,
     ) -> asyncpg.Record:
         """Empty strings and None take the defaults; an empty device_name becomes "Device <n>"."""
         account = caller.account_scope(account_id)
         if not account:
             raise InvalidArgument("account_id is required")
         channel = _choice(channel or "whatsapp", "channel", CHANNELS)
-        provider = _choice(provider or "simulated", "provider", tuple(PROVIDERS))
-        token = _text(token, "token", max_len=MAX_TOKEN, required=True)
-        secret = _text(secret, "secret", max_len=MAX_SECRET, required=True)
+        provider = self._configured(_choice(provider or "simulated", "provider", tuple(PROVIDERS)))
+        # A session device has no credentials of its own: the operator's WAHA key is the suite's.
+        own_session = provider in SESSION_PROVIDERS
+        token = _text(token, "token", max_len=MAX_TOKEN, required=not own_session)
+        secret = _text(secret, "secret", max_len=MAX_SECRET, required=not own_session)
         config = _config_object(json_object(provider_config_json, "provider_config"))
         _check_provider_config(provider, config)
         name = _text(device_name, "device_name", max_len=MAX_DEVICE_NAME)
@@ -180,12 +250,13 @@ class Senders:
         jitter = _int(jitter_ms, "jitter_ms", JITTER_MS_RANGE)
         lanes = _int(DEFAULT_CONCURRENCY if concurrency is None else concurrency, "concurrency", CONCURRENCY_RANGE)
         status = _choice(status or "active", "status", STATUSES)
+        cap = _int(daily_limit, "daily_limit", DAILY_LIMIT_RANGE)
         async with self.repo.transaction() as tx:
             if receiver:
                 # One receiver per account (the client's device form): the new one replaces it.
                 await tx.lock_receiver(account_id=account)
                 await tx.unmark_receivers(account_id=account, channel=channel)
-            return await tx.insert(
+            row = await tx.insert(
                 account_id=account,
                 channel=channel,
                 provider=provider,
@@ -200,6 +271,33 @@ class Senders:
                 concurrency=lanes,
                 provider_config_json=json.dumps(config),
                 status=status,
+                daily_limit=cap,
+            )
+            if own_session:
+                # Named after the device, so a webhook naming the session finds it; it takes
+                # no work until the session says it is linked (WORKING).
+                await tx.set_session(sender_id=row["id"], account_id=account, session=waha.session_name(row["id"]))
+                await tx.record_state(sender_id=row["id"], connection=DISCONNECTED, reason="STARTING", quota_left=-1)
+                found = await tx.get(sender_id=row["id"], account_id=account)
+                assert found is not None  # inserted in this transaction
+                row = found
+        await self._tell_state(row, reason="created")
+        if own_session and self.sessions is not None:
+            self.sessions.created(row["id"])
+        if provider == wablas.NAME and self.tracking is not None:
+            self.tracking.created(
+                SenderConfig(id=row["id"], account_id=account, provider=provider, token=token, secret=secret)
+            )
+        return row
+
+    async def _tell_state(self, row: asyncpg.Record, *, reason: str, state: str = "") -> None:
+        if row["channel"] == DEVICE_CHANNEL:
+            await self.states.publish(
+                account_id=row["account_id"],
+                sender_id=row["id"],
+                # An active device that the provider says is not linked is not connected.
+                state=state or (row["connection"] if row["connection"] in UNAVAILABLE else state_of(row["status"])),
+                reason=reason,
             )
 
     async def get(self, caller: Caller, sender_id: int) -> asyncpg.Record:
@@ -221,6 +319,15 @@ class Senders:
     async def list_active(self, account_id: str, channel: str = "whatsapp") -> list[asyncpg.Record]:
         """Active, not deleted senders of one account (not scoped to a caller: internal use)."""
         return await self.repo.list_active(account_id=account_id, channel=channel)
+
+    async def find_by_number(self, caller: Caller, *, provider: str, phone_number_id: str) -> list[asyncpg.Record]:
+        """The caller's live senders of `provider` behind that business number (see BY_NUMBER)."""
+        _choice(provider, "provider", (whatsapp_cloud.NAME,))
+        if not _PHONE_NUMBER_ID.fullmatch(phone_number_id):
+            raise InvalidArgument("phone_number_id must be the digits of the business number's id")
+        return await self.repo.by_number(
+            provider=provider, phone_number_id=phone_number_id, scope=caller.account_scope()
+        )
 
     async def update(self, caller: Caller, sender_id: int, patch_json: str) -> asyncpg.Record:
         """Apply a JSON object of fields to change; provider_config is replaced, not merged."""
@@ -244,6 +351,11 @@ class Senders:
                 await tx.unmark_receivers(account_id=account, channel=row["channel"], keep_id=sender_id)
             provider = changes.get("provider", row["provider"])
             config = changes.get("provider_config", provider_config_of(row))
+            if "provider" in changes:
+                self._configured(provider)
+                if (provider in SESSION_PROVIDERS) != (row["provider"] in SESSION_PROVIDERS):
+                    # A session device and a credentials device are not the same thing edited.
+                    raise InvalidArgument(f"a {row['provider']} device cannot become {provider}: add a new device")
             if "provider" in changes or "provider_config" in changes:
                 _check_provider_config(provider, config)
             secret = changes.get("secret")
@@ -262,9 +374,12 @@ class Senders:
                 jitter_ms=changes.get("jitter_ms", row["jitter_ms"]),
                 concurrency=changes.get("concurrency", row["concurrency"]),
                 provider_config_json=json.dumps(config),
+                daily_limit=changes.get("daily_limit", row["daily_limit"]),
             )
             assert updated is not None  # the row is locked and live
-            return updated
+        if updated["status"] != row["status"]:
+            await self._tell_state(updated, reason="activated" if updated["status"] == "active" else "deactivated")
+        return updated
 
     @staticmethod
     def _validate_patch(patch: dict[str, Any]) -> dict[str, Any]:
@@ -280,13 +395,18 @@ class Senders:
             "concurrency": lambda v: _int(v, "concurrency", CONCURRENCY_RANGE),
             "provider": lambda v: _choice(v, "provider", tuple(PROVIDERS)),
             "provider_config": _config_object,
+            "daily_limit": lambda v: _int(v, "daily_limit", DAILY_LIMIT_RANGE),
         }
         return {field: checks[field](value) for field, value in patch.items()}
 
     async def delete(self, caller: Caller, sender_id: int) -> None:
         """Soft delete: the row stays for the attempts that name it, but is gone for every query."""
-        if not await self.repo.soft_delete(sender_id=sender_id, account_id=caller.account_scope()):
+        row = await self.repo.soft_delete(sender_id=sender_id, account_id=caller.account_scope())
+        if row is None:
             raise NotFound(f"sender {sender_id} not found")
+        await self._tell_state(row, reason="deleted", state=DISCONNECTED)
+        if row["provider"] in SESSION_PROVIDERS and self.sessions is not None:
+            self.sessions.deleted(row["id"])
 
     async def load_for_dispatch(self, ids: Sequence[int]) -> dict[int, SenderConfig]:
         """Decrypted configs of the given senders for the dispatch engine (internal, not
@@ -294,8 +414,13 @@ class Senders:
         is deleted, inactive or unknown, and the engine must not send through it."""
         if not ids:
             return {}
+        return self.configs(await self.repo.load_for_dispatch(ids=sorted(set(ids))))
+
+    def configs(self, rows: Sequence[asyncpg.Record]) -> dict[int, SenderConfig]:
+        """Decrypted configs of rows that carry the LOAD_FOR_DISPATCH columns; a sender whose
+        secret does not decrypt is left out."""
         out: dict[int, SenderConfig] = {}
-        for row in await self.repo.load_for_dispatch(ids=sorted(set(ids))):
+        for row in rows:
             try:
                 secret = "" if row["secret_enc"] is None else self.box.decrypt(row["secret_enc"])
             except InvalidToken:
@@ -312,7 +437,7 @@ class Senders:
                 token=row["token"],
                 secret=secret,
                 phone=row["phone"],
-                config=provider_config_of(row),
+                config=provider_only(provider_config_of(row)),
                 version=row["version"],
             )
         return out

@@ -8,11 +8,17 @@ import asyncpg
 import grpc
 from pregonero.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
+from services.runtime.errors import Conflict, InvalidArgument, Unavailable
 from services.runtime.identity import current_caller
 from services.runtime.protos import to_timestamp
 
+from . import wablas_messages
+from .connections import Connections
 from .crypto import masked
+from .providers import wablas, waha
+from .providers.base import DeviceState
 from .senders import Senders, provider_config_of
+from .waha_sessions import WahaSessions
 
 
 def sender_pb(row: asyncpg.Record) -> dispatcher_pb2.Sender:
@@ -32,12 +38,31 @@ def sender_pb(row: asyncpg.Record) -> dispatcher_pb2.Sender:
         provider_config_json=json.dumps(provider_config_of(row)),
         created_at=to_timestamp(row["created_at"]),
         updated_at=to_timestamp(row["updated_at"]),
+        connection=row["connection"],
+        connection_reason=row["connection_reason"],
+        quota_left=row["quota_left"],
+        daily_limit=row["daily_limit"],
+        sent_today=row["sent_today"],
+        connection_checked_at=(
+            to_timestamp(row["connection_checked_at"]) if row["connection_checked_at"] is not None else None
+        ),
+        session=row["session"],
     )
 
 
 class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
-    def __init__(self, senders: Senders) -> None:
+    def __init__(
+        self,
+        senders: Senders,
+        connections: Connections | None = None,
+        *,
+        sessions: WahaSessions | None = None,
+        messages: wablas_messages.KeptMessages | None = None,
+    ) -> None:
         self.senders = senders
+        self.connections = connections
+        self.sessions = sessions  # None: this deployment runs no WhatsApp Web sessions (WAHA)
+        self.messages = messages  # provider message ids kept with their attempts (Wablas's)
 
     async def CreateSender(
         self, request: dispatcher_pb2.CreateSenderRequest, context: grpc.aio.ServicerContext
@@ -58,6 +83,7 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
             jitter_ms=request.jitter_ms,
             provider_config_json=request.provider_config_json,
             status=request.status,
+            daily_limit=request.daily_limit,
         )
         return sender_pb(row)
 
@@ -84,3 +110,77 @@ class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     ) -> dispatcher_pb2.DeleteSenderResponse:
         await self.senders.delete(current_caller(), request.id)
         return dispatcher_pb2.DeleteSenderResponse(deleted=True)
+
+    async def FindSendersByNumber(
+        self, request: dispatcher_pb2.FindSendersByNumberRequest, context: grpc.aio.ServicerContext
+    ) -> dispatcher_pb2.ListSendersResponse:
+        rows = await self.senders.find_by_number(
+            current_caller(), provider=request.provider, phone_number_id=request.phone_number_id
+        )
+        return dispatcher_pb2.ListSendersResponse(senders=[sender_pb(r) for r in rows], total=len(rows))
+
+    async def ReportSenderState(
+        self, request: dispatcher_pb2.ReportSenderStateRequest, context: grpc.aio.ServicerContext
+    ) -> dispatcher_pb2.Sender:
+        if self.connections is None:
+            raise Unavailable("device states are not kept by this server")
+        # A WAHA webhook is a nudge: the session's state now (with its QR) is what is recorded,
+        # so a late or repeated post cannot set back a newer state (waha_sessions.confirm).
+        connection = request.connection
+        if not connection and request.provider == waha.NAME:
+            connection = waha.connection_of(request.reason)  # the webhook passes WAHA's own word
+        state = DeviceState(connection, request.reason, qr_code=request.qr_code)  # type: ignore[arg-type]
+        if self.sessions is not None:
+            state = await self.sessions.confirm(current_caller(), request.provider, request.session, state)
+        row = await self.connections.report(
+            current_caller(),
+            provider=request.provider,
+            session=request.session,
+            connection=state.connection,
+            reason=state.reason,
+            qr_code=state.qr_code,
+        )
+        return sender_pb(row)
+
+    async def GetSenderQr(
+        self, request: dispatcher_pb2.SenderRef, context: grpc.aio.ServicerContext
+    ) -> dispatcher_pb2.SenderQr:
+        connection, png = await (await self._sessions(request.id)).qr(current_caller(), request.id)
+        return dispatcher_pb2.SenderQr(id=request.id, connection=connection, png=png)
+
+    async def LogoutSender(
+        self, request: dispatcher_pb2.SenderRef, context: grpc.aio.ServicerContext
+    ) -> dispatcher_pb2.Sender:
+        return sender_pb(await (await self._sessions(request.id)).logout(current_caller(), request.id))
+
+    async def RestartSender(
+        self, request: dispatcher_pb2.SenderRef, context: grpc.aio.ServicerContext
+    ) -> dispatcher_pb2.Sender:
+        return sender_pb(await (await self._sessions(request.id)).restart(current_caller(), request.id))
+
+    async def _sessions(self, sender_id: int) -> WahaSessions:
+        if self.sessions is None:
+            await self.senders.get(current_caller(), sender_id)  # another account's device: 404 first
+            raise Conflict("this deployment runs no WhatsApp Web sessions (WAHA_BASE_URL is not set)")
+        return self.sessions
+
+    async def FindSenderAttempts(
+        self, request: dispatcher_pb2.FindSenderAttemptsRequest, context: grpc.aio.ServicerContext
+    ) -> dispatcher_pb2.FindSenderAttemptsResponse:
+        # One branch per provider whose reports name only its message id (by its `session`).
+        if request.provider == waha.NAME:
+            if self.sessions is None:
+                raise Conflict("this deployment runs no WhatsApp Web sessions (WAHA_BASE_URL is not set)")
+            found = await self.sessions.attempts(
+                current_caller(),
+                provider=request.provider,
+                session=request.session,
+                message_ids=list(request.provider_message_ids),
+            )
+        elif request.provider == wablas.NAME and self.messages is not None:
+            found = await wablas_messages.attempts(
+                self.messages, current_caller(), session=request.session, message_ids=list(request.provider_message_ids)
+            )
+        else:
+            raise InvalidArgument(f"message ids of {request.provider or 'no provider'} devices are not kept")
+        return dispatcher_pb2.FindSenderAttemptsResponse(attempt_ids=found)

@@ -20,7 +20,26 @@ from .clients import Backends
 from .config import GatewaySettings
 from .live import LiveHub
 from .notify_live import NotificationHub
-from .routes import accounts, admin, auth, batches, bulk, dashboard, devices, jobs, notifications, system, webhooks, ws
+from .routes import (
+    accounts,
+    admin,
+    auth,
+    batches,
+    bulk,
+    dashboard,
+    devices,
+    jobs,
+    notifications,
+    system,
+    wablas_webhook,
+    waha_webhook,
+    webhooks,
+    ws,
+)
+from .routes import address_book as address_book_routes
+from .routes import health as health_routes
+from .routes import scheduled_messages as scheduled_messages_routes
+from .routes import sync as sync_routes
 from .socket_limit import SocketLimit
 
 log = logging.getLogger("pregonero.gateway.access")
@@ -34,7 +53,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         app.state.runtime = rt
         app.state.backends = Backends(settings)
         app.state.auth_rpc = auth_pb2_grpc.AuthServiceStub(app.state.backends.channels["accounts"])
-        app.state.auth.attach(GrpcDirectory(app.state.auth_rpc))
+        app.state.auth.attach(GrpcDirectory(app.state.auth_rpc, app.state.backends.accounts))
         app.state.live = LiveHub()
         await app.state.live.start(rt.nc)
         app.state.notifications = NotificationHub()
@@ -88,6 +107,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return response
 
     app.include_router(system.router)
+    app.include_router(health_routes.router)
+    app.include_router(sync_routes.router)
     app.include_router(auth.router)
     app.include_router(devices.router)
     app.include_router(bulk.router)
@@ -98,5 +119,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(dashboard.router)
     app.include_router(webhooks.router)
+    app.include_router(wablas_webhook.router)
+    app.include_router(waha_webhook.router)
     app.include_router(admin.router)
+    app.include_router(scheduled_messages_routes.router)
+    app.include_router(address_book_routes.router)
     return app

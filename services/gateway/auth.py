@@ -6,7 +6,11 @@ JWTs are verified here with the public key alone; what a signature cannot tell (
 was logged out, or its refresh token replayed) is asked of the accounts service and the answer
 reused for `pregonero_auth_cache_seconds` (≤ 5 s), which is therefore how late a revocation
 can take effect on another replica. The replica that handles a logout or a replay forgets the
-session at once."""
+session at once.
+
+The caller's time zone comes with those answers (a session's user's, an API key's account's),
+at no extra call; a static token's is its account's, asked once a minute at most. It travels
+on to the services as `Caller.timezone`; empty when accounts could not say."""
 
 from __future__ import annotations
 
@@ -19,13 +23,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import grpc
 import jwt
 from fastapi import Request
-from pregonero.accounts.v1 import auth_pb2, auth_pb2_grpc
+from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc, auth_pb2, auth_pb2_grpc
 
 from services.runtime.identity import ADMIN, MEMBER, Caller
 from services.runtime.rpc import outgoing_metadata
@@ -46,6 +50,10 @@ JWKS_MAX_AGE_S = 300.0
 REVOKED_MEMORY_S = 3600.0
 CACHE_MAX_ENTRIES = 50_000
 DIRECTORY_TIMEOUT_S = 3.0
+# An account's zone changes rarely; a static token's caller reuses it this long, and waits
+# at most this long for it (the request goes on without it).
+ACCOUNT_ZONE_CACHE_S = 60.0
+ACCOUNT_ZONE_TIMEOUT_S = 1.0
 INVALID = "invalid or expired token"
 
 STATIC, API_KEY, JWT, ANONYMOUS = "static", "api_key", "jwt", "anonymous"
@@ -82,6 +90,7 @@ class Principal:
 class KeyOwner:
     key_id: str
     account_id: str
+    timezone: str = ""
 
 
 class Directory(Protocol):
@@ -89,14 +98,21 @@ class Directory(Protocol):
 
     async def jwks(self) -> dict[str, Any]: ...
 
-    async def session_active(self, session_id: str) -> bool: ...
+    async def session_timezone(self, session_id: str) -> str | None:
+        """The zone of a live session's user; None when the session has ended."""
+        ...
 
     async def api_key(self, secret: str) -> KeyOwner | None: ...
 
+    async def account_timezone(self, caller: Caller) -> str: ...
+
 
 class GrpcDirectory:
-    def __init__(self, stub: auth_pb2_grpc.AuthServiceStub) -> None:
+    def __init__(
+        self, stub: auth_pb2_grpc.AuthServiceStub, accounts: accounts_pb2_grpc.AccountsServiceStub | None = None
+    ) -> None:
         self.stub = stub
+        self.accounts = accounts
 
     async def jwks(self) -> dict[str, Any]:
         reply = await self.stub.GetJwks(
@@ -104,10 +120,20 @@ class GrpcDirectory:
         )
         return dict(json.loads(reply.jwks_json))
 
-    async def session_active(self, session_id: str) -> bool:
+    async def session_timezone(self, session_id: str) -> str | None:
         request = auth_pb2.CheckSessionRequest(session_id=session_id)
         reply = await self.stub.CheckSession(request, metadata=outgoing_metadata(), timeout=DIRECTORY_TIMEOUT_S)
-        return reply.active
+        return reply.timezone if reply.active else None
+
+    async def account_timezone(self, caller: Caller) -> str:
+        if self.accounts is None:
+            return ""
+        reply = await self.accounts.GetAccount(
+            accounts_pb2.GetAccountRequest(account_id=caller.account_id),
+            metadata=outgoing_metadata(caller),
+            timeout=ACCOUNT_ZONE_TIMEOUT_S,
+        )
+        return str(reply.timezone)
 
     async def api_key(self, secret: str) -> KeyOwner | None:
         try:
@@ -118,7 +144,7 @@ class GrpcDirectory:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 return None
             raise
-        return KeyOwner(key_id=reply.key_id, account_id=reply.account_id)
+        return KeyOwner(key_id=reply.key_id, account_id=reply.account_id, timezone=reply.timezone)
 
 
 _MISSING: Any = object()
@@ -220,6 +246,8 @@ class Authenticator:
         self._sessions = TtlCache(settings.pregonero_auth_cache_seconds, clock)
         self._api_keys = TtlCache(settings.pregonero_auth_cache_seconds, clock)
         self._revoked = TtlCache(REVOKED_MEMORY_S, clock)
+        # By account, for static tokens only (the operator configures a handful): unbounded is fine.
+        self._account_zones: dict[str, tuple[float, str]] = {}
         self._keys: dict[str, jwt.PyJWK] = {}
         self._jwks: dict[str, Any] | None = None
         self._jwks_fetched_at = -math.inf
@@ -239,15 +267,30 @@ class Authenticator:
         token = bearer_token(authorization)
         static = self._static_caller(token)
         if static is not None:
-            return Principal(static, STATIC)
+            return Principal(await self._with_account_zone(static), STATIC)
         if token.startswith(API_KEY_PREFIX):
             return await self._api_key(token)
         if token.count(".") == 2:
             principal = self.principal_of(await self.verify_access_token(token))
-            if not await self._session_active(principal.session_id):
+            timezone = await self._session_timezone(principal.session_id)
+            if timezone is None:
                 raise ApiError(401, "the session has ended; log in again", "unauthorized")
-            return principal
+            return replace(principal, caller=replace(principal.caller, timezone=timezone))
         raise ApiError(401, INVALID, "unauthorized")
+
+    async def _with_account_zone(self, caller: Caller) -> Caller:
+        """A static token's caller with its account's zone. Never fails the request: these
+        tokens work while accounts is down (the zone is then the last known, else empty)."""
+        asked_at, zone = self._account_zones.get(caller.account_id, (-math.inf, ""))
+        if self.clock() - asked_at >= ACCOUNT_ZONE_CACHE_S and self.directory is not None:
+            try:
+                zone = await self.directory.account_timezone(caller)
+            except grpc.aio.AioRpcError as exc:
+                # The last zone known stays, and is asked again in a minute: an outage costs
+                # one call a minute, not one a request.
+                log.info("no zone for account %s: %s", caller.account_id, exc.code().name)
+            self._account_zones[caller.account_id] = (self.clock(), zone)
+        return replace(caller, timezone=zone) if zone else caller
 
     async def logout_principal(self, authorization: str | None) -> Principal:
         """As `authenticate`, except that a JWT past its expiry or of an already revoked
@@ -334,18 +377,23 @@ class Authenticator:
 
     # revocation
 
-    async def _session_active(self, session_id: str) -> bool:
+    async def _session_timezone(self, session_id: str) -> str | None:
+        """The zone of the session's user while the session is live; None once it has ended."""
         if self._revoked.get(session_id):
-            return False
+            return None
         cached = self._sessions.get(session_id)
         if cached is not None:
-            return bool(cached)
-        active = await self._ask(lambda d: d.session_active(session_id))
-        if active:
-            self._sessions.put(session_id, True)
-        else:
+            return str(cached)
+        timezone = await self._ask(lambda d: d.session_timezone(session_id))
+        if timezone is None:
             self.forget_session(session_id)
-        return active
+            return None
+        self._sessions.put(session_id, str(timezone))
+        return str(timezone)
+
+    def profile_changed(self, session_id: str) -> None:
+        """The session's user changed its profile: ask again (other replicas within the cache bound)."""
+        self._sessions.drop(session_id)
 
     def forget_session(self, session_id: str) -> None:
         """This replica refuses the session from now on (the others within the cache bound)."""
@@ -363,7 +411,9 @@ class Authenticator:
             self._api_keys.put(digest, owner)
         if owner is None:
             raise ApiError(401, "invalid or revoked API key", "unauthorized")
-        caller = Caller(role=MEMBER, account_id=owner.account_id, user_id=f"key:{owner.key_id}")
+        caller = Caller(
+            role=MEMBER, account_id=owner.account_id, user_id=f"key:{owner.key_id}", timezone=owner.timezone
+        )
         return Principal(caller, API_KEY, key_id=owner.key_id)
 
     def forget_api_key(self, key_id: str) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pregonero.accounts.v1 import accounts_pb2_grpc
-from pregonero.campaigns.v1 import campaigns_pb2_grpc
+from pregonero.campaigns.v1 import address_book_pb2_grpc, campaigns_pb2_grpc, messages_pb2_grpc
 from pregonero.dispatcher.v1 import dispatcher_pb2_grpc
 
 from services.runtime.rpc import channel
@@ -25,6 +25,8 @@ class Backends:
         self.channels = {name: channel(addr) for name, addr in self.addrs.items()}
         self.accounts = accounts_pb2_grpc.AccountsServiceStub(self.channels["accounts"])
         self.campaigns = campaigns_pb2_grpc.CampaignsServiceStub(self.channels["campaigns"])
+        self.messages = messages_pb2_grpc.ScheduledMessagesServiceStub(self.channels["campaigns"])
+        self.address_book = address_book_pb2_grpc.AddressBookServiceStub(self.channels["campaigns"])
         self.dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(self.channels["dispatcher"])
 
     async def health(self, deadline_s: float = 1.5) -> dict[str, str]:

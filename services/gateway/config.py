@@ -42,6 +42,13 @@ class GatewaySettings(BaseServiceSettings):
     # every delivery, and the token the operator typed when subscribing. Unset: no webhook.
     whatsapp_app_secret: SecretStr = SecretStr("")
     whatsapp_verify_token: SecretStr = SecretStr("")
+    # The Wablas status webhook (/webhooks/wablas): Wablas signs nothing, so each device's
+    # Tracking URL carries a key derived from this secret for that device alone (see
+    # routes/wablas_webhook.py; the dispatcher must know the same secret). Unset: no webhook.
+    wablas_webhook_secret: SecretStr = SecretStr("")
+    # The WAHA webhook (/webhooks/waha): the key WAHA signs each post with (X-Webhook-Hmac),
+    # the same WAHA_WEBHOOK_HMAC_KEY the dispatcher configures the sessions with. Unset: no webhook.
+    waha_webhook_hmac_key: SecretStr = SecretStr("")
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]

@@ -46,6 +46,10 @@ BATCH_STATE_BUCKET = "batch_state"
 # A dispatcher's JobOutcome.error when none of the job's senders is active: campaigns fails
 # the batch on it (it can no longer proceed).
 NO_ACTIVE_SENDER = "no active device for this job"
+# A dispatcher's JobOutcome.error on a `requeue` when the job's active senders are all unable
+# to send for now (disconnected, waiting for a QR scan, at their daily cap): campaigns
+# suspends the batch until one of them connects again.
+NO_CONNECTED_SENDER = "no connected device for this job"
 
 # Duplicate window: a re-published chunk with the same Nats-Msg-Id inside it is dropped by
 # the server, which is what makes a feeder retry after a crash safe.

@@ -12,6 +12,9 @@ from .errors import NotFound, Unauthenticated
 ACCOUNT_KEY = "x-account-id"
 USER_KEY = "x-user-id"
 ROLE_KEY = "x-role"
+# The IANA zone the caller's local dates and times are read in (a date sent without an
+# offset); empty when the gateway could not tell, and then the account's zone applies.
+TIMEZONE_KEY = "x-timezone"
 
 ADMIN = "admin"
 MEMBER = "member"
@@ -29,13 +32,15 @@ class Caller:
     role: str
     account_id: str = ""
     user_id: str = ""
+    timezone: str = ""
 
     @property
     def is_admin(self) -> bool:
         return self.role == ADMIN
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((ROLE_KEY, self.role), (ACCOUNT_KEY, self.account_id), (USER_KEY, self.user_id))
+        md = ((ROLE_KEY, self.role), (ACCOUNT_KEY, self.account_id), (USER_KEY, self.user_id))
+        return (*md, (TIMEZONE_KEY, self.timezone)) if self.timezone else md
 
     def account_scope(self, requested: str = "") -> str:
         """The account a query runs against: a member only ever gets its own; an admin gets
@@ -60,7 +65,9 @@ def caller_from_metadata(metadata: dict[str, str]) -> Caller | None:
     account = metadata.get(ACCOUNT_KEY, "")
     if role == MEMBER and not account:
         return None
-    return Caller(role=role, account_id=account, user_id=metadata.get(USER_KEY, ""))
+    return Caller(
+        role=role, account_id=account, user_id=metadata.get(USER_KEY, ""), timezone=metadata.get(TIMEZONE_KEY, "")
+    )
 
 
 def current_caller() -> Caller:

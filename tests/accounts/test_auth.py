@@ -149,6 +149,35 @@ async def test_only_admins_create_users_and_members_see_only_themselves(auth: Au
     assert (await auth.get_user(ADMIN_CALLER, other))["user_id"] == other
 
 
+async def test_a_user_reads_dates_in_its_own_zone_else_its_accounts(auth: Auth, pool: asyncpg.Pool) -> None:
+    account = unique("ar")
+    await pool.execute(
+        "INSERT INTO accounts (account_id, account_name, country, timezone) "
+        "VALUES ($1, 'AR', 'AR', 'America/Argentina/Buenos_Aires')",
+        account,
+    )
+    email, user_id = await member(auth, account)
+    me = Caller(role=MEMBER, account_id=account, user_id=user_id)
+    row = await auth.get_user(me, "")
+    assert (row["timezone"], row["effective_timezone"]) == ("", "America/Argentina/Buenos_Aires")
+    row = await auth.update_user(me, "", timezone="America/Santiago")
+    assert (row["timezone"], row["effective_timezone"]) == ("America/Santiago", "America/Santiago")
+    issued = await auth.login(email=email, password=PASSWORD, client_ip=address())
+    assert await auth.session_timezone(issued.session_id) == "America/Santiago"
+    # Names IANA does not list are refused, and change nothing (files zoneinfo would open too).
+    for bad in ("Mars/Olympus", "localtime", "../../etc/passwd", "America/Santiago "[:-1] + "x"):
+        with pytest.raises(InvalidArgument, match="unknown timezone"):
+            await auth.update_user(me, "", timezone=bad)
+    assert (await auth.get_user(me, ""))["timezone"] == "America/Santiago"
+    assert (await auth.update_user(me, "", timezone=""))["effective_timezone"] == "America/Argentina/Buenos_Aires"
+    # Another user's profile is not found to a member; an admin's zone is the default account's.
+    _, other = await member(auth)
+    with pytest.raises(NotFound):
+        await auth.update_user(me, other, timezone="UTC")
+    await auth.repo.revoke_session(session_id=issued.session_id, reason="test")
+    assert await auth.session_timezone(issued.session_id) is None
+
+
 async def test_the_configured_admin_is_made_once(auth: Auth) -> None:
     email = f"{unique('root')}@example.com"
     first = await auth.ensure_admin(email=email, password=PASSWORD)

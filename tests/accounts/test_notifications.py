@@ -19,7 +19,7 @@ from services.accounts.notifications import Notifications
 from services.accounts.notify_repo import NotifyRepo
 from services.runtime import db
 from services.runtime.devstack import Stack
-from services.runtime.errors import NotFound, PermissionDenied
+from services.runtime.errors import InvalidArgument, NotFound, PermissionDenied
 from services.runtime.identity import ADMIN, MEMBER, Caller
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "accounts" / "migrations"
@@ -145,6 +145,21 @@ async def test_unread_counts_mark_read_and_delete(notes: tuple[Notifications, li
     assert await n.unread_count(ACME) == 0
     assert await n.unread_count(GLOBEX) == 1
     assert len(await n.list(ACME, limit=1)) == 1
+
+
+async def test_pages_by_offset_with_the_total_of_the_scope(notes: tuple[Notifications, list]) -> None:
+    n, _ = notes
+    rows = [await n.batch_event(finished(f"p-{i}", "acme")) for i in range(3)]
+    await n.batch_event(finished("p-g", "globex"))
+    newest_first = [r["id"] for r in reversed(rows)]
+    assert [r["id"] for r in await n.list(ACME, limit=2)] == newest_first[:2]
+    assert [r["id"] for r in await n.list(ACME, limit=2, offset=2)] == newest_first[2:]
+    assert await n.list(ACME, offset=3) == []
+    assert await n.count(ACME) == 3 and await n.count(ADMIN_CALLER) == 4
+    await n.mark_read(ACME, str(rows[0]["id"]))
+    assert await n.count(ACME, unread_only=True) == 2
+    with pytest.raises(InvalidArgument):
+        await n.list(ACME, offset=-1)
 
 
 async def test_credit_and_suspension_notifications(notes: tuple[Notifications, list]) -> None:

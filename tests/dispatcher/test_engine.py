@@ -20,8 +20,10 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from pregonero.events.v1 import events_pb2
 
+from services.dispatcher import engine as engine_module
+from services.dispatcher.connections import DAILY_LIMIT_REASON
 from services.dispatcher.crypto import SecretBox
-from services.dispatcher.engine import Engine, SenderCache
+from services.dispatcher.engine import CLAIM_AHEAD, Engine, SenderCache
 from services.dispatcher.providers.base import SenderConfig, SendRequest, SendResult
 from services.dispatcher.repo import AttemptsRepo, SendersRepo
 from services.dispatcher.runstate import RunStates
@@ -472,3 +474,320 @@ async def test_a_pause_gives_back_claims_taken_ahead_and_the_resume_sends_them_o
     assert set(env.outcomes().values()) == {"sent"}
     assert_each_once(env, ids)
     assert len(env.provider.sent) == 2000
+
+
+# --- devices that cannot send for now: disconnected, waiting for a QR scan, at their cap ---
+
+
+async def release_jobs(env: Env, batch_id: str, sender_ids: list[int], job_ids: list[int], *, seq: int) -> None:
+    """The same work items as `Env.release`, for the jobs named only (what campaigns releases
+    again after a hand-back)."""
+    items = [
+        events_pb2.WorkItem(job_id=j, attempt_no=1, attempt_id=f"{batch_id}:{j}:1", to=f"+5691000{j:04d}", text="Hola")
+        for j in job_ids
+    ]
+    chunk = events_pb2.DispatchChunk(
+        batch_id=batch_id, account_id="acc-1", channel="whatsapp", chunk_seq=seq, sender_ids=sender_ids, items=items
+    )
+    await bus.publish(env.js, "dispatch.whatsapp.acc-1", chunk, msg_id=f"{batch_id}:{seq}")
+
+
+def errors_of(env: Env, status: str) -> set[str]:
+    return {o.error for c in env.results for o in c.outcomes if o.status == status}
+
+
+def sends_through(env: Env, sender_id: int, *, after: int = 0) -> int:
+    return [s for _, s, _ in env.provider.sent[after:]].count(sender_id)
+
+
+async def test_a_device_that_disconnects_hands_its_unsent_work_to_the_other_device(env: Env) -> None:
+    a = await env.device(token="a", concurrency=1, rate_per_minute=0)
+    b = await env.device(token="b", concurrency=1, rate_per_minute=0)
+    engine = await env.engine()
+    env.provider.gate.clear()
+    ids = await env.release(str(uuid.uuid4()), [a, b], 20)
+    await until("both devices have a send at the provider", lambda: env.provider.entered == 2)
+    engine.sender_unavailable(a, "qr_needed")
+    env.provider.gate.set()
+    await until("every recipient has an outcome", lambda: len(env.outcomes()) == 20)
+    assert set(env.outcomes().values()) == {"sent"}
+    assert_each_once(env, ids)
+    assert len(env.provider.sent) == 20
+    # The send that was at the provider through a when it went away finishes; nothing more.
+    assert sends_through(env, a) == 1
+    await until("the chunk is acked", lambda: _acked(env))
+    assert await _claims_in_flight(env) == 0
+
+
+class CountedReleases(AttemptsRepo):
+    """Counts the claims given back unsent."""
+
+    released = 0
+
+    async def release(self, *, attempt_ids: Any) -> None:
+        self.released += len(attempt_ids)
+        await super().release(attempt_ids=attempt_ids)
+
+
+async def test_a_fast_device_that_disconnects_gives_back_what_it_claimed_ahead(env: Env) -> None:
+    a = await env.device(token="a", concurrency=4, rate_per_minute=0)
+    b = await env.device(token="b", concurrency=4, rate_per_minute=0)
+    attempts = CountedReleases(env.pool)
+    engine = await env.engine(attempts=attempts)
+    gone_at: list[int] = []
+
+    def disconnect_a_at_300(request: SendRequest) -> SendResult | None:
+        if len(env.provider.sent) == 300 and not gone_at:
+            gone_at.append(300)
+            engine.sender_unavailable(a, "disconnected")
+        return None
+
+    env.provider.answer = disconnect_a_at_300
+    ids = await env.release(str(uuid.uuid4()), [a, b], 2000)
+    await until("every recipient has an outcome", lambda: len(env.outcomes()) == 2000, within=20)
+    assert set(env.outcomes().values()) == {"sent"}
+    assert_each_once(env, ids)
+    assert len(env.provider.sent) == 2000
+    # Only the sends already at the provider (at most one per worker) went through a after
+    # it went away; what it had claimed ahead was given back and sent through b.
+    assert sends_through(env, a, after=300) <= 4
+    assert sends_through(env, b, after=300) >= 1700 - 4
+    assert attempts.released > 0, "a had nothing claimed ahead: the case is not exercised"
+    await until("the chunk is acked", lambda: _acked(env))
+    assert await _claims_in_flight(env) == 0
+    via_a = await env.pool.fetchval("SELECT count(*) FROM attempts WHERE sender_id = $1", a)
+    assert via_a == sends_through(env, a)
+
+
+async def test_with_no_device_able_to_send_the_work_is_handed_back_unsent_until_one_connects(env: Env) -> None:
+    a = await env.device(concurrency=1, rate_per_minute=0)
+    engine = await env.engine()
+    env.provider.gate.clear()
+    batch_id = str(uuid.uuid4())
+    ids = await env.release(batch_id, [a], 5)
+    await until("the first send is at the provider", lambda: env.provider.entered == 1)
+    engine.sender_unavailable(a, "disconnected")
+    env.provider.gate.set()
+    await until("every recipient has an outcome", lambda: len(env.outcomes()) == 5)
+    outcomes = env.outcomes()
+    assert outcomes[ids[0]] == "sent"
+    assert [outcomes[i] for i in ids[1:]] == ["requeue"] * 4
+    # Waiting, not failed: campaigns suspends the batch on this mark (a device deactivated by
+    # its user still fails the job: NO_ACTIVE_SENDER).
+    assert errors_of(env, "requeue") == {bus.NO_CONNECTED_SENDER}
+    assert env.provider.attempts() == ids[:1]
+    await until("the chunk is acked", lambda: _acked(env))
+    assert await _claims_in_flight(env) == 0
+
+    # Work that comes while it is still away is handed back whole, unsent.
+    env.results.clear()
+    await release_jobs(env, batch_id, [a], [2, 3], seq=2)
+    await until("the second chunk is handed back", lambda: len(env.outcomes()) == 2)
+    assert set(env.outcomes().values()) == {"requeue"}
+
+    # Connected again: what was handed back goes out, each once.
+    engine.sender_available(a)
+    env.results.clear()
+    await release_jobs(env, batch_id, [a], [2, 3, 4, 5], seq=3)
+    await until("the rest is sent", lambda: len(env.outcomes()) == 4)
+    assert set(env.outcomes().values()) == {"sent"}
+    assert_each_once(env, ids)
+    assert sorted(env.provider.attempts()) == sorted(ids)
+    await until("every chunk is acked", lambda: _acked(env))
+
+
+async def _sent_today(env: Env, sender_id: int) -> int:
+    return int(
+        await env.pool.fetchval("SELECT coalesce(sum(sent), 0) FROM sender_days WHERE sender_id = $1", sender_id)
+    )
+
+
+async def test_a_device_at_its_daily_limit_sends_exactly_that_many_and_the_rest_goes_to_the_other(env: Env) -> None:
+    a = await env.device(token="a", concurrency=4, rate_per_minute=0, daily_limit=50)
+    b = await env.device(token="b", concurrency=4, rate_per_minute=0)
+    await env.engine()
+    ids = await env.release(str(uuid.uuid4()), [a, b], 1000)
+    await until("every recipient has an outcome", lambda: len(env.outcomes()) == 1000, within=20)
+    assert set(env.outcomes().values()) == {"sent"}
+    assert_each_once(env, ids)
+    assert len(env.provider.sent) == 1000
+    # The claims a had taken ahead when the record refused it more were within the cap: sent.
+    assert sends_through(env, a) == 50
+    assert await _sent_today(env, a) == 50
+    await until("the chunk is acked", lambda: _acked(env))
+    assert await _claims_in_flight(env) == 0
+
+
+async def test_a_device_at_its_daily_limit_alone_makes_the_rest_wait_for_its_next_day(env: Env) -> None:
+    a = await env.device(concurrency=2, rate_per_minute=0, daily_limit=3)
+    engine = await env.engine()
+    batch_id = str(uuid.uuid4())
+    ids = await env.release(batch_id, [a], 10)
+    await until("every recipient has an outcome", lambda: len(env.outcomes()) == 10)
+    sent = sorted(i for i, s in env.outcomes().items() if s == "sent")
+    waiting = sorted(i for i, s in env.outcomes().items() if s == "requeue")
+    assert len(sent) == 3 and len(waiting) == 7
+    assert errors_of(env, "requeue") == {bus.NO_CONNECTED_SENDER}
+    assert sorted(env.provider.attempts()) == sent
+    await until("the chunk is acked", lambda: _acked(env))
+
+    # The connections watcher holds it out for the day, and lets it back in at its local
+    # midnight (here: the day's count becomes yesterday's). The batches waiting for it hear so.
+    engine.sender_unavailable(a, DAILY_LIMIT_REASON)
+    await env.pool.execute("UPDATE sender_days SET day = day - 1 WHERE sender_id = $1", a)
+    async with collected(env.nc, "events.device.>", events_pb2.DeviceEvent.FromString) as heard:
+        engine.sender_available(a)
+        await until("the new day is announced", lambda: heard)
+    assert [(e.account_id, e.sender_id, e.status) for e in heard] == [("acc-1", a, "connected")]
+
+    env.results.clear()
+    job_of = {f"{batch_id}:{j}:1": j for j in range(1, 11)}
+    await release_jobs(env, batch_id, [a], [job_of[i] for i in waiting], seq=2)
+    await until("the waiting ones have an outcome", lambda: len(env.outcomes()) == 7)
+    assert list(env.outcomes().values()).count("sent") == 3
+    assert_each_once(env, ids)
+    assert len(env.provider.sent) == 6
+    assert await _sent_today(env, a) == 6  # 3 yesterday, 3 today
+
+
+async def test_a_device_told_out_for_its_daily_limit_still_sends_the_claims_it_holds(env: Env) -> None:
+    a = await env.device(token="a", concurrency=4, rate_per_minute=0, daily_limit=1000)
+    b = await env.device(token="b", concurrency=4, rate_per_minute=0)
+    attempts = CountedReleases(env.pool)
+    engine = await env.engine(attempts=attempts)
+    told: list[int] = []
+
+    def cap_a_at_200(request: SendRequest) -> SendResult | None:
+        if sends_through(env, a) >= 200 and not told:
+            told.append(len(env.provider.sent))
+            engine.sender_unavailable(a, DAILY_LIMIT_REASON)  # as the watcher does at the cap
+        return None
+
+    env.provider.answer = cap_a_at_200
+    ids = await env.release(str(uuid.uuid4()), [a, b], 2000)
+    await until("every recipient has an outcome", lambda: len(env.outcomes()) == 2000, within=20)
+    assert set(env.outcomes().values()) == {"sent"}
+    assert_each_once(env, ids)
+    # What a had claimed counts against its day: none of it is given back unsent.
+    assert attempts.released == 0
+    assert sends_through(env, a) == await _sent_today(env, a)
+    assert sends_through(env, a, after=told[0]) <= CLAIM_AHEAD * 4 + 4
+    await until("the chunk is acked", lambda: _acked(env))
+
+
+# --- a device that refuses a send because it cannot send now (SendResult.device_unavailable) ---
+
+
+def device_down(retry_after: float = 30.0) -> SendResult:
+    """What a device gateway answers for a device that cannot send (wablas.py, waha.py)."""
+    return SendResult(
+        status="rate_limited", error="test: device unavailable: disconnected", retry_after=retry_after,
+        device_unavailable=True,
+    )  # fmt: skip
+
+
+def test_only_a_refusal_can_say_the_device_is_unavailable() -> None:
+    for status in ("sent", "unknown", "failed"):
+        with pytest.raises(ValueError, match="device_unavailable"):
+            SendResult(status=status, device_unavailable=True)  # type: ignore[arg-type]
+
+
+async def _sender_of(env: Env, attempt_id: str) -> int:
+    return int(await env.pool.fetchval("SELECT sender_id FROM attempts WHERE attempt_id = $1", attempt_id))
+
+
+async def test_a_device_that_refuses_sends_mid_job_gives_them_to_the_other_device_each_once(env: Env) -> None:
+    a = await env.device(token="a", concurrency=4, rate_per_minute=0)
+    b = await env.device(token="b", concurrency=4, rate_per_minute=0)
+    attempts = CountedReleases(env.pool)
+    engine = await env.engine(attempts=attempts)
+    asked: list[int] = []
+
+    async def ask_device(sender: SenderConfig) -> None:
+        asked.append(sender.id)
+
+    async def device_state(sender: SenderConfig) -> None:
+        raise AssertionError("the engine asks connections.py, not the provider")
+
+    engine.ask_device = ask_device
+    env.provider.device_state = device_state  # type: ignore[attr-defined]  # a provider with device states
+    refused: list[str] = []
+
+    def a_goes_away_after_100(request: SendRequest) -> SendResult | None:
+        if request.sender.id == a and sends_through(env, a) >= 100:
+            refused.append(request.attempt_id)
+            return device_down()
+        return None
+
+    env.provider.answer = a_goes_away_after_100
+    ids = await env.release(str(uuid.uuid4()), [a, b], 1000)
+    await until("every recipient has an outcome", lambda: len(env.outcomes()) == 1000, within=20)
+    # Nobody failed, nobody twice: what a refused went out through b.
+    assert set(env.outcomes().values()) == {"sent"}
+    assert_each_once(env, ids)
+    assert len(env.provider.sent) == 1000
+    assert sends_through(env, a) == 100
+    assert refused, "a never refused: the case is not exercised"
+    # Only the sends at the provider when a first refused (one per worker) reached it.
+    assert len(refused) <= 4
+    assert set(refused) <= set(env.provider.attempts())
+    assert {await _sender_of(env, r) for r in refused} == {b}
+    # a is out at once (for a while), and its state was asked for once.
+    assert not engine.can_send(a) and engine.can_send(b)
+    assert asked == [a]
+    await until("the chunk is acked", lambda: _acked(env))
+    assert await _claims_in_flight(env) == 0
+    via_a = await env.pool.fetchval("SELECT count(*) FROM attempts WHERE sender_id = $1", a)
+    assert via_a == 100
+
+
+async def test_a_lone_device_that_refuses_sends_hands_them_back_to_wait_not_failed(env: Env) -> None:
+    a = await env.device(concurrency=2, rate_per_minute=0)
+    engine = await env.engine()
+    env.provider.answer = lambda request: device_down() if sends_through(env, a) >= 3 else None
+    batch_id = str(uuid.uuid4())
+    ids = await env.release(batch_id, [a], 10)
+    await until("every recipient has an outcome", lambda: len(env.outcomes()) == 10)
+    sent = sorted(i for i, s in env.outcomes().items() if s == "sent")
+    waiting = sorted(i for i, s in env.outcomes().items() if s == "requeue")
+    assert len(sent) == 3 and len(waiting) == 7
+    # Waiting for a device, not failed: campaigns suspends the batch on this mark.
+    assert errors_of(env, "requeue") == {bus.NO_CONNECTED_SENDER}
+    assert sorted(env.provider.attempts()) == sent
+    await until("the chunk is acked", lambda: _acked(env))
+    # The refused claims were given back: only what went out is on record.
+    assert await _claims_in_flight(env) == 0
+    assert await env.pool.fetchval("SELECT count(*) FROM attempts") == 3
+
+    # Connected again (connections.py says so): what was handed back goes out, each once.
+    env.provider.answer = lambda request: None
+    engine.sender_available(a)
+    env.results.clear()
+    job_of = {f"{batch_id}:{j}:1": j for j in range(1, 11)}
+    await release_jobs(env, batch_id, [a], [job_of[i] for i in waiting], seq=2)
+    await until("the waiting ones have an outcome", lambda: len(env.outcomes()) == 7)
+    assert set(env.outcomes().values()) == {"sent"}
+    assert_each_once(env, ids)
+    assert sorted(env.provider.attempts()) == sorted(ids)
+    await until("every chunk is acked", lambda: _acked(env))
+
+
+async def test_a_device_that_refused_once_is_tried_again_after_its_rest(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # WAHA restarting for a moment: nobody ever says the device was out, so nobody says it is back.
+    monkeypatch.setattr(engine_module, "DEVICE_REST_S", 0.3)
+    a = await env.device(concurrency=1, rate_per_minute=0)
+    engine = await env.engine()
+    refusals = [device_down(retry_after=0.1)]
+    env.provider.answer = lambda request: refusals.pop() if refusals else None
+    batch_id = str(uuid.uuid4())
+    ids = await env.release(batch_id, [a], 1)
+    await until("the item is handed back", lambda: env.outcomes() == {ids[0]: "requeue"})
+    assert errors_of(env, "requeue") == {bus.NO_CONNECTED_SENDER}
+    await until("the device is tried again", lambda: engine.can_send(a), within=5)
+    env.results.clear()
+    await release_jobs(env, batch_id, [a], [1], seq=2)
+    await until("it is sent", lambda: env.outcomes() == {ids[0]: "sent"})
+    assert env.provider.attempts() == ids
+    await until("every chunk is acked", lambda: _acked(env))

@@ -21,19 +21,20 @@ async def graph() -> AsyncIterator[FakeGraph]:
 
 
 @pytest.fixture
-async def provider() -> AsyncIterator[WhatsAppCloudProvider]:
-    p = WhatsAppCloudProvider(timeout_s=5)
+async def provider(graph: FakeGraph) -> AsyncIterator[WhatsAppCloudProvider]:
+    # Graph's address is the operator's setting (WHATSAPP_GRAPH_URL), not the sender's.
+    p = WhatsAppCloudProvider(base_url=graph.url, timeout_s=5)
     yield p
     await p.close()
 
 
-def sender(base_url: str, *, secret: str = ACCESS_TOKEN, **config: Any) -> SenderConfig:
+def sender(*, secret: str = ACCESS_TOKEN, **config: Any) -> SenderConfig:
     return SenderConfig(
         id=7,
         account_id="acc-1",
         provider="whatsapp_cloud",
         secret=secret,
-        config={"phone_number_id": PHONE_NUMBER_ID, "base_url": base_url, **config},
+        config={"phone_number_id": PHONE_NUMBER_ID, **config},
     )
 
 
@@ -44,7 +45,7 @@ def message(s: SenderConfig, to: str = "+56912345678", text: str = "Hola María,
 async def test_a_text_message_is_sent_with_the_senders_token_and_number(
     graph: FakeGraph, provider: WhatsAppCloudProvider
 ) -> None:
-    result = await provider.send(message(sender(graph.url)))
+    result = await provider.send(message(sender()))
     assert result.status == "sent" and result.provider_message_id.startswith("wamid.")
     assert graph.paths == [f"/v21.0/{PHONE_NUMBER_ID}/messages"]
     assert graph.accepted == [
@@ -62,7 +63,7 @@ async def test_a_text_message_is_sent_with_the_senders_token_and_number(
 async def test_a_template_sender_puts_the_text_in_the_template_body(
     graph: FakeGraph, provider: WhatsAppCloudProvider
 ) -> None:
-    s = sender(graph.url, template={"name": "recordatorio_pago", "language": "es_CL"}, api_version="v20.0")
+    s = sender(template={"name": "recordatorio_pago", "language": "es_CL"}, api_version="v20.0")
     result = await provider.send(message(s, to="+5491155556666", text="María"))
     assert result.status == "sent"
     assert graph.paths == [f"/v20.0/{PHONE_NUMBER_ID}/messages"]
@@ -88,7 +89,7 @@ async def test_graph_errors_become_a_slow_down_or_a_failure(
     graph: FakeGraph, provider: WhatsAppCloudProvider, refusal: Refusal, status: str, retry_after: float, error: str
 ) -> None:
     graph.refusals["56987654321"] = refusal
-    result = await provider.send(message(sender(graph.url), to="+56987654321"))
+    result = await provider.send(message(sender(), to="+56987654321"))
     assert (result.status, result.retry_after) == (status, retry_after)
     assert error in result.error
     assert graph.accepted == []
@@ -97,9 +98,13 @@ async def test_graph_errors_become_a_slow_down_or_a_failure(
 async def test_a_wrong_token_or_an_unreachable_graph_fails_the_attempt(
     graph: FakeGraph, provider: WhatsAppCloudProvider
 ) -> None:
-    wrong = await provider.send(message(sender(graph.url, secret="EAAG-revoked")))
+    wrong = await provider.send(message(sender(secret="EAAG-revoked")))
     assert wrong.status == "failed" and "401" in wrong.error and "Invalid OAuth access token" in wrong.error
-    down = await provider.send(message(sender(f"http://127.0.0.1:{free_port()}")))
+    unreachable = WhatsAppCloudProvider(base_url=f"http://127.0.0.1:{free_port()}", timeout_s=5)
+    try:
+        down = await unreachable.send(message(sender()))
+    finally:
+        await unreachable.close()
     assert down.status == "failed" and "ConnectError" in down.error
     assert graph.accepted == []
 
@@ -107,7 +112,7 @@ async def test_a_wrong_token_or_an_unreachable_graph_fails_the_attempt(
 async def test_a_lost_outcome_cannot_be_looked_up(graph: FakeGraph, provider: WhatsAppCloudProvider) -> None:
     # The dispatcher turns this into `unknown`: never a second message.
     with pytest.raises(LookupUnsupported):
-        await provider.lookup("b:1:+56912345678", sender(graph.url))
+        await provider.lookup("b:1:+56912345678", sender())
 
 
 @pytest.mark.parametrize(
@@ -118,7 +123,8 @@ async def test_a_lost_outcome_cannot_be_looked_up(graph: FakeGraph, provider: Wh
         ({"phone_number_id": "1", "token": "x"}, "unknown whatsapp_cloud config keys: token"),
         ({"phone_number_id": "1", "template": "recordatorio"}, "template must be"),
         ({"phone_number_id": "1", "template": {"name": "t", "language": 5}}, "template.language"),
-        ({"phone_number_id": "1", "base_url": 3}, "base_url must be a string"),
+        ({"phone_number_id": "1", "base_url": "http://x"}, "unknown whatsapp_cloud config keys: base_url"),
+        ({"phone_number_id": "1", "api_version": "v1/../../x"}, "api_version must be a Graph version"),
     ],
 )
 def test_a_bad_sender_config_is_refused_with_its_reason(config: dict[str, Any], message_part: str) -> None:

@@ -348,3 +348,28 @@ def test_envoy_verifies_access_tokens_with_the_published_key_set(
             assert r.status_code == 401 and "Jwt" in r.text  # refused by Envoy itself
     finally:
         proc.stop()
+
+
+def test_a_user_sets_its_time_zone_and_bad_zones_change_nothing(base_url: str, account: str) -> None:
+    access = tokens(base_url, new_user(base_url, account))["access_token"]
+    who = me(base_url, access).json()
+    # Unset: the account's zone (created without a country: Chile's).
+    assert who["timezone"] == "" and who["effective_timezone"] == "America/Santiago"
+
+    def patch(body: dict[str, Any], token: str = access) -> httpx.Response:
+        return httpx.patch(f"{base_url}/api/auth/me", headers=bearer(token), json=body)
+
+    r = patch({"timezone": "America/Argentina/Buenos_Aires"})
+    assert r.status_code == 200, r.text
+    assert r.json()["timezone"] == r.json()["effective_timezone"] == "America/Argentina/Buenos_Aires"
+    assert me(base_url, access).json()["effective_timezone"] == "America/Argentina/Buenos_Aires"
+
+    r = patch({"timezone": "Mars/Olympus"})
+    assert_error(r, 400, "bad_request")
+    assert "Mars/Olympus" in r.json()["message"]
+    assert_error(patch({"timezone": "UTC", "role": "admin"}), 422, "validation_error")
+    assert me(base_url, access).json()["timezone"] == "America/Argentina/Buenos_Aires"
+
+    assert patch({"timezone": ""}).json()["effective_timezone"] == "America/Santiago"
+    # Operator tokens and API keys have no profile to change.
+    assert_error(patch({"timezone": "UTC"}, ADMIN_TOKEN), 400, "bad_request")

@@ -24,6 +24,11 @@ DEVICE_KEYS = {
     "provider",
     "created_at",
     "updated_at",
+    "connection",
+    "connection_reason",
+    "quota_left",
+    "daily_limit",
+    "sent_today",
 }
 
 

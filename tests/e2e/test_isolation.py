@@ -11,10 +11,12 @@ document gains and the table does not classify fails `test_every_route_is_classi
 from __future__ import annotations
 
 import itertools
+import random
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,10 @@ TIMEOUT = httpx.Timeout(15.0)
 # Operations anyone may call, and the document itself: nothing of an account's to reach.
 PUBLIC = {
     ("GET", "/health"),
+    ("GET", "/api/health"),
+    ("GET", "/api/health/db"),
+    ("GET", "/api/health/queue"),
+    ("GET", "/api/health/redis"),
     ("GET", "/docs"),
     ("GET", "/redoc"),
     ("GET", "/openapi.json"),
@@ -41,6 +47,10 @@ PUBLIC = {
     # Called by Meta, signed with the app secret: no account's data goes out.
     ("GET", "/webhooks/whatsapp"),
     ("POST", "/webhooks/whatsapp"),
+    # Called by Wablas with the operator's key in the URL: it only publishes delivery reports.
+    ("POST", "/webhooks/wablas"),
+    # Called by WAHA, signed (HMAC-SHA512) with the operator's key: no account's data goes out.
+    ("POST", "/webhooks/waha"),
 }
 
 RESOURCE = "resource"  # the path names a resource of another account: 404 for a member
@@ -53,6 +63,11 @@ ROUTES: dict[tuple[str, str], str] = {
     # auth
     ("POST", "/api/auth/logout"): SELF,
     ("GET", "/api/auth/me"): SELF,
+    ("PATCH", "/api/auth/me"): SELF,
+    # The caller's own account's devices, counted by state.
+    ("GET", "/api/health/whatsapp"): SELF,
+    # Runs the caller's own queued operations through the routes, each classified here.
+    ("POST", "/api/sync"): SELF,
     ("POST", "/api/auth/users"): ADMIN_ONLY,
     ("POST", "/api/auth/api-keys"): OWN,
     ("GET", "/api/auth/api-keys"): LIST,
@@ -63,6 +78,9 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/devices/{device_id}"): RESOURCE,
     ("PUT", "/devices/{device_id}"): RESOURCE,
     ("DELETE", "/devices/{device_id}"): RESOURCE,
+    ("GET", "/devices/{device_id}/qr"): RESOURCE,
+    ("POST", "/devices/{device_id}/logout"): RESOURCE,
+    ("POST", "/devices/{device_id}/restart"): RESOURCE,
     # WhatsApp bulk jobs
     ("POST", "/messages/send-bulk-file"): OWN,
     ("GET", "/jobs"): LIST,
@@ -124,6 +142,40 @@ ROUTES: dict[tuple[str, str], str] = {
     # The operator's: events no consumer could handle, of no one account.
     ("GET", "/api/v1/admin/dead-letters"): ADMIN_ONLY,
     ("POST", "/api/v1/admin/dead-letters/{dead_letter_id}/replay"): ADMIN_ONLY,
+    # The WhatsApp scheduler's address book (issue 11)
+    ("GET", "/api/contacts"): LIST,
+    ("POST", "/api/contacts"): OWN,
+    ("POST", "/api/contacts/import"): OWN,
+    ("GET", "/api/contacts/{contact_id}"): RESOURCE,
+    ("PUT", "/api/contacts/{contact_id}"): RESOURCE,
+    ("DELETE", "/api/contacts/{contact_id}"): RESOURCE,
+    ("GET", "/api/groups"): LIST,
+    ("POST", "/api/groups"): OWN,
+    ("GET", "/api/groups/{group_id}"): RESOURCE,
+    ("PUT", "/api/groups/{group_id}"): RESOURCE,
+    ("DELETE", "/api/groups/{group_id}"): RESOURCE,
+    ("GET", "/api/groups/{group_id}/contacts"): RESOURCE,
+    ("POST", "/api/groups/{group_id}/contacts"): RESOURCE,
+    ("DELETE", "/api/groups/{group_id}/contacts/{contact_id}"): RESOURCE,
+    ("GET", "/api/opt-outs"): LIST,
+    ("POST", "/api/opt-outs"): OWN,
+    # An opted-out number is named by its phone: the phone is its id.
+    ("DELETE", "/api/opt-outs/{phone}"): RESOURCE,
+    # The WhatsApp scheduler's messages (issue 11)
+    ("GET", "/api/messages"): LIST,
+    ("POST", "/api/messages"): OWN,
+    # Counts of the caller's own account's messages, and its next 24 hours.
+    ("GET", "/api/messages/dashboard"): SELF,
+    ("GET", "/api/messages/{message_id}"): RESOURCE,
+    ("PUT", "/api/messages/{message_id}"): RESOURCE,
+    ("DELETE", "/api/messages/{message_id}"): RESOURCE,
+    ("POST", "/api/messages/{message_id}/schedule"): RESOURCE,
+    ("POST", "/api/messages/{message_id}/pause"): RESOURCE,
+    ("POST", "/api/messages/{message_id}/resume"): RESOURCE,
+    ("POST", "/api/messages/{message_id}/cancel"): RESOURCE,
+    ("POST", "/api/messages/{message_id}/duplicate"): RESOURCE,
+    ("GET", "/api/messages/{message_id}/preview"): RESOURCE,
+    ("GET", "/api/messages/{message_id}/stats"): RESOURCE,
 }
 
 # Path parameters of OWN routes that are not ids: the value to call with.
@@ -148,6 +200,8 @@ BODIES: dict[str, dict[str, Any]] = {
     "AccountPatch": {"account_name": "taken over"},
     "DeviceUpdate": {"device_name": "taken over"},
     "StatusChange": {"reason": "isolation"},
+    # At least one contact; which does not matter, the group named is another account's.
+    "GroupContactsAdd": {"contact_ids": ["1"]},
 }
 
 
@@ -156,11 +210,18 @@ class World:
     doc: dict[str, Any]
     ids: dict[str, list[str]]  # path parameter name -> the admin's ids of that kind
     secrets: list[str]  # strings only the admin's resources hold; a member must never read them
+    # Per listing path, a query that finds the admin's resources even on a long listing (where
+    # they could be past its last page); the member's listing is walked with it as well.
+    narrowing: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Some of the secrets by what they are, for the checks that use them ("contact_phone"...).
+    named: dict[str, str] = field(default_factory=dict)
 
 
 def id_kind(path: str, name: str) -> str:
     """Which ids a path parameter takes. The WhatsApp sender's `/jobs/{job_id}` are bulk
     batches; the SpeechAI `/api/v1/jobs/{job_id}` are single calls."""
+    if name == "device_id" and path.endswith(("/qr", "/logout", "/restart")):
+        return "session_device_id"  # a WhatsApp Web (waha) device: the others have no session
     return "voice_job_id" if name == "job_id" and path.startswith("/api/v1/") else name
 
 
@@ -182,13 +243,54 @@ def voice_world(admin: httpx.Client) -> tuple[dict[str, list[str]], list[str]]:
     return ids, [name]
 
 
+def mobile() -> str:
+    """A random valid Chilean mobile, +5695 and seven digits (other modules mostly use +5698)."""
+    return f"+5695{random.randrange(10**7):07d}"
+
+
+def scheduler_world(
+    admin: httpx.Client,
+) -> tuple[dict[str, list[str]], dict[str, str], dict[str, dict[str, str]]]:
+    """In the admin's own account: a contact in a group, a draft message to that group and an
+    opted-out number. Their ids, their secret names, phones and text, and the searches that
+    find them in the admin's listings (contacts are listed oldest first, groups by name)."""
+    tag = uuid.uuid4().hex[:8]
+    name, group_name, content = f"iso-contact-{tag}", f"iso-group-{tag}", f"iso-message-{tag}"
+    phone, opted_out = mobile(), mobile()
+    r = admin.post("/api/contacts", json={"name": name, "phone": phone})
+    assert r.status_code == 201 and r.json()["account_id"] == "default", r.text
+    contact_id = r.json()["id"]
+    r = admin.post("/api/groups", json={"name": group_name})
+    assert r.status_code == 201, r.text
+    group_id = r.json()["id"]
+    r = admin.post(f"/api/groups/{group_id}/contacts", json={"contact_ids": [contact_id]})
+    assert r.status_code == 200 and r.json()["added"] == 1, r.text
+    r = admin.post("/api/messages", json={"content": f"{content} {{{{name}}}}", "group_ids": [group_id]})
+    assert r.status_code == 201 and [g["id"] for g in r.json()["groups"]] == [group_id], r.text
+    message_id = r.json()["id"]
+    r = admin.post("/api/opt-outs", json={"phone": opted_out})
+    assert r.status_code == 201 and r.json()["created"] is True, r.text
+    ids = {"contact_id": [contact_id], "group_id": [group_id], "message_id": [message_id], "phone": [opted_out]}
+    narrowing = {"/api/contacts": {"search": name}, "/api/groups": {"search": group_name}}
+    named = {"contact_name": name, "contact_phone": phone, "group_name": group_name, "content": content}
+    return ids, {**named, "opted_out": opted_out}, narrowing
+
+
+def scheduler_cleanup(admin: httpx.Client, ids: dict[str, list[str]]) -> None:
+    admin.delete(f"/api/messages/{ids['message_id'][0]}")
+    admin.delete(f"/api/groups/{ids['group_id'][0]}")
+    admin.delete(f"/api/contacts/{ids['contact_id'][0]}")
+    admin.delete(f"/api/opt-outs/{ids['phone'][0]}")
+
+
 def _client(base_url: str, headers: dict[str, str]) -> httpx.Client:
     return httpx.Client(base_url=base_url, headers=headers, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
 def world(base_url: str) -> Iterator[World]:
-    """As admin: a device, a finished bulk job, an account, API keys, all outside "acme"."""
+    """As admin: a device, a finished bulk job, an account, API keys, a voice campaign, and the
+    scheduler's contact, group, message and opt-out, all outside "acme"."""
     with _client(base_url, ADMIN) as admin:
         for account_id, name in ((MEMBER_ACCOUNT, "Acme"), (OTHER_ACCOUNT, "Isolation other")):
             r = admin.post("/api/v1/accounts", json={"account_id": account_id, "account_name": name})
@@ -201,6 +303,13 @@ def world(base_url: str) -> Iterator[World]:
         r = admin.post("/devices", json={"token": token, "secret": "iso-secret-value", "rate_per_minute": 0})
         assert r.status_code == 200, r.text
         device_id = str(r.json()["device"]["id"])
+        # A WhatsApp Web device (the suite's local WAHA): its QR shows once its session starts.
+        r = admin.post("/devices", json={"provider": "waha", "status": "inactive"})
+        assert r.status_code == 200, r.text
+        session_device_id = str(r.json()["device"]["id"])
+        deadline = time.monotonic() + 15
+        while admin.get(f"/devices/{session_device_id}/qr").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
         file_name = f"iso-{uuid.uuid4().hex[:8]}.csv"
         r = admin.post(
             "/messages/send-bulk-file",
@@ -229,6 +338,7 @@ def world(base_url: str) -> Iterator[World]:
         assert notification_id, f"no notification for job {job_id}"
 
         voice_ids, voice_secrets = voice_world(admin)
+        book_ids, named, narrowing = scheduler_world(admin)
 
         doc = admin.get("/openapi.json").json()
         try:
@@ -236,16 +346,22 @@ def world(base_url: str) -> Iterator[World]:
                 doc=doc,
                 ids={
                     "device_id": [device_id],
+                    "session_device_id": [session_device_id],
                     "job_id": [job_id],
                     "account_id": ["default", OTHER_ACCOUNT],
                     "key_id": keys,
                     "notification_id": [notification_id],
                     **voice_ids,
+                    **book_ids,
                 },
-                secrets=[token, file_name, *voice_secrets],
+                secrets=[token, file_name, *voice_secrets, *named.values()],
+                narrowing=narrowing,
+                named=named,
             )
         finally:
+            scheduler_cleanup(admin, book_ids)
             admin.put(f"/devices/{device_id}", json={"status": "inactive"})
+            admin.delete(f"/devices/{session_device_id}")
             for key_id in keys:
                 admin.delete(f"/api/auth/api-keys/{key_id}")
 
@@ -351,13 +467,16 @@ def items(body: Any) -> list[dict[str, Any]]:
 
 
 def identifiers(item: dict[str, Any]) -> set[str]:
-    return {str(item[k]) for k in ("id", "_id", "job_id", "batch_id", "account_id", "key_id") if k in item}
+    keys = ("id", "_id", "job_id", "batch_id", "account_id", "key_id", "phone")  # an opt-out is its phone
+    return {str(item[k]) for k in keys if k in item}
 
 
 def assert_hidden(r: httpx.Response, world: World, what: str) -> None:
     assert r.status_code == 404, f"{what}: {r.status_code} {r.text[:300]}"
+    # What the request named itself (an opt-out's phone in its path) may come back in "not found".
+    sent = urllib.parse.unquote(str(r.request.url))
     for secret in world.secrets:
-        assert secret not in r.text, f"{what} leaks {secret}: {r.text[:300]}"
+        assert secret in sent or secret not in r.text, f"{what} leaks {secret}: {r.text[:300]}"
 
 
 # --- the walk ---------------------------------------------------------------------------
@@ -396,6 +515,8 @@ def test_member_reaches_nothing_of_another_account(base_url: str, world: World, 
         elif kind == SELF:
             r = member.request(method, path, **request_kwargs(world.doc, op))
             assert 200 <= r.status_code < 300, f"{method} {path}: {r.status_code} {r.text[:300]}"
+            for secret in world.secrets:
+                assert secret not in r.text, f"{method} {path} leaks {secret}: {r.text[:300]}"
             if r.content and isinstance(r.json(), dict) and "account_id" in r.json():
                 assert r.json()["account_id"] == MEMBER_ACCOUNT, r.json()
             if "account_id" in query_params(op):
@@ -403,8 +524,31 @@ def test_member_reaches_nothing_of_another_account(base_url: str, world: World, 
                     kwargs = request_kwargs(world.doc, op)
                     other = member.request(method, path, **{**kwargs, "params": {"account_id": account_id}})
                     assert_hidden(other, world, f"{method} {path}?account_id={account_id}")
+            if (method, path) == ("POST", "/api/sync"):
+                sync_reaches_nothing(member, world)
         else:  # pragma: no cover - a typo in ROUTES
             raise AssertionError(f"unknown kind {kind!r}")
+
+
+def sync_reaches_nothing(member: httpx.Client, world: World) -> None:
+    """Queued operations run as the caller: those naming another account's resources are each
+    "not found" there too."""
+    ids = {k: v[0] for k, v in world.ids.items()}
+    operations = [
+        ("PUT", f"/api/contacts/{ids['contact_id']}", {"name": "taken over"}),
+        ("POST", f"/api/groups/{ids['group_id']}/contacts", {"contact_ids": ["1"]}),
+        ("DELETE", f"/api/groups/{ids['group_id']}/contacts/{ids['contact_id']}", None),
+        ("POST", f"/api/messages/{ids['message_id']}/cancel", None),
+        ("DELETE", f"/api/opt-outs/{ids['phone']}", None),
+        ("POST", "/api/contacts", {"phone": "+56950000000", "account_id": "default"}),
+    ]
+    queued = [{"client_op_id": f"iso-{uuid.uuid4().hex}", "method": m, "path": p, "body": b} for m, p, b in operations]
+    r = member.post("/api/sync", json={"operations": queued})
+    assert r.status_code == 200, r.text
+    for (method, path, _), result in zip(operations, r.json()["results"], strict=True):
+        assert result["status"] == 404, f"sync {method} {path}: {result}"
+        for secret in world.secrets:
+            assert secret in path or secret not in str(result), f"sync {method} {path} leaks {secret}: {result}"
 
 
 def walk_resource(
@@ -431,6 +575,14 @@ def walk_resource(
             assert seen.status_code == 200, f"admin {method} {url}: {seen.status_code} {seen.text[:300]}"
         r = member.request(method, url, **request_kwargs(world.doc, op))
         assert_hidden(r, world, f"{method} {url}")
+        if "account_id" in query_params(op):
+            # The resource's own account named beside it (the id is the admin's: a change that
+            # got through would reach only the world's resource).
+            for account_id in world.ids["account_id"]:
+                kwargs = request_kwargs(world.doc, op)
+                kwargs["params"] = {**kwargs["params"], "account_id": account_id}
+                r = member.request(method, url, **kwargs)
+                assert_hidden(r, world, f"{method} {url}?account_id={account_id}")
 
 
 def walk_list(
@@ -445,20 +597,27 @@ def walk_list(
     query = query_params(op)
     if "limit" in query:
         params["limit"] = resolve(world.doc, query["limit"]).get("maximum", 100)
+    narrowing = world.narrowing.get(path, {})
     # Not vacuous: the admin's listing holds some of the admin's resources.
-    seen = admin.request(method, path, params=params)
+    seen = admin.request(method, path, params={**params, **narrowing})
     assert seen.status_code == 200, seen.text
     assert {i for item in items(seen.json()) for i in identifiers(item)} & foreign, (
         f"admin's {path} shows none of {foreign}"
     )
-    r = member.request(method, path, params=params)
-    assert r.status_code == 200, f"{method} {path}: {r.status_code} {r.text[:300]}"
-    for item in items(r.json()):
-        assert not identifiers(item) & foreign, f"{method} {path} shows another account's {item}"
-        if "account_id" in item:
-            assert item["account_id"] == MEMBER_ACCOUNT, f"{method} {path} shows {item}"
-    for secret in world.secrets:
-        assert secret not in r.text, f"{method} {path} leaks {secret}"
+    for extra in [{}, narrowing] if narrowing else [{}]:
+        r = member.request(method, path, params={**params, **extra})
+        assert r.status_code == 200, f"{method} {path} {extra}: {r.status_code} {r.text[:300]}"
+        for item in items(r.json()):
+            assert not identifiers(item) & foreign, f"{method} {path} {extra} shows another account's {item}"
+            if "account_id" in item:
+                assert item["account_id"] == MEMBER_ACCOUNT, f"{method} {path} {extra} shows {item}"
+        for secret in world.secrets:
+            assert secret not in r.text, f"{method} {path} {extra} leaks {secret}"
+    # A filter naming another account's resource (contacts of its group) finds it not.
+    for name in sorted(set(query) & set(world.ids) - {"account_id"}):
+        for value in world.ids[name]:
+            other = member.request(method, path, params={**params, name: value})
+            assert_hidden(other, world, f"{method} {path}?{name}={value}")
     if "account_id" in query:
         for account_id in world.ids["account_id"]:
             other = member.request(method, path, params={**params, "account_id": account_id})
@@ -508,6 +667,8 @@ def walk_own(
             assert own_job not in world.ids["job_id"]
             assert member.get(f"/jobs/{own_job}").status_code == 200
             member.post(f"/jobs/{own_job}/cancel")
+    elif path in OWN_SCHEDULER:
+        OWN_SCHEDULER[path](member, admin, world)
     else:
         raise AssertionError(f"{method} {path} is OWN but has no check here; add one")
 
@@ -529,3 +690,114 @@ def own_voice_upload(member: httpx.Client, method: str, path: str, url: str) -> 
     assert batch["account_id"] == MEMBER_ACCOUNT, batch
     assert member.get(f"/api/v1/batches/{batch['_id']}").status_code == 200
     assert member.delete(f"/api/v1/batches/{batch['batch_id']}", params={"delete_jobs": "true"}).status_code == 200
+
+
+# --- the scheduler's creates: the member's own, and nothing of another account's joins them ----
+
+
+def own_contact(member: httpx.Client, admin: httpx.Client, world: World) -> None:
+    # The admin's contact's phone is another contact here: no 409 naming theirs.
+    r = member.post("/api/contacts", json={"name": "iso-own", "phone": world.named["contact_phone"]})
+    assert r.status_code == 201 and r.json()["account_id"] == MEMBER_ACCOUNT, r.text
+    own = r.json()["id"]
+    try:
+        assert own not in world.ids["contact_id"]
+        assert member.get(f"/api/contacts/{own}").status_code == 200
+    finally:
+        assert member.delete(f"/api/contacts/{own}").status_code == 204
+    for group_id in world.ids["group_id"]:
+        r = member.post("/api/contacts", json={"phone": mobile(), "groups": [group_id]})
+        assert_hidden(r, world, f"POST /api/contacts into group {group_id}")
+        assert admin.get(f"/api/groups/{group_id}").json()["contact_count"] == 1
+
+
+def own_import(member: httpx.Client, admin: httpx.Client, world: World) -> None:
+    name = f"iso-own-{uuid.uuid4().hex[:8]}"
+    csv = f"name,phone\n{name},{mobile()}\n".encode()
+    r = member.post("/api/contacts/import", files={"file": ("own.csv", csv, "text/csv")})
+    assert r.status_code == 200, r.text
+    assert (r.json()["created"], r.json()["invalid"]) == (1, 0), r.text
+    (own,) = member.get("/api/contacts", params={"search": name}).json()
+    assert own["account_id"] == MEMBER_ACCOUNT and own["id"] not in world.ids["contact_id"], own
+    assert member.delete(f"/api/contacts/{own['id']}").status_code == 204
+    for group_id in world.ids["group_id"]:
+        r = member.post(
+            "/api/contacts/import", files={"file": ("own.csv", csv, "text/csv")}, data={"group_id": group_id}
+        )
+        assert_hidden(r, world, f"POST /api/contacts/import into group {group_id}")
+        assert admin.get(f"/api/groups/{group_id}").json()["contact_count"] == 1
+    assert member.get("/api/contacts", params={"search": name}).json() == []
+
+
+def own_group(member: httpx.Client, admin: httpx.Client, world: World) -> None:
+    # Names are unique per account: the admin's group's name is free here, and no 409 says so.
+    r = member.post("/api/groups", json={"name": world.named["group_name"]})
+    assert r.status_code == 201 and r.json()["account_id"] == MEMBER_ACCOUNT, r.text
+    own = r.json()["id"]
+    try:
+        assert own not in world.ids["group_id"]
+        # Another account's contact neither joins the member's group nor leaves it.
+        for contact_id in world.ids["contact_id"]:
+            r = member.post(f"/api/groups/{own}/contacts", json={"contact_ids": [contact_id]})
+            assert_hidden(r, world, f"POST /api/groups/{own}/contacts with contact {contact_id}")
+            r = member.delete(f"/api/groups/{own}/contacts/{contact_id}")
+            assert_hidden(r, world, f"DELETE /api/groups/{own}/contacts/{contact_id}")
+        assert member.get(f"/api/groups/{own}").json()["contact_count"] == 0
+    finally:
+        assert member.delete(f"/api/groups/{own}").status_code == 204
+
+
+def own_opt_out(member: httpx.Client, admin: httpx.Client, world: World) -> None:
+    number = mobile()
+    r = member.post("/api/opt-outs", json={"phone": number})
+    assert r.status_code == 201 and r.json()["account_id"] == MEMBER_ACCOUNT, r.text
+    assert number in [o["phone"] for o in member.get("/api/opt-outs", params={"limit": 1000}).json()]
+    assert member.delete(f"/api/opt-outs/{number}").status_code == 204
+    # A number the admin's account opted out is new here: "created" tells nothing of theirs.
+    for phone in world.ids["phone"]:
+        r = member.post("/api/opt-outs", json={"phone": phone})
+        assert r.status_code == 201 and r.json()["account_id"] == MEMBER_ACCOUNT, r.text
+        assert r.json()["created"] is True, f"another account's opt-out of {phone} shows: {r.text}"
+        assert member.delete(f"/api/opt-outs/{phone}").status_code == 204
+
+
+def own_message(member: httpx.Client, admin: httpx.Client, world: World) -> None:
+    r = member.post("/api/messages", json={"content": "iso-own"})
+    assert r.status_code == 201, r.text
+    own = r.json()["id"]
+    try:
+        assert own not in world.ids["message_id"]
+        assert member.get(f"/api/messages/{own}").status_code == 200
+        # Another account's group, as a recipient list, is answered as one that does not exist:
+        # through a preview it would show that account's contacts.
+        absent = "900000000000000000"  # a well-formed id no group has
+        for group_id in world.ids["group_id"]:
+            for method, url, body in (
+                ("POST", "/api/messages", {"content": "iso-own"}),
+                ("PUT", f"/api/messages/{own}", {}),
+            ):
+                r = member.request(method, url, json={**body, "group_ids": [group_id]})
+                nothing = member.request(method, url, json={**body, "group_ids": [absent]})
+                what = f"{method} {url} with group {group_id}"
+                assert r.status_code in (400, 404), f"{what}: {r.status_code} {r.text[:300]}"
+                assert r.status_code == nothing.status_code, (r.text, nothing.text)
+                assert r.json()["message"].replace(group_id, absent) == nothing.json()["message"], (
+                    r.text,
+                    nothing.text,
+                )
+                for secret in world.secrets:
+                    assert secret not in r.text, f"{what} leaks {secret}: {r.text[:300]}"
+        assert member.get(f"/api/messages/{own}").json()["groups"] == []
+        preview = member.get(f"/api/messages/{own}/preview")
+        assert preview.status_code == 200 and preview.json()["recipient_count"] == 0, preview.text
+    finally:
+        assert member.delete(f"/api/messages/{own}").status_code == 204
+
+
+OWN_SCHEDULER = {
+    "/api/contacts": own_contact,
+    "/api/contacts/import": own_import,
+    "/api/groups": own_group,
+    "/api/opt-outs": own_opt_out,
+    "/api/messages": own_message,
+}

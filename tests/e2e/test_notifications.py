@@ -61,12 +61,25 @@ def test_finished_job_notifies_its_account_live_and_in_the_list(base_url: str) -
     job_id, pushed = finished_job_notification(base_url)
     assert pushed["type"] == "success" and pushed["kind"] == "batch_completed"
     assert pushed["data"]["total"] == 2 and pushed["read"] is False
+    # The scheduler guide's names, beside the dashboards' own.
+    assert pushed["is_read"] is False and pushed["created_at"] == pushed["timestamp"]
+    assert (pushed["related_entity_type"], pushed["related_entity_id"]) == ("job", job_id)
     nid = pushed["id"]
 
-    listed = httpx.get(f"{base_url}/api/notifications", headers=ADMIN, params={"limit": 100}).json()
+    r = httpx.get(f"{base_url}/api/notifications", headers=ADMIN, params={"limit": 100})
+    listed = r.json()
     assert nid in [n["id"] for n in listed]
     ids = [int(n["id"]) for n in listed]
     assert ids == sorted(ids, reverse=True)
+    total = int(r.headers["X-Total-Count"])
+    assert total >= len(listed)
+    # offset skips the newest (ones made meanwhile by other tests' jobs are newer still).
+    paged = httpx.get(f"{base_url}/api/notifications", headers=ADMIN, params={"limit": 100, "offset": 1}).json()
+    older = [int(n["id"]) for n in paged if int(n["id"]) < ids[0]]
+    assert older[: len(ids) - 1] == ids[1:]
+    for bad in ({"offset": -1}, {"offset": "x"}):
+        r = httpx.get(f"{base_url}/api/notifications", headers=ADMIN, params=bad)
+        assert r.status_code == 422 and "offset" in r.json()["message"], r.text
     before = httpx.get(f"{base_url}/api/notifications/unread-count", headers=ADMIN).json()["count"]
     assert before >= 1
 
@@ -83,7 +96,8 @@ def test_finished_job_notifies_its_account_live_and_in_the_list(base_url: str) -
     unread = httpx.get(f"{base_url}/api/notifications", headers=ADMIN, params={"unread_only": True}).json()
     assert nid not in [n["id"] for n in unread]
 
-    assert httpx.delete(f"{base_url}/api/notifications/{nid}", headers=ADMIN).status_code == 200
+    r = httpx.delete(f"{base_url}/api/notifications/{nid}", headers=ADMIN)
+    assert r.status_code == 204 and not r.content
     assert httpx.delete(f"{base_url}/api/notifications/{nid}", headers=ADMIN).status_code == 404
     pending = {
         n["id"] for n in httpx.get(f"{base_url}/api/notifications", headers=ADMIN, params={"unread_only": True}).json()

@@ -11,7 +11,6 @@ import hmac
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,13 +20,16 @@ import pytest
 from tests.conftest import WHATSAPP_APP_SECRET, WHATSAPP_VERIFY_TOKEN
 from tests.dispatcher.fake_graph import ACCESS_TOKEN, PHONE_NUMBER_ID, FakeGraph, Refusal
 from tests.e2e.test_bulk import ADMIN, add_device, deactivate_all, make_file, phones, send_file, wait_job
-from tests.http_server import running_in_thread
 
 
 @pytest.fixture
-def graph() -> Iterator[FakeGraph]:
-    with running_in_thread(FakeGraph()) as fake:
-        yield fake
+def graph(session_graph: FakeGraph) -> FakeGraph:
+    """The session's Graph (the dispatcher's WHATSAPP_GRAPH_URL), emptied of earlier tests' traffic."""
+    session_graph.refusals.clear()
+    session_graph.accepted.clear()
+    session_graph.message_ids.clear()
+    session_graph.paths.clear()
+    return session_graph
 
 
 def send_through_cloud(base_url: str, graph: FakeGraph, numbers: list[str], message: str) -> tuple[dict[str, Any], int]:
@@ -38,7 +40,7 @@ def send_through_cloud(base_url: str, graph: FakeGraph, numbers: list[str], mess
         provider="whatsapp_cloud",
         secret=ACCESS_TOKEN,
         rate_per_minute=0,
-        provider_config={"phone_number_id": PHONE_NUMBER_ID, "base_url": graph.url},
+        provider_config={"phone_number_id": PHONE_NUMBER_ID},
     )
     try:
         r = send_file(base_url, make_file(numbers), message=message)

@@ -31,6 +31,7 @@ from services.gateway.auth import (
 )
 from services.gateway.config import GatewaySettings
 from services.gateway.errors import ApiError
+from services.runtime.identity import Caller, caller_from_metadata
 
 ISSUER = "pregonero"
 
@@ -63,7 +64,7 @@ class FakeDirectory:
     tokens: AccessTokens
     revoked: set[str] = field(default_factory=set)
     keys: dict[str, KeyOwner] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=lambda: {"jwks": 0, "session": 0, "key": 0})
+    calls: dict[str, int] = field(default_factory=lambda: {"jwks": 0, "session": 0, "key": 0, "zone": 0})
     down: bool = False
 
     def _check(self, what: str) -> None:
@@ -75,13 +76,17 @@ class FakeDirectory:
         self._check("jwks")
         return self.tokens.jwks()
 
-    async def session_active(self, session_id: str) -> bool:
+    async def session_timezone(self, session_id: str) -> str | None:
         self._check("session")
-        return session_id not in self.revoked
+        return None if session_id in self.revoked else "America/Santiago"
 
     async def api_key(self, secret: str) -> KeyOwner | None:
         self._check("key")
         return self.keys.get(secret)
+
+    async def account_timezone(self, caller: Caller) -> str:
+        self._check("zone")
+        return "America/Argentina/Buenos_Aires"
 
 
 @pytest.fixture
@@ -149,10 +154,33 @@ async def test_anonymous_callers_only_where_the_operator_allows() -> None:
         await opened.resolve(None)  # the dashboards' routes never accept anonymous callers
 
 
-async def test_static_tokens_need_no_accounts_service(auth: Authenticator, directory: FakeDirectory) -> None:
+async def test_static_tokens_need_no_accounts_service(
+    auth: Authenticator, directory: FakeDirectory, clock: Clock
+) -> None:
     principal = await auth.authenticate("Bearer good")
     assert principal.kind == STATIC and principal.caller.user_id == "operator"
-    assert directory.calls == {"jwks": 0, "session": 0, "key": 0}
+    # Only their account's zone is asked, once a minute; an outage leaves it empty, no more.
+    assert principal.caller.timezone == "America/Argentina/Buenos_Aires"
+    await auth.authenticate("Bearer good")
+    assert directory.calls == {"jwks": 0, "session": 0, "key": 0, "zone": 1}
+    clock.now += 61
+    directory.down = True  # the last zone known stays
+    assert (await auth.resolve("Bearer good")).timezone == "America/Argentina/Buenos_Aires"
+    assert (await auth.resolve("Bearer good")).is_admin and directory.calls["zone"] == 2
+    down_from_the_start = Authenticator(settings(pregonero_static_tokens="t=account:acme"), directory=directory)
+    assert (await down_from_the_start.resolve("Bearer t")).timezone == ""
+
+
+async def test_the_callers_zone_comes_with_the_session_and_key_checks(
+    auth: Authenticator, directory: FakeDirectory
+) -> None:
+    caller = await auth.resolve(bearer(member_token(directory.tokens, "s-zone")))
+    assert caller.timezone == "America/Santiago"
+    directory.keys["pk_zone"] = KeyOwner(key_id="key-z", account_id="acme", timezone="America/Argentina/Salta")
+    assert (await auth.resolve(bearer("pk_zone"))).timezone == "America/Argentina/Salta"
+    # ... and travels to the services in the metadata, back into the same Caller there.
+    assert caller_from_metadata(dict(caller.metadata())) == caller
+    assert directory.calls["zone"] == 0
 
 
 # JWT access tokens

@@ -48,6 +48,17 @@ class SendResult:
     provider_message_id: str = ""
     error: str = ""
     retry_after: float = 0.0  # seconds, for rate_limited
+    # The provider refused the message because the device itself cannot send now (a device
+    # gateway's device disconnected, expired, out of quota or with wrong credentials; a
+    # WhatsApp Web session not working, or its server unreachable): nothing went out, and the
+    # recipient is not at fault. The engine gives the claim back, takes the device out of the
+    # rotation and sends the message through another device (or hands it back to wait).
+    # Only on a refusal (`rate_limited`), never with `sent` or `unknown`.
+    device_unavailable: bool = False
+
+    def __post_init__(self) -> None:
+        if self.device_unavailable and self.status != "rate_limited":
+            raise ValueError(f"device_unavailable is a refusal (rate_limited), not {self.status!r}")
 
 
 def transport_failure(exc: httpx.HTTPError, prefix: str = "") -> SendResult:
@@ -57,6 +68,26 @@ def transport_failure(exc: httpx.HTTPError, prefix: str = "") -> SendResult:
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol):
         return SendResult(status="failed", error=error)
     return SendResult(status="unknown", error=error)
+
+
+# What a provider says of a device (a Wablas device, a WAHA session): the dispatcher stops
+# giving work to a device that is not connected.
+Connection = Literal["connected", "disconnected", "qr_needed", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    connection: Connection
+    reason: str = ""  # the provider's words, shown to the user
+    quota_left: int = -1  # messages the provider still allows (-1: not known)
+    qr_code: str = ""  # base64 PNG, when qr_needed
+
+
+class DeviceStates(Protocol):
+    """Providers whose devices can be connected or not (device gateways, WhatsApp Web) also
+    implement this; the dispatcher polls it at a modest rate."""
+
+    async def device_state(self, sender: SenderConfig) -> DeviceState: ...
 
 
 class Provider(Protocol):

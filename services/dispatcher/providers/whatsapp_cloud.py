@@ -4,7 +4,8 @@ parameter is the job's rendered text.
 
 A sender of this provider keeps its access token as the (encrypted) `secret`, and in
 `provider_config` the business number's `phone_number_id`, optionally a `template`
-(`{"name": ..., "language": "es"}`), an `api_version` and a `base_url` (a local fake in tests).
+(`{"name": ..., "language": "es"}`) and an `api_version`. Where Graph is (`WHATSAPP_GRAPH_URL`;
+a local fake in tests) is the operator's setting, never a tenant's.
 
 Graph has no look-up by our attempt id, so an attempt whose outcome a crash lost cannot be
 resolved here: `lookup` says so, and the dispatcher marks it `unknown` rather than sending
@@ -12,6 +13,7 @@ it again."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import httpx
@@ -21,11 +23,12 @@ from .base import SenderConfig, SendRequest, SendResult, transport_failure
 NAME = "whatsapp_cloud"
 DEFAULT_BASE_URL = "https://graph.facebook.com"
 DEFAULT_API_VERSION = "v21.0"
-CONFIG_KEYS = frozenset({"phone_number_id", "template", "api_version", "base_url"})
+CONFIG_KEYS = frozenset({"phone_number_id", "template", "api_version"})
 # Graph error codes that mean "slow down" rather than "this message is wrong": throughput
 # (80007, 130429), the per-pair limit (131056) and the spam rate limit (131048).
 RATE_LIMIT_CODES = frozenset({4, 80007, 130429, 131048, 131056})
 DEFAULT_RETRY_AFTER = 5.0
+_API_VERSION = re.compile(r"v[0-9]{1,3}\.[0-9]{1,3}")
 
 
 class LookupUnsupported(RuntimeError):
@@ -46,9 +49,11 @@ def check_config(config: dict[str, Any]) -> None:
             raise ValueError('template must be {"name": ..., "language": ...}')
         if not isinstance(template.get("language", "es"), str):
             raise ValueError("template.language must be a string such as es or es_AR")
-    for key in ("api_version", "base_url"):
-        if key in config and not isinstance(config[key], str):
-            raise ValueError(f"{key} must be a string")
+    # A path segment on the operator's Graph host: only a version, so it cannot steer the request.
+    if "api_version" in config and not (
+        isinstance(config["api_version"], str) and _API_VERSION.fullmatch(config["api_version"])
+    ):
+        raise ValueError("api_version must be a Graph version such as v21.0")
 
 
 def message_body(request: SendRequest) -> dict[str, Any]:
@@ -80,13 +85,13 @@ def message_body(request: SendRequest) -> dict[str, Any]:
 class WhatsAppCloudProvider:
     name = NAME
 
-    def __init__(self, *, timeout_s: float = 15.0) -> None:
+    def __init__(self, *, base_url: str = DEFAULT_BASE_URL, timeout_s: float = 15.0) -> None:
+        self.base_url = base_url.rstrip("/")
         self.http = httpx.AsyncClient(timeout=timeout_s)
 
     def _url(self, sender: SenderConfig) -> str:
-        config = sender.config
-        base = str(config.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
-        return f"{base}/{config.get('api_version') or DEFAULT_API_VERSION}/{config['phone_number_id']}/messages"
+        version = sender.config.get("api_version") or DEFAULT_API_VERSION
+        return f"{self.base_url}/{version}/{sender.config['phone_number_id']}/messages"
 
     async def send(self, request: SendRequest) -> SendResult:
         try:

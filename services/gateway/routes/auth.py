@@ -9,7 +9,7 @@ import grpc
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 from pregonero.accounts.v1 import auth_pb2, auth_pb2_grpc
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.runtime.identity import Caller
 from services.runtime.protos import from_timestamp, iso
@@ -49,6 +49,8 @@ class User(BaseModel):
     account_id: str | None = Field(description="The member's account; null for admins, who reach every account")
     is_active: bool
     created_at: str | None
+    timezone: str = Field(description="The user's IANA zone; empty: the account's")
+    effective_timezone: str | None = Field(description="The zone dates without an offset are read in")
 
 
 class Me(BaseModel):
@@ -59,7 +61,20 @@ class Me(BaseModel):
     email: str | None = None
     is_active: bool | None = None
     created_at: str | None = None
+    timezone: str | None = None
+    effective_timezone: str | None = None
     key_id: str | None = None
+
+
+class MePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    timezone: str | None = Field(
+        None,
+        max_length=64,
+        description="An IANA zone (America/Santiago); empty: back to the account's zone",
+        examples=["America/Santiago"],
+    )
 
 
 class Tokens(BaseModel):
@@ -121,6 +136,9 @@ def user_json(user: auth_pb2.User) -> dict[str, Any]:
         "account_id": user.account_id or None,
         "is_active": user.is_active,
         "created_at": iso(from_timestamp(user.created_at, present=user.HasField("created_at"))),
+        "timezone": user.timezone,
+        # Replies that do not read the zone (login, refresh) leave it empty: unknown, not UTC.
+        "effective_timezone": user.effective_timezone or None,
     }
 
 
@@ -242,6 +260,32 @@ async def me(request: Request, principal: PrincipalDep) -> JSONResponse:
         body["key_id"] = principal.key_id
     # Only the keys that apply: a static token's body stays {role, account_id, user_id}.
     return JSONResponse(body)
+
+
+@router.patch(
+    "/api/auth/me",
+    response_model=Me,
+    summary="Change the caller's profile (its time zone)",
+    description="Only a signed-in user has a profile: static tokens and API keys get 400.",
+)
+async def update_me(request: Request, principal: PrincipalDep, body: MePatch) -> JSONResponse:
+    caller = principal.caller
+    changes = body.model_dump(exclude_unset=True)
+    if principal.kind != JWT:
+        if changes:
+            raise ApiError(400, "only a signed-in user has a profile to change; this token has none", "bad_request")
+        return await me(request, principal)
+    timezone = changes.get("timezone")
+    user = await _rpc(request).UpdateUser(
+        auth_pb2.UpdateUserRequest(timezone=timezone) if timezone is not None else auth_pb2.UpdateUserRequest(),
+        metadata=outgoing_metadata(caller),
+        timeout=RPC_TIMEOUT_S,
+    )
+    # This replica reads the new zone at once; the others within the auth cache bound.
+    _auth(request).profile_changed(principal.session_id)
+    return JSONResponse(
+        {"role": caller.role, "account_id": caller.account_id, "user_id": caller.user_id, **user_json(user)}
+    )
 
 
 @router.post("/api/auth/users", status_code=201, response_model=User, summary="Create a user (admins)")

@@ -20,7 +20,7 @@ from services.runtime.rpc import outgoing_metadata
 
 from ..auth import Authenticator, require_caller
 from ..errors import ApiError
-from ..notify_live import NotificationHub, notification_json
+from ..notify_live import WATCH_TYPES, NotificationHub, notification_json
 from ..socket_limit import admit, socket_client
 
 log = logging.getLogger("pregonero.gateway.notifications")
@@ -38,19 +38,24 @@ def stub(request: Request | WebSocket) -> notifications_pb2_grpc.NotificationsSe
     return notifications_pb2_grpc.NotificationsServiceStub(request.app.state.backends.channels["accounts"])
 
 
-@router.get("/api/notifications", summary="Notifications, newest first")
+@router.get("/api/notifications", summary="Notifications, newest first (the total in X-Total-Count)")
 async def list_notifications(
     request: Request,
+    response: Response,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=100_000, description="how many of the newest to skip")] = 0,
     unread_only: bool = False,
     account_id: AccountFilter = None,
 ) -> list[dict[str, Any]]:
     reply = await stub(request).ListNotifications(
-        notifications_pb2.ListNotificationsRequest(account_id=account_id or "", unread_only=unread_only, limit=limit),
+        notifications_pb2.ListNotificationsRequest(
+            account_id=account_id or "", unread_only=unread_only, limit=limit, offset=offset
+        ),
         metadata=outgoing_metadata(caller),
         timeout=RPC_TIMEOUT_S,
     )
+    response.headers["X-Total-Count"] = str(reply.total)
     return [notification_json(n) for n in reply.notifications]
 
 
@@ -93,14 +98,15 @@ async def mark_read_seed(request: Request, caller: CallerDep, notification_id: N
     return await _mark_read(request, caller, notification_id)
 
 
-@router.delete("/api/notifications/{notification_id}", summary="Delete one")
-async def delete_notification(request: Request, caller: CallerDep, notification_id: NotificationId) -> dict[str, Any]:
+@router.delete("/api/notifications/{notification_id}", status_code=204, response_class=Response, summary="Delete one")
+async def delete_notification(request: Request, caller: CallerDep, notification_id: NotificationId) -> Response:
     await stub(request).DeleteNotification(
         notifications_pb2.NotificationRef(id=notification_id),
         metadata=outgoing_metadata(caller),
         timeout=RPC_TIMEOUT_S,
     )
-    return {"success": True, "id": notification_id}
+    # The guide's 204: no deployed client reads a body here (API_COMPAT.md names none).
+    return Response(status_code=204)
 
 
 @router.get("/api/v1/audit", tags=["audit"], summary="Audit log of critical actions (admin)")
@@ -198,6 +204,8 @@ async def user_notifications(websocket: WebSocket, user_id: str, token: str | No
                 continue
             if isinstance(data, dict) and data.get("type") == "ping":
                 sock.offer({"type": "pong", "timestamp": data.get("timestamp")})
+            elif isinstance(data, dict) and data.get("type") in WATCH_TYPES:
+                hub.client_request(sock, data)
     except Exception:  # noqa: BLE001 - the client went away
         return
     finally:

@@ -1,5 +1,7 @@
 """Provider webhooks. The WhatsApp Cloud API calls these with the statuses of messages it
-accepted (sent, delivered, read, failed); they reach campaigns as `events.delivery.*`.
+accepted (sent, delivered, read, failed); they reach campaigns as `events.delivery.*`. An
+inbound text saying STOP, BAJA or NO puts its sender on the opt-out list of the accounts whose
+Cloud API device is the number it wrote to (the dispatcher knows which; campaigns keeps the list).
 
 No bearer token here: Meta signs each delivery with the app secret (`X-Hub-Signature-256`,
 an HMAC-SHA256 of the raw body), and subscribing answers a challenge with the verify token
@@ -10,22 +12,40 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import grpc
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import PlainTextResponse
+from pregonero.campaigns.v1 import address_book_pb2
+from pregonero.dispatcher.v1 import dispatcher_pb2
 from pregonero.events.v1 import events_pb2
 
 from services.runtime import bus
+from services.runtime.identity import ADMIN, MEMBER, Caller
 from services.runtime.protos import to_timestamp
+from services.runtime.rpc import outgoing_metadata
 
 from ..errors import ApiError
+
+log = logging.getLogger("pregonero.gateway.webhooks")
 
 router = APIRouter(tags=["webhooks"])
 
 PROVIDER = "whatsapp_cloud"
 STATUSES = frozenset({"sent", "delivered", "read", "failed"})
+# Replies that withdraw consent, compared trimmed and case-insensitive.
+STOP_WORDS = frozenset({"stop", "baja", "no"})
+_WA_ID = re.compile(r"[1-9][0-9]{6,14}")  # Meta's `from`: the E.164 digits, without the +
+_NUMBER_ID = re.compile(r"[0-9]{1,32}")
+WEBHOOK_USER = "whatsapp-webhook"
+# The number's senders are looked up across accounts: the webhook names no account.
+FINDER = Caller(role=ADMIN, account_id="", user_id=WEBHOOK_USER)
+RPC_TIMEOUT_S = 10.0
 
 
 @router.get("/webhooks/whatsapp", summary="WhatsApp Cloud API subscription check", response_class=PlainTextResponse)
@@ -63,7 +83,72 @@ async def receive_statuses(request: Request) -> dict[str, Any]:
         digest = hashlib.sha256(raw).hexdigest()[:32]
         message = events_pb2.DeliveryReports(provider=PROVIDER, reports=reports)
         await bus.publish(request.app.state.runtime.js, f"events.delivery.{PROVIDER}", message, msg_id=digest)
-    return {"received": len(reports)}
+    stops = stops_of(payload)
+    if not stops:
+        return {"received": len(reports)}
+    return {"received": len(reports), "opted_out": await add_opt_outs(request, stops)}
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    phone_number_id: str  # the business number written to
+    phone: str  # who wrote, E.164
+
+
+def stops_of(payload: dict[str, Any]) -> list[Stop]:
+    """The inbound texts saying STOP, BAJA or NO (entry[].changes[].value.messages[]), each
+    sender once per business number; any other message is not ours to handle."""
+    stops: dict[Stop, None] = {}
+    for entry in _objects(payload.get("entry")):
+        for change in _objects(entry.get("changes")):
+            value = change.get("value")
+            if not isinstance(value, dict):
+                continue
+            metadata = value.get("metadata")
+            number_id = metadata.get("phone_number_id") if isinstance(metadata, dict) else None
+            if not isinstance(number_id, str) or not _NUMBER_ID.fullmatch(number_id):
+                continue
+            for message in _objects(value.get("messages")):
+                text = message.get("text")
+                body = text.get("body") if isinstance(text, dict) else None
+                sender = message.get("from")
+                if message.get("type") != "text" or not isinstance(body, str) or not isinstance(sender, str):
+                    continue
+                if body.strip().casefold() in STOP_WORDS and _WA_ID.fullmatch(sender):
+                    stops[Stop(number_id, "+" + sender)] = None
+    return list(stops)
+
+
+async def add_opt_outs(request: Request, stops: list[Stop]) -> int:
+    """Each sender joins the opt-outs of every account with a live Cloud API device on the
+    number it wrote to (each of them sends from it, so each must stop); how many were new.
+    A failure answers 5xx, so Meta delivers the body again: adding is idempotent. A sender
+    the address book refuses as a phone can never succeed, and is skipped."""
+    backends = request.app.state.backends
+    added = 0
+    for stop in stops:
+        found = await backends.dispatcher.FindSendersByNumber(
+            dispatcher_pb2.FindSendersByNumberRequest(provider=PROVIDER, phone_number_id=stop.phone_number_id),
+            metadata=outgoing_metadata(FINDER),
+            timeout=RPC_TIMEOUT_S,
+        )
+        accounts = sorted({sender.account_id for sender in found.senders})
+        if not accounts:
+            log.warning("opt-out reply to number id %s, which no device uses: ignored", stop.phone_number_id)
+        for account_id in accounts:
+            try:
+                reply = await backends.address_book.AddOptOut(
+                    address_book_pb2.AddOptOutRequest(account_id=account_id, phone=stop.phone, source="inbound"),
+                    metadata=outgoing_metadata(Caller(role=MEMBER, account_id=account_id, user_id=WEBHOOK_USER)),
+                    timeout=RPC_TIMEOUT_S,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                log.warning("opt-out reply from a number the address book refuses: %s", exc.details())
+                continue
+            added += reply.created
+    return added
 
 
 def statuses_of(payload: Any) -> list[events_pb2.DeliveryReport]:
