@@ -15,7 +15,7 @@ from services.runtime.identity import Caller
 from .bulkfile import BulkFileParser, InvalidRow
 from .notify import Notifier
 from .repo import CampaignsRepo
-from .template import compile_template
+from .template import MAX_MESSAGE_CHARS, compile_template
 
 log = logging.getLogger("pregonero.campaigns")
 
@@ -97,9 +97,12 @@ class Batches:
             raise InvalidArgument("devices_limit must be at least 1")
         if not senders:
             raise InvalidArgument("no active device: add or activate a device before sending")
-        compile_template(template)
+        if len(template) > MAX_MESSAGE_CHARS:
+            raise InvalidArgument(
+                f"message is {len(template):,} characters long; WhatsApp takes at most {MAX_MESSAGE_CHARS:,}"
+            )
         chosen = senders[: min(devices_limit, len(senders))]
-        parser = BulkFileParser(max_recipients=MAX_RECIPIENTS)
+        parser = BulkFileParser(max_recipients=MAX_RECIPIENTS, template=compile_template(template))
         async with self.repo.pool.acquire() as conn, conn.transaction():
             batch = await self.repo.insert_batch(
                 conn,

@@ -13,6 +13,7 @@ import re
 import unicodedata
 from typing import NamedTuple
 
+from services.campaigns.template import MAX_MESSAGE_CHARS, Template
 from services.runtime.errors import InvalidArgument, PayloadTooLarge
 
 MAX_RECIPIENTS = 1_000_000
@@ -93,9 +94,16 @@ def _is_phone_header(name: str) -> bool:
 class BulkFileParser:
     """Streaming parser: bytes in, `Row`s out, with counters for the upload's summary."""
 
-    def __init__(self, *, max_recipients: int = MAX_RECIPIENTS, sniff_bytes: int = SNIFF_BYTES) -> None:
+    def __init__(
+        self, *, max_recipients: int = MAX_RECIPIENTS, sniff_bytes: int = SNIFF_BYTES, template: Template | None = None
+    ) -> None:
         self.max_recipients = max_recipients
         self.sniff_bytes = sniff_bytes
+        # A row whose text would render longer than MAX_MESSAGE_CHARS is invalid. Only a line
+        # longer than the template's safe length is measured, and only in a chunk that has one
+        # (its longest line is known already): a million short rows pay nothing per row.
+        self._template = template
+        self._safe_line_chars = template.safe_line_chars if template is not None else MAX_LINE_CHARS
         self.total_lines = 0
         self.accepted = 0
         self.invalid = 0
@@ -173,13 +181,15 @@ class BulkFileParser:
             carry = ""
         lines = text.split("\n")
         self._tail = "" if final else lines.pop() + carry
-        if len(self._tail) > MAX_LINE_CHARS or (lines and max(map(len, lines)) > MAX_LINE_CHARS):
+        longest = max(map(len, lines), default=0)
+        if len(self._tail) > MAX_LINE_CHARS or longest > MAX_LINE_CHARS:
             too_long = next((i for i, line in enumerate(lines) if len(line) > MAX_LINE_CHARS), len(lines))
-            self._lines(lines[:too_long])
+            self._lines(lines[:too_long], MAX_LINE_CHARS)
             raise InvalidArgument(f"line {self._line_no + 1} is longer than {MAX_LINE_CHARS:,} characters")
-        return self._lines(lines)
+        return self._lines(lines, longest)
 
-    def _lines(self, lines: list[str]) -> list[Row]:
+    def _lines(self, lines: list[str], longest: int) -> list[Row]:
+        """Rows of whole lines, the longest of which has `longest` characters."""
         if not self._first_line_seen:
             lines = self._skip_to_first_line(lines)
         # Every row allocates containers that outlive the young GC generations; none can form a
@@ -187,7 +197,7 @@ class BulkFileParser:
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._rows(lines)
+            return self._rows(lines, measure=longest > self._safe_line_chars)
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -213,7 +223,8 @@ class BulkFileParser:
         self._line_no += position
         return lines[position:]
 
-    def _rows(self, lines: list[str]) -> list[Row]:
+    def _rows(self, lines: list[str], *, measure: bool) -> list[Row]:
+        """`measure`: some line is long enough that its message might exceed MAX_MESSAGE_CHARS."""
         rows: list[Row] = []
         append = rows.append
         seen = self._seen
@@ -224,6 +235,7 @@ class BulkFileParser:
         duplicates = self.duplicates
         max_values = self.max_values
         limit = self.max_recipients
+        safe_line_chars = self._safe_line_chars
         accepted = len(seen)
         for line in lines:
             line_no += 1
@@ -239,6 +251,9 @@ class BulkFileParser:
                 if not digits:
                     self._reject(line_no, raw)
                     continue
+            if measure and len(line) > safe_line_chars and (too_long := self._too_long(fields)):
+                self._reject(line_no, raw, too_long)
+                continue
             add(int(digits))
             if len(seen) == accepted:
                 duplicates += 1
@@ -261,10 +276,21 @@ class BulkFileParser:
         self.max_values = max_values
         return rows
 
-    def _reject(self, line_no: int, raw: str) -> None:
+    def _too_long(self, fields: list[str]) -> str:
+        """Why the row's message cannot be sent ("" when it can): `fields` as split, the phone first."""
+        assert self._template is not None
+        chars = self._template.rendered_chars([field.strip() for field in fields[1:]])
+        if chars <= MAX_MESSAGE_CHARS:
+            return ""
+        return (
+            f"message too long: {chars:,} characters with this row's values, "
+            f"WhatsApp takes at most {MAX_MESSAGE_CHARS:,}"
+        )
+
+    def _reject(self, line_no: int, raw: str, reason: str = "") -> None:
         self.invalid += 1
         if len(self.invalid_samples) < MAX_INVALID_SAMPLES:
-            reason = "invalid phone" if raw else "missing phone"
+            reason = reason or ("invalid phone" if raw else "missing phone")
             self.invalid_samples.append(InvalidRow(line_no, _shown(raw, MAX_SAMPLE_VALUE), reason))
 
     def _validate(self) -> None:
@@ -273,9 +299,13 @@ class BulkFileParser:
         if self.total_lines == 0:
             raise InvalidArgument("the file has a header but no recipients")
         if self.accepted == 0:
+            first = self.invalid_samples[0]
+            if first.reason.startswith("message too long"):
+                raise InvalidArgument(
+                    f"nothing to send: all {self.invalid:,} rows are invalid (line {first.line}: {first.reason})"
+                )
             if not self.has_header:
                 raise InvalidArgument("no phone column: the first column must hold phone numbers")
-            first = self.invalid_samples[0]
             problem = f"{first.reason} '{_shown(first.value)}'" if first.value else first.reason
             raise InvalidArgument(
                 f"no valid phone numbers: all {self.invalid:,} rows are invalid (line {first.line}: {problem})"

@@ -8,6 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MISSING = "---"
+# WhatsApp's own limit for the body of a text message, in characters: a longer template is
+# refused, and so is a recipient whose values would render a longer text.
+MAX_MESSAGE_CHARS = 4096
+_ANY_LINE = 2**62
 
 # Greedy on digits, so `@valor10` is variable 10 and never variable 1 followed by "0".
 _VARIABLE = re.compile(r"@valor(\d+)")
@@ -21,6 +25,10 @@ class Template:
     literals: tuple[str, ...]
     indexes: tuple[int, ...]
     max_index: int  # the highest N of the `@valorN` used; 0 when there are none
+    literal_chars: int  # the characters of the literal parts
+    # Longest line (values and separators) whose rendering is surely within MAX_MESSAGE_CHARS:
+    # a value used k times adds k times its length, or len(MISSING) when it is blank.
+    safe_line_chars: int
 
     def render(self, values: Sequence[str]) -> str:
         """Value i (1-based) replaces `@valor{i}`; a missing, empty or blank value renders as `---`."""
@@ -33,6 +41,29 @@ class Template:
             out.append(value if value and not value.isspace() else MISSING)
             out.append(literals[position])
         return "".join(out)
+
+    def rendered_chars(self, values: Sequence[str]) -> int:
+        """len(self.render(values)), without building the text."""
+        count = len(values)
+        chars = self.literal_chars
+        for index in self.indexes:
+            value = values[index] if index < count else ""
+            chars += len(value) if value and not value.isspace() else len(MISSING)
+        return chars
+
+
+def _built(text: str, literals: list[str], indexes: list[int]) -> Template:
+    literal_chars = sum(map(len, literals))
+    most_uses = max((indexes.count(i) for i in set(indexes)), default=0)
+    room = MAX_MESSAGE_CHARS - literal_chars - len(MISSING) * len(indexes)
+    return Template(
+        text=text,
+        literals=tuple(literals),
+        indexes=tuple(indexes),
+        max_index=max(indexes, default=-1) + 1,
+        literal_chars=literal_chars,
+        safe_line_chars=-1 if room < 0 else room // most_uses if most_uses else _ANY_LINE,
+    )
 
 
 def compile_template(text: str) -> Template:
@@ -48,7 +79,7 @@ def compile_template(text: str) -> Template:
         indexes.append(int(digits) - 1)
         start = match.end()
     literals.append(text[start:])
-    return Template(text=text, literals=tuple(literals), indexes=tuple(indexes), max_index=max(indexes, default=-1) + 1)
+    return _built(text, literals, indexes)
 
 
 # The variables a scheduled message may use, in the order of its jobs' values.
@@ -79,7 +110,7 @@ def compile_named(text: str) -> Template:
         indexes.append(NAMED_VARIABLES.index(name))
         start = match.end()
     literals.append(text[start:])
-    return Template(text=text, literals=tuple(literals), indexes=tuple(indexes), max_index=max(indexes, default=-1) + 1)
+    return _built(text, literals, indexes)
 
 
 def compile_for(syntax: str, text: str) -> Template:

@@ -27,7 +27,7 @@ from services.runtime.identity import Caller
 
 from .batches import Batches, listing_scope, scope_of
 from .calling import CallSettings, parse_call_settings
-from .contacts import ARGENTINA, BadFile, Contact, ParsedFile, parse_contacts
+from .contacts import ARGENTINA, BadFile, Contact, ParsedFile, TooManyRows, parse_contacts
 from .credit import AccountInfo, Credit
 from .voice_repo import VoiceRepo
 
@@ -260,6 +260,8 @@ class VoiceBatches:
                     dias_fecha_maxima=upload.dias_fecha_maxima,
                     today=date.today(),
                 )
+            except TooManyRows as exc:
+                raise PayloadTooLarge(str(exc)) from exc
             except BadFile as exc:
                 raise InvalidArgument(str(exc)) from exc
         settings = parse_call_settings(

@@ -16,6 +16,7 @@ from services.runtime.logs import REQUEST_ID_KEY, new_request_id, request_id_var
 
 from . import errors
 from .auth import Authenticator, GrpcDirectory
+from .body_limits import BodyLimits
 from .clients import Backends
 from .config import GatewaySettings
 from .live import LiveHub
@@ -79,6 +80,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         per_second=settings.pregonero_ws_connects_per_second, burst=settings.pregonero_ws_connect_burst
     )
     errors.install(app)
+    # Inside CORS, so a refusal before the body still carries its headers.
+    app.add_middleware(BodyLimits)
     origins = settings.cors_origin_list()
     app.add_middleware(
         CORSMiddleware,

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.campaigns.bulkfile import MAX_LINE_CHARS, BulkFileParser, Row, normalize_phone
+from services.campaigns.bulkfile import MAX_LINE_CHARS, BulkFileParser, InvalidRow, Row, normalize_phone
+from services.campaigns.template import MAX_MESSAGE_CHARS, compile_template
 from services.runtime.errors import DomainError, InvalidArgument, PayloadTooLarge
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
-def parse(data: bytes, *, chunk: int | None = None, **options: int) -> tuple[list[Row], BulkFileParser]:
+def parse(data: bytes, *, chunk: int | None = None, **options: Any) -> tuple[list[Row], BulkFileParser]:
     parser = BulkFileParser(**options)
     size = chunk or max(len(data), 1)
     rows: list[Row] = []
@@ -25,7 +27,7 @@ def parse(data: bytes, *, chunk: int | None = None, **options: int) -> tuple[lis
     return rows, parser
 
 
-def rejection(data: bytes, **options: int) -> DomainError:
+def rejection(data: bytes, **options: Any) -> DomainError:
     with pytest.raises(DomainError) as caught:
         parse(data, **options)
     return caught.value
@@ -433,3 +435,31 @@ def test_utf8_errors_name_the_line_of_the_first_bad_byte(pieces: list[bytes], da
     if result != (InvalidArgument, f"the file is not UTF-8 text (line {line_no})"):
         assert isinstance(result, tuple) and result[0] is InvalidArgument
         assert result[1].startswith("no phone column") or "longer than" in result[1]
+
+
+# --- the message each row renders --------------------------------------------------------------
+
+
+def test_a_row_whose_message_would_be_too_long_is_invalid_with_the_reason() -> None:
+    template = compile_template("Hola @valor1, pedido @valor2 (@valor1)")
+    data = (
+        "phone|@valor1|@valor2\n"
+        "+56911111111|ana|7\n"
+        f"+56922222222|{'a' * 2040}|{'b' * 10}\n"  # 4,107 characters once rendered
+        f"+56933333333|{'a' * 2020}|{'b' * 10}\n"  # 4,067: long, within the limit
+        "+56922222222|ana|8\n"  # the phone is free again: the row before sends nothing
+    ).encode()
+    rows, parser = parse(data, template=template)
+    assert [(r.line_no, r.phone) for r in rows] == [(2, "+56911111111"), (4, "+56933333333"), (5, "+56922222222")]
+    assert all(len(template.render(r.values)) <= MAX_MESSAGE_CHARS for r in rows)
+    assert parser.invalid == 1 and parser.duplicates == 0
+    assert parser.invalid_samples == [
+        InvalidRow(
+            3, "+56922222222", "message too long: 4,107 characters with this row's values, WhatsApp takes at most 4,096"
+        )
+    ]
+
+
+def test_a_file_of_rows_too_long_is_refused() -> None:
+    error = rejection(f"+56911111111|{'a' * 5000}\n".encode(), template=compile_template("@valor1"))
+    assert isinstance(error, InvalidArgument) and "message too long: 5,000 characters" in error.message

@@ -13,6 +13,7 @@ import pytest
 from services.campaigns import contact_import
 from services.campaigns.address_book import RowChecker, phone_e164
 from services.campaigns.contact_import import ImportFile, RawRow, match_columns, spooled
+from services.campaigns.contacts import xlsx
 from services.runtime.errors import InvalidArgument, PayloadTooLarge
 
 
@@ -177,7 +178,7 @@ def test_row_checker_takes_rounds_and_samples_the_invalid() -> None:
 
 
 def test_a_workbook_that_inflates_too_far_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(contact_import, "MAX_UNPACKED_BYTES", 100_000)
+    monkeypatch.setattr(xlsx, "MAX_INFLATED_BYTES", 100_000)
     book = openpyxl.Workbook()
     sheet = book.active
     sheet.append(["telefono", "nombre"])
@@ -186,5 +187,5 @@ def test_a_workbook_that_inflates_too_far_is_refused(tmp_path: Path, monkeypatch
     path = tmp_path / "c.xlsx"
     book.save(path)
     assert path.stat().st_size < 100_000
-    with pytest.raises(PayloadTooLarge, match="unpacks to more than"):
+    with pytest.raises(InvalidArgument, match=r"unpacks to more than 100,000 bytes.*xl/worksheets/sheet1.xml"):
         ImportFile(path, "c.xlsx")

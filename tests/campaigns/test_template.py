@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.campaigns.template import MISSING, compile_template
+from services.campaigns.template import MAX_MESSAGE_CHARS, MISSING, compile_template
 
 
 def words(pieces: list[str], *, max_size: int) -> st.SearchStrategy[str]:
@@ -84,3 +84,25 @@ def test_render_matches_a_model(parts: list[tuple[str, int]], end: str, values: 
 def test_render_leaves_no_variable(text: str, values: list[str]) -> None:
     rendered = compile_template(text).render(values)
     assert not re.search(r"@valor[1-9]", rendered)
+
+
+# --- the message's length ---------------------------------------------------------------------
+
+
+@given(
+    st.lists(st.integers(1, 4), max_size=8),
+    st.lists(st.text(alphabet="ab |\t", max_size=3000), max_size=5),
+    st.integers(0, 4096),
+)
+def test_rendered_chars_is_the_rendered_length_and_short_lines_are_surely_within_the_limit(
+    uses: list[int], values: list[str], literal: int
+) -> None:
+    text = "x" * literal + "".join(f" @valor{n}" for n in uses)
+    template = compile_template(text)
+    values = [value.strip() for value in values]
+    chars = template.rendered_chars(values)
+    assert chars == len(template.render(values))
+    # A line (phone, values, separators) no longer than safe_line_chars renders within the limit.
+    line = "+56987654321|" + "|".join(values)
+    if len(line) <= template.safe_line_chars:
+        assert chars <= MAX_MESSAGE_CHARS

@@ -347,3 +347,33 @@ def test_no_active_device_is_400_and_member_sees_only_its_jobs(base_url: str, su
         ).status_code
         == 401
     )
+
+
+def test_a_template_over_whatsapps_limit_is_400_and_changes_nothing(base_url: str, suite: Stack) -> None:
+    add_device(base_url, rate_per_minute=0)
+    before = _counts(suite)
+    r = send_file(base_url, make_file(phones(17, 2)), message="Hola @valor1 " + "x" * 4090)
+    assert r.status_code == 400, r.text
+    assert "4,103 characters" in r.json()["message"] and "4,096" in r.json()["message"]
+    assert _counts(suite) == before
+
+
+def test_a_row_that_renders_too_long_is_invalid_and_not_sent(base_url: str, suite: Stack) -> None:
+    deactivate_all(base_url)
+    add_device(base_url, rate_per_minute=0)
+    numbers = phones(18, 3)
+    data = f"phone|@valor1|@valor2\n{numbers[0]}|ana|1\n{numbers[1]}|{'a' * 4090}|2\n{numbers[2]}|luis|3\n".encode()
+    r = send_file(base_url, data)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["invalid_rows"] == 1 and body["job"]["total_numbers"] == 2
+    assert body["invalid"] == [
+        {
+            "line": 3,
+            "value": numbers[1],
+            "reason": "message too long: 4,105 characters with this row's values, WhatsApp takes at most 4,096",
+        }
+    ]
+    job = wait_job(base_url, body["job"]["id"])
+    assert job["progress"]["sent"] == 2
+    assert sorted(e[2] for e in sends_to(suite, numbers)) == [numbers[0], numbers[2]]

@@ -20,6 +20,7 @@ import pytest
 
 from services.runtime.devstack import Stack
 from tests.conftest import ADMIN_TOKEN, MEMBER_TOKEN
+from tests.workbook_bombs import MIB, SHARED_STRINGS, huge_shared_strings, plain_workbook, with_part
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MEMBER = {"Authorization": f"Bearer {MEMBER_TOKEN}"}  # account acme
@@ -399,3 +400,24 @@ def test_the_active_filter_means_pending_or_processing(api: httpx.Client, accoun
     assert int(active.headers["X-Total-Count"]) == len(active.json())
     # The dashboard's own words are taken too (tests/e2e/test_dashboard_compat.py); others are not.
     assert api.get("/batches", params={"status": "exploded"}).status_code == 400
+
+
+def test_a_zip_bomb_is_400_naming_its_limit_and_creates_nothing(
+    api: httpx.Client, account: str, tmp_path: Path
+) -> None:
+    # 80 MiB of shared strings in an upload of about 100 KiB.
+    bomb = with_part(
+        plain_workbook(tmp_path / "plain.xlsx"), tmp_path / "bomb.xlsx", SHARED_STRINGS, huge_shared_strings(80 * MIB)
+    )
+    before = api.get("/batches", params={"account_id": account}).headers["X-Total-Count"]
+    for path in ("/batches/excel/preview", "/batches/excel/create"):
+        with bomb.open("rb") as f:
+            r = api.post(
+                path,
+                files={"file": ("deudores.xlsx", f, "application/octet-stream")},
+                data={"account_id": account},
+            )
+        assert r.status_code == 400, (path, r.text)
+        message = r.json()["message"]
+        assert "64 MiB" in message and "xl/sharedStrings.xml" in message, message
+    assert api.get("/batches", params={"account_id": account}).headers["X-Total-Count"] == before

@@ -42,6 +42,7 @@ __all__ = [
     "ParsedFile",
     "Problem",
     "Rut",
+    "TooManyRows",
     "argentina_phone",
     "chile_phone",
     "normalise_header",
@@ -54,6 +55,14 @@ __all__ = [
 
 CHILE = "chile_debt_collection"
 ARGENTINA = "argentina"
+# Non-blank rows below the header: the bulk file's recipient limit (FORMATS.md). A workbook's
+# own size is bounded by the reader (`xlsx`), this the jobs a file makes.
+MAX_ROWS = 1_000_000
+
+
+class TooManyRows(BadFile):
+    """The file has more rows than MAX_ROWS (the caller answers 413, as for any oversized upload)."""
+
 
 # Field → normalised header spellings, most specific first. The dicts' order is the order in
 # which fields claim columns, so the landline claims "Teléfono fijo" before the generic phone.
@@ -200,6 +209,8 @@ def parse_contacts(
             # Only the columns read count: a row of totals or notes elsewhere is as good as blank.
             if values.count("") != len(values):
                 builder.add(number, *values)
+                if builder.total_rows > MAX_ROWS:
+                    raise TooManyRows(f"the file has more than {MAX_ROWS:,} rows (row {number})")
         contacts = builder.finish(today, dias_fecha_limite, dias_fecha_maxima)
     finally:
         if gc_was_enabled:

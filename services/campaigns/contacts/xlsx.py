@@ -13,17 +13,42 @@ as float (dates stay Excel serial numbers, which parse_date reads), booleans as 
 
 Anything this reader does not expect (prefixed XML namespaces, cells without references,
 a workbook layout it cannot follow) raises `Unsupported`, and the caller falls back to
-calamine: a slower read, never a wrong one."""
+calamine: a slower read, never a wrong one.
+
+A workbook is a zip archive, and a few KiB of it can inflate to gigabytes. What its parts may
+inflate to is bounded twice: by the sizes its directory declares, before anything is inflated
+(`check_declared_sizes`), and by the bytes actually inflated as each part is read, since a
+declared size can lie (this reader counts them as it reads; `check_inflated_sizes` inflates
+every part once, counting, before calamine, which trusts the archive, is handed it). Rows are
+bounded in cells and in XML bytes, so a row that never ends is not buffered without end. Past
+a limit the file is refused with `BadFile`, never read by the other reader."""
 
 from __future__ import annotations
 
 import re
+import struct
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from html import unescape
 from pathlib import Path
+from typing import IO
 
 CHUNK = 1 << 20
+
+# A 100,000-row, 45-column export (bench/excel_ingest.py) is a 26 MiB file that inflates to
+# 143 MiB, 13 MiB of it shared strings: the 64 MiB upload limit at that ratio is about 350 MiB.
+# This reader holds a row at a time, whatever the sheet's size; calamine holds the whole sheet
+# (about 2.3 times its XML), so what it is handed is bounded lower.
+MAX_INFLATED_BYTES = 384 * 2**20  # all the parts of a workbook together
+MAX_FALLBACK_INFLATED_BYTES = 256 * 2**20  # the same, for a workbook calamine reads
+MAX_SHARED_STRINGS_BYTES = 64 * 2**20  # read whole
+MAX_LAYOUT_BYTES = 16 * 2**20  # workbook.xml and its relationships, read whole: a few KiB in an export
+MAX_PARTS = 10_000  # an export has a few dozen
+MAX_CELLS_PER_ROW = 16_384  # Excel's own: columns A to XFD
+MAX_ROW_BYTES = 16 * 2**20  # one row's XML, held whole while it is read
+SHARED_STRINGS = "xl/sharedStrings.xml"
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
 
 _SHEET = re.compile(rb'<sheet\b[^>]*?\br:id="([^"]+)"')
 _REL = re.compile(rb"<Relationship\b([^>]*)/?>")
@@ -35,6 +60,99 @@ _ROW_END = b"</row>"
 _ANY_CELL = re.compile(rb'<c r="([A-Z]{1,3})(\d+)"([^>]*?)(?:/>|>(.*?)</c>)', re.S)
 _TYPE = re.compile(rb'\bt="([a-zA-Z]+)"')
 _V = re.compile(rb"<v>([^<]*)</v>")
+_CELL_START = b"<c "
+
+
+class BadFile(Exception):
+    """The file cannot be read at all; the message is shown to the user as it is."""
+
+
+def _mib(size: int) -> str:
+    return f"{size // 2**20:,} MiB" if size % 2**20 == 0 else f"{size:,} bytes"
+
+
+def check_declared_sizes(archive: zipfile.ZipFile, limit: int | None = None) -> None:
+    """BadFile for a workbook whose directory declares more than the limits (`limit` in all,
+    MAX_INFLATED_BYTES by default), before any part is inflated."""
+    limit = MAX_INFLATED_BYTES if limit is None else limit
+    infos = archive.infolist()
+    if len(infos) > MAX_PARTS:
+        raise BadFile(f"the workbook has more than {MAX_PARTS:,} parts: it is not an Excel export")
+    for info in infos:
+        if info.filename == SHARED_STRINGS and info.file_size > MAX_SHARED_STRINGS_BYTES:
+            raise _too_large(SHARED_STRINGS, MAX_SHARED_STRINGS_BYTES, "a workbook's shared strings")
+    total = sum(info.file_size for info in infos)
+    if total > limit:
+        largest = max(infos, key=lambda info: info.file_size)
+        raise BadFile(
+            f"the workbook unpacks to more than {_mib(limit)}, the limit for a workbook "
+            f"({largest.filename} alone declares {largest.file_size:,} bytes): remove what the campaign "
+            "does not need, or upload a CSV"
+        )
+
+
+def _too_large(part: str, limit: int, what: str) -> BadFile:
+    return BadFile(
+        f"the workbook unpacks to more than {_mib(limit)} in {part}, the limit for {what}: "
+        "remove what the campaign does not need, or upload a CSV"
+    )
+
+
+def check_inflated_sizes(path: Path) -> None:
+    """BadFile for a workbook whose parts inflate beyond what its directory declares or beyond
+    the limits, found by inflating each part once, in chunks, counting what comes out. An
+    archive that does not open is left to the reader, which says what is wrong with it."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return
+    try:
+        with archive, path.open("rb") as file:
+            check_declared_sizes(archive, MAX_FALLBACK_INFLATED_BYTES)
+            budget = MAX_FALLBACK_INFLATED_BYTES
+            for info in archive.infolist():
+                budget -= _inflated_size(file, info, budget)
+    except (zipfile.BadZipFile, zlib.error, struct.error, OSError) as exc:
+        raise BadFile(f"the workbook is damaged ({exc}): open it in Excel and save it again") from None
+
+
+def _inflated_size(file: IO[bytes], info: zipfile.ZipInfo, budget: int) -> int:
+    limit = min(info.file_size, budget)
+    if info.compress_type == zipfile.ZIP_STORED:
+        size = info.compress_size
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        file.seek(info.header_offset)
+        signature, name_length, extra_length = _LOCAL_HEADER.unpack(file.read(_LOCAL_HEADER.size))
+        if signature != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"{info.filename} has no local header")
+        file.seek(info.header_offset + _LOCAL_HEADER.size + name_length + extra_length)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        size, left = 0, info.compress_size
+        while left > 0 and not inflater.eof:
+            data = file.read(min(CHUNK, left))
+            if not data:
+                break
+            left -= len(data)
+            while data and not inflater.eof:
+                size += len(inflater.decompress(data, CHUNK))
+                if size > limit:
+                    break
+                data = inflater.unconsumed_tail
+            if size > limit:
+                break
+    else:
+        raise BadFile(f"{info.filename} is compressed with a method Excel does not use: save the workbook again")
+    if size > info.file_size:
+        raise BadFile(
+            f"{info.filename} inflates to more than the {info.file_size:,} bytes the workbook declares: "
+            "the file is damaged or crafted, not an Excel export"
+        )
+    if size > budget:
+        raise BadFile(
+            f"the workbook unpacks to more than {_mib(MAX_FALLBACK_INFLATED_BYTES)} (at {info.filename}), the limit "
+            "for a workbook: remove what the campaign does not need, or upload a CSV"
+        )
+    return size
 
 
 class SharedStrings:
@@ -48,6 +166,8 @@ class SharedStrings:
     def get(self, index: int) -> str:
         text = self._decoded.get(index)
         if text is None:
+            if not 0 <= index < len(self._raw):
+                raise BadFile(f"a cell refers to shared string {index:,}, which the workbook does not have")
             # Rich text splits a string into runs: its text is all the runs' <t> together.
             text = self._decoded[index] = _text(b"".join(_T.findall(self._raw[index])))
         return text
@@ -83,14 +203,27 @@ class XlsxRows:
     """The first sheet's rows: `header()`, `first()` whole, then `rows(columns)` partially."""
 
     def __init__(self, path: Path) -> None:
+        # What is left of MAX_INFLATED_BYTES, as the parts are inflated.
+        self._budget = MAX_INFLATED_BYTES
         try:
             self._zip = zipfile.ZipFile(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise Unsupported(str(exc)) from exc
+        try:
+            check_declared_sizes(self._zip)
             sheet = self._first_sheet()
             self._strings = self._shared_strings()
+            self._sheet = sheet
             self._stream = self._zip.open(sheet)
         except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, OSError) as exc:
+            self._zip.close()
             raise Unsupported(str(exc)) from exc
-        self._buffer = b""
+        except BadFile:
+            self._zip.close()
+            raise
+        # The sheet's XML after the last row end read, and the cells begun in it.
+        self._buffer = bytearray()
+        self._pending_cells = 0
         self._done = False
 
     def close(self) -> None:
@@ -98,14 +231,37 @@ class XlsxRows:
 
     # --- the workbook's layout ---
 
+    def _read(self, part: str, limit: int, what: str) -> bytes:
+        """A whole part, inflated in chunks and counted against `limit` and the budget."""
+        pieces: list[bytes] = []
+        size = 0
+        with self._zip.open(part) as stream:
+            while chunk := self._inflate(stream, part):
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(part, limit, what)
+                pieces.append(chunk)
+        return b"".join(pieces)
+
+    def _inflate(self, stream: IO[bytes], part: str) -> bytes:
+        """The next chunk of a part, charged to the workbook's budget."""
+        try:
+            chunk = stream.read(CHUNK)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise BadFile(f"the workbook is damaged ({part}: {exc}): open it in Excel and save it again") from None
+        self._budget -= len(chunk)
+        if self._budget < 0:
+            raise _too_large(part, MAX_INFLATED_BYTES, "a workbook")
+        return chunk
+
     def _first_sheet(self) -> str:
-        workbook = self._zip.read("xl/workbook.xml")
+        workbook = self._read("xl/workbook.xml", MAX_LAYOUT_BYTES, "a workbook's layout")
         if b"<x:" in workbook[:2000] or b"<sheets" not in workbook:
             raise Unsupported("prefixed or unknown workbook XML")
         first = _SHEET.search(workbook)
         if first is None:
             raise Unsupported("no sheet in the workbook")
-        rels = self._zip.read("xl/_rels/workbook.xml.rels")
+        rels = self._read("xl/_rels/workbook.xml.rels", MAX_LAYOUT_BYTES, "a workbook's layout")
         for attributes in _REL.findall(rels):
             rel_id, target = _REL_ID.search(attributes), _REL_TARGET.search(attributes)
             if rel_id and target and rel_id.group(1) == first.group(1):
@@ -115,30 +271,48 @@ class XlsxRows:
 
     def _shared_strings(self) -> SharedStrings:
         try:
-            return SharedStrings(self._zip.read("xl/sharedStrings.xml"))
+            xml = self._read(SHARED_STRINGS, MAX_SHARED_STRINGS_BYTES, "a workbook's shared strings")
         except KeyError:
             return SharedStrings(b"")
+        return SharedStrings(xml)
 
     # --- the sheet, chunk by chunk ---
 
     def _rows_xml(self) -> Iterator[bytes]:
         """Pieces of the sheet XML that end at a row's end (so no cell is cut in two)."""
+        buffer = self._buffer
         while not self._done:
-            chunk = self._stream.read(CHUNK)
+            chunk = self._inflate(self._stream, self._sheet)
             if not chunk:
                 self._done = True
-                if self._buffer:
-                    yield self._buffer
-                    self._buffer = b""
+                if buffer:
+                    yield bytes(buffer)
+                    buffer.clear()
                 return
-            data = self._buffer + chunk
-            cut = data.rfind(_ROW_END)
+            # A row end split between the buffer and the chunk is found too.
+            start = max(len(buffer) - len(_ROW_END) + 1, 0)
+            buffer += chunk
+            cut = buffer.rfind(_ROW_END, start)
             if cut < 0:
-                self._buffer = data
+                # A row that goes on: bounded before it is buffered any further. (A "<c " split
+                # between two chunks goes uncounted: one cell per MiB.)
+                self._pending_cells += chunk.count(_CELL_START)
+                if self._pending_cells > MAX_CELLS_PER_ROW:
+                    raise BadFile(
+                        f"a row of the sheet ({self._sheet}) has more than {MAX_CELLS_PER_ROW:,} cells, "
+                        "Excel's own limit: the file is not an Excel export"
+                    )
+                if len(buffer) > MAX_ROW_BYTES:
+                    raise BadFile(
+                        f"a row of the sheet ({self._sheet}) takes more than {_mib(MAX_ROW_BYTES)} of XML, "
+                        "the limit for a row: the file is not an Excel export"
+                    )
                 continue
             cut += len(_ROW_END)
-            self._buffer = data[cut:]
-            yield data[:cut]
+            piece = bytes(buffer[:cut])
+            del buffer[:cut]
+            self._pending_cells = buffer.count(_CELL_START)
+            yield piece
 
     def _value(self, attributes: bytes, inner: bytes | None) -> object:
         """The cell's value as calamine gives it; "" for an empty cell."""
@@ -162,28 +336,39 @@ class XlsxRows:
 
     def leading_rows(self, wanted: int = 2) -> list[tuple[int, list[object]]]:
         """Whole rows from the top until `wanted` non-blank ones are among them (or the sheet
-        ends): the header and the first data row decide which columns the rest needs."""
+        ends): the header and the first data row decide which columns the rest needs. Blank
+        rows are left out, so a sheet of blank rows does not pile up here."""
         rows: list[tuple[int, list[object]]] = []
-        filled = 0
         for piece in self._rows_xml():
             if b"<x:row" in piece or b"<c>" in piece or (b"<c " in piece and b'<c r="' not in piece):
                 raise Unsupported("cells without references or prefixed XML")
             current = -1
             cells: list[object] = []
+            count = 0
             for m in _ANY_CELL.finditer(piece):
                 number = int(m.group(2))
                 if number != current:
-                    if current >= 0:
+                    if current >= 0 and any(v != "" for v in cells):
                         rows.append((current, cells))
-                    current, cells = number, []
+                    current, cells, count = number, [], 0
+                count += 1
+                if count > MAX_CELLS_PER_ROW:
+                    raise BadFile(
+                        f"row {number} has more than {MAX_CELLS_PER_ROW:,} cells, Excel's own limit: "
+                        "the file is not an Excel export"
+                    )
                 index = column_index(m.group(1).decode())
+                if index >= MAX_CELLS_PER_ROW:
+                    raise BadFile(
+                        f"row {number} has a cell in column {m.group(1).decode()}, beyond Excel's last "
+                        f"column ({column_letters(MAX_CELLS_PER_ROW - 1)}): the file is not an Excel export"
+                    )
                 if index >= len(cells):
                     cells.extend([""] * (index + 1 - len(cells)))
                 cells[index] = self._value(m.group(3), m.group(4))
-            if current >= 0:
+            if current >= 0 and any(v != "" for v in cells):
                 rows.append((current, cells))
-            filled = sum(1 for _, row in rows if any(v != "" for v in row))
-            if filled >= wanted:
+            if len(rows) >= wanted:
                 break
         return rows
 
