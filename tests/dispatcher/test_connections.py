@@ -20,12 +20,11 @@ from services.dispatcher.config import DispatcherSettings
 from services.dispatcher.connections import Connections, day_ends_at, device_day
 from services.dispatcher.crypto import SecretBox
 from services.dispatcher.device_states import DeviceStates
-from services.dispatcher.main import MIGRATIONS
 from services.dispatcher.providers.base import DeviceState, SenderConfig
 from services.dispatcher.repo import AttemptQ, AttemptsRepo, SenderQ, SendersRepo
 from services.dispatcher.senders import Senders
 from services.dispatcher.server import DispatcherServicer
-from services.runtime.db import check_queries, create_pool, migrate
+from services.runtime.db import check_queries, create_pool
 from services.runtime.devstack import Stack
 from services.runtime.errors import InvalidArgument, NotFound
 from services.runtime.identity import ADMIN, MEMBER, Caller
@@ -35,24 +34,6 @@ from tests.conftest import bus_client, collected
 pytestmark = pytest.mark.timeout(20)
 
 INTERNAL = Caller(role=ADMIN, account_id="", user_id="webhooks")
-
-
-@pytest.fixture(scope="module")
-async def database(infra: Stack) -> AsyncIterator[str]:
-    name = f"t_conn_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(infra.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        url = f"{infra.database_url.rpartition('/')[0]}/{name}"
-        conn = await asyncpg.connect(url)
-        try:
-            await migrate(conn, schema="dispatcher", directory=MIGRATIONS)
-        finally:
-            await conn.close()
-        yield url
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ and what the dispatch engine loads."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,12 +16,10 @@ from pregonero.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
 from services.dispatcher.config import DispatcherSettings
 from services.dispatcher.crypto import SecretBox, hint_of, masked
-from services.dispatcher.main import MIGRATIONS
 from services.dispatcher.repo import SenderQ, SendersRepo
 from services.dispatcher.senders import Senders
 from services.dispatcher.server import DispatcherServicer
-from services.runtime.db import check_queries, create_pool, migrate
-from services.runtime.devstack import Stack
+from services.runtime.db import check_queries, create_pool
 from services.runtime.identity import ADMIN, MEMBER, Caller
 from services.runtime.rpc import ServerInterceptor
 
@@ -32,25 +29,6 @@ ADMIN_CALLER = Caller(role=ADMIN, account_id="default", user_id="operator")
 ACME = Caller(role=MEMBER, account_id="acme", user_id="u1")
 
 Stub = dispatcher_pb2_grpc.DispatcherServiceStub
-
-
-@pytest.fixture(scope="module")
-async def database(infra: Stack) -> AsyncIterator[str]:
-    """One migrated database for the module (a fresh one per test costs more than the tests)."""
-    name = f"t_senders_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(infra.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        url = f"{infra.database_url.rpartition('/')[0]}/{name}"
-        conn = await asyncpg.connect(url)
-        try:
-            await migrate(conn, schema="dispatcher", directory=MIGRATIONS)
-        finally:
-            await conn.close()
-        yield url
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 @pytest.fixture(scope="module")
