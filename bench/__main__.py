@@ -40,8 +40,9 @@ from bench.stack import (
     wait_done,
 )
 from services.runtime.devstack import Stack
-from services.runtime.identity import ADMIN, Caller
+from services.runtime.identity import ADMIN, MEMBER, Caller
 from services.runtime.rpc import channel
+from services.runtime.service_auth import Keyring
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -137,12 +138,12 @@ def upload_and_fanout(rows: int) -> dict[str, Any]:
 
 
 async def ledger_load(
-    addr: str, *, accounts: int, workers: int, seconds: float, batch: int, batches: int
+    addr: str, keyring: Keyring, *, accounts: int, workers: int, seconds: float, batch: int, batches: int
 ) -> dict[str, Any]:
     """Each worker, over and over: hold a window of `batch * batches` attempts on a random
-    account, capture them `batch` at a time (as result batches arrive), release the rest."""
-    md = Caller(role=ADMIN, account_id="default", user_id="bench").metadata()
-    ch = channel(addr)
+    account, capture them `batch` at a time (as result batches arrive), release the rest;
+    as campaigns does, signed with its key, for the one account it works on."""
+    ch = channel(addr, audience="accounts", keyring=keyring)
     stub = accounts_pb2_grpc.AccountsServiceStub(ch)
     counts = Counter[str]()
     try:
@@ -152,6 +153,7 @@ async def ledger_load(
             i = 0
             while time.perf_counter() < deadline:
                 account = f"bench-{(n * 7919 + i) % accounts}"
+                md = Caller(role=MEMBER, account_id=account, user_id="bench").metadata()
                 hold_id = f"w{n}:{i}:{batch}"
                 window = batch * batches
                 await stub.Hold(
@@ -200,7 +202,7 @@ def ledger() -> dict[str, Any]:
 
             async def run() -> dict[str, Any]:
                 md = Caller(role=ADMIN, account_id="default", user_id="bench").metadata()
-                ch = channel(addr)
+                ch = channel(addr, audience="accounts", keyring=stack.keyring("gateway"))
                 stub = accounts_pb2_grpc.AccountsServiceStub(ch)
                 for a in range(accounts):
                     await stub.CreateAccount(
@@ -212,10 +214,22 @@ def ledger() -> dict[str, Any]:
                     # Result batches as the results consumer captures them, and the worst
                     # case: one attempt per Capture call.
                     batched = await ledger_load(
-                        addr, accounts=accounts, workers=workers, seconds=seconds, batch=20, batches=2
+                        addr,
+                        stack.keyring("campaigns"),
+                        accounts=accounts,
+                        workers=workers,
+                        seconds=seconds,
+                        batch=20,
+                        batches=2,
                     )
                     single = await ledger_load(
-                        addr, accounts=accounts, workers=workers, seconds=seconds / 2, batch=1, batches=2
+                        addr,
+                        stack.keyring("campaigns"),
+                        accounts=accounts,
+                        workers=workers,
+                        seconds=seconds / 2,
+                        batch=1,
+                        batches=2,
                     )
                 conn = await asyncpg.connect(stack.database_url)
                 try:

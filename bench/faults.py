@@ -45,6 +45,7 @@ from services.runtime.devstack import (
     Stack,
     free_port,
     grpc_serving,
+    stack_nats_users,
     start_nats,
     start_postgres,
     wait_until,
@@ -164,6 +165,7 @@ class FaultStack:
             proc, self.stack.database_url = start_postgres(self.stack.data_dir, port=self.pg_port, fast=True)
             self.stack.procs.append(proc)
             proc, self.stack.nats_url = start_nats(self.stack.data_dir, port=self.nats_port)
+            self.stack.nats_users = stack_nats_users(self.stack.data_dir)  # each service as its own user
             self.stack.procs.append(proc)
             self.stack.start_services()
         except BaseException:

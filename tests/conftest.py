@@ -56,6 +56,22 @@ def own_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         proc.stop()
 
 
+@pytest.fixture
+def own_nats_users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Like `own_nats`, with its users (`nats_users`, `nats_url` the operator's) and its
+    server's log (`procs[0].lines`): for tests of what one service's user may do on a bus
+    that no service process shares."""
+    from services.runtime.devstack import stack_nats_users, start_nats
+
+    data_dir = tmp_path_factory.mktemp("nats")
+    proc, url = start_nats(data_dir, port=free_port())
+    stack = Stack(data_dir=data_dir, nats_url=url, nats_users=stack_nats_users(data_dir), procs=[proc])
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
 async def service_pool(database_url: str, service: str) -> asyncpg.Pool:
     """A pool on `service`'s schema in that database, migrated as the service would at start."""
     from services.runtime.db import create_pool, migrate
@@ -196,6 +212,7 @@ def suite(
         data_dir=tmp_path_factory.mktemp("suite"),
         database_url=_with_database(infra.database_url, name),
         nats_url=infra.nats_url,
+        nats_users=infra.nats_users,
     )
     http_port = free_port()  # known before the start: WAHA is told to call back there
     stack.extra_env.update(

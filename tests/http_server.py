@@ -39,10 +39,14 @@ async def serving(app: Any, *, lifespan: str = "off") -> AsyncIterator[str]:
 
 
 @contextlib.contextmanager
-def serving_in_thread(app: Any) -> Iterator[str]:
+def serving_in_thread(app: Any, config: uvicorn.Config | None = None) -> Iterator[str]:
     """As `serving`, on a thread with its own event loop: for synchronous tests, whose
-    blocking calls would otherwise stall a server on their loop."""
-    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    blocking calls would otherwise stall a server on their loop. `config`: a process's own
+    (its app and address are replaced by these)."""
+    if config is None:
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+    config.app, config.host, config.port = app, "127.0.0.1", 0
+    server = _Server(config)
     thread = threading.Thread(target=server.run, name="fake-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 5

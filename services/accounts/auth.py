@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -119,24 +119,50 @@ def _thumbprint(jwk: Mapping[str, str]) -> str:
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
-def signing_key_from_pem(pem: str) -> SigningKey:
-    """Ed25519 → EdDSA, RSA → RS256, P-256 → ES256: what Envoy's jwt_authn verifies."""
-    try:
-        key = serialization.load_pem_private_key(pem.replace("\\n", "\n").strip().encode(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise ValueError("PREGONERO_JWT_PRIVATE_KEY is not an unencrypted PEM private key") from exc
+def _published(public_key: object) -> tuple[str, dict[str, str]]:
+    """Ed25519 → EdDSA, RSA → RS256, P-256 → ES256 (what Envoy's jwt_authn verifies), and
+    the key as the JWKS publishes it, its kid the RFC 7638 thumbprint."""
     jwk: dict[str, Any]
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        algorithm, jwk = "EdDSA", OKPAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    elif isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 2048:
-        algorithm, jwk = "RS256", RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    elif isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
-        algorithm, jwk = "ES256", ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        algorithm, jwk = "EdDSA", OKPAlgorithm.to_jwk(public_key, as_dict=True)
+    elif isinstance(public_key, rsa.RSAPublicKey) and public_key.key_size >= 2048:
+        algorithm, jwk = "RS256", RSAAlgorithm.to_jwk(public_key, as_dict=True)
+    elif isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1):
+        algorithm, jwk = "ES256", ECAlgorithm.to_jwk(public_key, as_dict=True)
     else:
         raise ValueError("the JWT signing key must be Ed25519, RSA of 2048 bits or more, or EC P-256")
     public = {name: str(value) for name, value in jwk.items() if name != "key_ops"}
     kid = _thumbprint(public)
-    return SigningKey(key, algorithm, kid, {**public, "kid": kid, "alg": algorithm, "use": "sig"})
+    return algorithm, {**public, "kid": kid, "alg": algorithm, "use": "sig"}
+
+
+def _pem_bytes(pem: str) -> bytes:
+    return pem.replace("\\n", "\n").strip().encode()
+
+
+def signing_key_from_pem(pem: str) -> SigningKey:
+    """The key that signs, with its algorithm and published form (see _published)."""
+    try:
+        key = serialization.load_pem_private_key(_pem_bytes(pem), password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError("PREGONERO_JWT_PRIVATE_KEY is not an unencrypted PEM private key") from exc
+    if not isinstance(key, SigningPrivateKey):
+        raise ValueError("the JWT signing key must be Ed25519, RSA of 2048 bits or more, or EC P-256")
+    algorithm, public_jwk = _published(key.public_key())
+    return SigningKey(key, algorithm, public_jwk["kid"], public_jwk)
+
+
+def verifying_jwk_from_pem(pem: str) -> dict[str, str]:
+    """The published form of a verification-only key, given its private or its public PEM."""
+    data = _pem_bytes(pem)
+    try:
+        if b"PRIVATE KEY" in data:
+            public: object = serialization.load_pem_private_key(data, password=None).public_key()
+        else:
+            public = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise ValueError("PREGONERO_JWT_PREVIOUS_KEY is not an unencrypted PEM private or public key") from exc
+    return _published(public)[1]
 
 
 def development_key_pem(data_dir: Path) -> str:
@@ -169,21 +195,39 @@ def load_signing_key(settings: AccountsSettings) -> SigningKey:
     return signing_key_from_pem(pem)
 
 
+def load_previous_keys(settings: AccountsSettings) -> list[dict[str, str]]:
+    """The verification-only key of PREGONERO_JWT_PREVIOUS_KEY, if one is set."""
+    pem = settings.pregonero_jwt_previous_key
+    return [verifying_jwk_from_pem(pem)] if pem.strip() else []
+
+
 class AccessTokens:
-    """Short-lived JWTs that the gateway (and Envoy) verify with the public key alone."""
+    """Short-lived JWTs that the gateway (and Envoy) verify with the public keys alone. Signed
+    with `key`; the key set also publishes `previous` (verification only), so tokens signed
+    before a rotation stay valid until they expire."""
 
     def __init__(
-        self, key: SigningKey, *, issuer: str, ttl_seconds: int, clock: Callable[[], float] = time.time
+        self,
+        key: SigningKey,
+        *,
+        issuer: str,
+        audience: str,
+        ttl_seconds: int,
+        previous: Sequence[Mapping[str, str]] = (),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.key = key
         self.issuer = issuer
+        self.audience = audience
         self.ttl_seconds = ttl_seconds
+        self.previous = [dict(jwk) for jwk in previous if jwk["kid"] != key.kid]
         self.clock = clock
 
     def issue(self, *, user_id: str, role: str, account_id: str, session_id: str) -> str:
         now = int(self.clock())
         claims = {
             "iss": self.issuer,
+            "aud": self.audience,
             "sub": user_id,
             "role": role,
             "account_id": account_id,
@@ -194,7 +238,7 @@ class AccessTokens:
         return jwt.encode(claims, self.key.private_key, algorithm=self.key.algorithm, headers={"kid": self.key.kid})
 
     def jwks(self) -> dict[str, Any]:
-        return {"keys": [dict(self.key.public_jwk)]}
+        return {"keys": [dict(self.key.public_jwk), *(dict(jwk) for jwk in self.previous)]}
 
 
 # --- passwords --------------------------------------------------------------------------
@@ -231,8 +275,16 @@ class Passwords:
 
 @dataclass(frozen=True)
 class LoginLimit:
+    """Failed logins allowed per client address, and per e-mail (from any address), in a
+    sliding window. Counted in this service's database, so every replica of it and of the
+    gateway sees one count; a count in each gateway process would multiply the limit by the
+    replicas. The e-mail's limit is the higher: past it anyone, the user included, is
+    refused until the window moves (a lever to lock a user out for its length), so one
+    address is meant to meet its own limit first."""
+
     max_failures: int = 5
     window_seconds: int = 900
+    max_email_failures: int = 10
 
 
 @dataclass(frozen=True)
@@ -336,18 +388,29 @@ class Auth:
 
     async def login(self, *, email: str, password: str, client_ip: str) -> Issued:
         address = client_ip or "unknown"
+        email = email.strip()
         limit = self.login_limit
         async with self.repo.transaction() as tx:
             await tx.lock_login_address(client_ip=address)
+            await tx.lock_login_email(email=email[:254])
             failures, retry_after = await tx.recent_failures(
                 client_ip=address, window_seconds=limit.window_seconds, limit=limit.max_failures
             )
-            if failures >= limit.max_failures:
-                log.warning("login limited", extra={"fields": {"client_ip": address, "retry_after": retry_after}})
-                raise TooManyAttempts(max(1, retry_after))
+            # Keyed by the e-mail as typed, never by a user looked up first: an unknown e-mail
+            # is limited, and answered, exactly like a user's.
+            email_failures, email_retry_after = await tx.recent_email_failures(
+                email=email[:254], window_seconds=limit.window_seconds, limit=limit.max_email_failures
+            )
+            waits = [retry_after] if failures >= limit.max_failures else []
+            waits += [email_retry_after] if email_failures >= limit.max_email_failures else []
+            if waits:
+                by = "address" if failures >= limit.max_failures else "email"
+                fields = {"client_ip": address, "by": by, "retry_after": max(waits)}
+                log.warning("login limited", extra={"fields": fields})
+                raise TooManyAttempts(max(1, *waits))
             # Counted as failed until the password checks out, so concurrent guesses see it.
             attempt_id = await tx.insert_login_attempt(client_ip=address, email=email[:254])
-        user = await self.repo.user_by_email(email=email.strip())
+        user = await self.repo.user_by_email(email=email)
         matches = await self.passwords.verify(user["password_hash"] if user else None, password)
         if user is None or not matches or not user["is_active"]:
             raise Unauthenticated("invalid email or password")
@@ -488,7 +551,9 @@ def build_auth(pool: asyncpg.Pool, settings: AccountsSettings) -> Auth:
         tokens=AccessTokens(
             load_signing_key(settings),
             issuer=settings.pregonero_jwt_issuer,
+            audience=settings.pregonero_jwt_audience,
             ttl_seconds=settings.pregonero_access_token_ttl_seconds,
+            previous=load_previous_keys(settings),
         ),
         passwords=Passwords(
             memory_kib=settings.pregonero_argon2_memory_kib,
@@ -496,6 +561,10 @@ def build_auth(pool: asyncpg.Pool, settings: AccountsSettings) -> Auth:
             parallelism=settings.pregonero_argon2_parallelism,
         ),
         refresh_ttl_seconds=settings.pregonero_refresh_token_ttl_seconds,
-        login_limit=LoginLimit(settings.pregonero_login_max_failures, settings.pregonero_login_window_seconds),
+        login_limit=LoginLimit(
+            settings.pregonero_login_max_failures,
+            settings.pregonero_login_window_seconds,
+            settings.pregonero_login_max_email_failures,
+        ),
         default_account=settings.pregonero_default_account,
     )

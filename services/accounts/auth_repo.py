@@ -82,6 +82,25 @@ class Q:
               WHERE client_ip = $1 AND NOT succeeded AND attempted_at > now() - $2::int * interval '1 second'
               ORDER BY attempted_at DESC
               LIMIT $3) recent"""
+    # Serialises the attempts on one e-mail (from any address), likewise; taken after the
+    # address's lock, always in that order.
+    LOCK_LOGIN_EMAIL = "SELECT pg_advisory_xact_lock(hashtextextended('pregonero.login.email:' || lower($1), 0))"
+    # The newest $3 failures on one e-mail inside the window, however it is capitalised and
+    # whether or not a user has it, since its last successful login: a success resets the
+    # e-mail's count but not the addresses' (a user logging in must not hand a guesser's
+    # address its attempts back).
+    RECENT_EMAIL_FAILURES = """
+        SELECT count(*)::int AS failures,
+               coalesce(ceil(extract(epoch FROM min(attempted_at) + $2::int * interval '1 second' - now())), 0)::int
+                   AS retry_after
+        FROM (SELECT attempted_at FROM login_attempts
+              WHERE lower(email) = lower($1) AND NOT succeeded
+                AND attempted_at > now() - $2::int * interval '1 second'
+                AND attempt_id > coalesce((SELECT max(attempt_id) FROM login_attempts
+                                           WHERE lower(email) = lower($1) AND succeeded
+                                             AND attempted_at > now() - $2::int * interval '1 second'), 0)
+              ORDER BY attempted_at DESC
+              LIMIT $3) recent"""
     INSERT_LOGIN_ATTEMPT = "INSERT INTO login_attempts (client_ip, email) VALUES ($1, $2) RETURNING attempt_id"
     LOGIN_SUCCEEDED = "UPDATE login_attempts SET succeeded = true WHERE attempt_id = $1"
 
@@ -188,6 +207,16 @@ class AuthRepo:
     async def recent_failures(self, *, client_ip: str, window_seconds: int, limit: int) -> tuple[int, int]:
         """(failures in the window, capped at limit; seconds until the oldest of them leaves it)."""
         row = await self.db.fetchrow(Q.RECENT_FAILURES, client_ip, window_seconds, limit)
+        assert row is not None
+        return row["failures"], row["retry_after"]
+
+    async def lock_login_email(self, *, email: str) -> None:
+        """Held until the enclosing transaction ends; take it after the address's."""
+        await self.db.execute(Q.LOCK_LOGIN_EMAIL, email)
+
+    async def recent_email_failures(self, *, email: str, window_seconds: int, limit: int) -> tuple[int, int]:
+        """As `recent_failures`, for an e-mail and since its last successful login."""
+        row = await self.db.fetchrow(Q.RECENT_EMAIL_FAILURES, email, window_seconds, limit)
         assert row is not None
         return row["failures"], row["retry_after"]
 

@@ -35,6 +35,7 @@ from .notify_server import (
     nats_publisher,
 )
 from .repo import AccountsRepo, LedgerRepo, Q
+from .server import CALLERS
 from .sync_operations import SyncOperations
 from .sync_server import SyncServicer
 
@@ -89,4 +90,4 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
 
 
 async def main() -> None:
-    await serve_grpc(AccountsSettings(), schema="accounts", migrations=MIGRATIONS, setup=setup)
+    await serve_grpc(AccountsSettings(), schema="accounts", migrations=MIGRATIONS, setup=setup, callers=CALLERS)

@@ -111,6 +111,19 @@ def transaction_pb(e: Entry) -> accounts_pb2.Transaction:
     )
 
 
+_ACCOUNTS = "/pregonero.accounts.v1.AccountsService/"
+# The RPCs another service than the gateway may call (runtime/service_auth.py). The ledger's
+# hold flow belongs to campaigns, which holds credit before it releases work and gives back
+# what was not spent: the gateway, and so no user, can hold, capture or release directly.
+CALLERS = {
+    _ACCOUNTS + "GetAccount": frozenset({"gateway", "campaigns"}),
+    _ACCOUNTS + "Hold": frozenset({"campaigns"}),
+    _ACCOUNTS + "Capture": frozenset({"campaigns"}),
+    _ACCOUNTS + "Release": frozenset({"campaigns"}),
+    _ACCOUNTS + "ReleaseHolds": frozenset({"campaigns"}),
+}
+
+
 class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
     def __init__(self, accounts: Accounts, ledger: Ledger) -> None:
         self.accounts = accounts

@@ -55,7 +55,9 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     repo = CampaignsRepo(rt.pool)
     notifier = Notifier(rt.nc, rt.js, await rt.js.key_value(BATCH_STATE_BUCKET))
     batches = Batches(repo, notifier)
-    credit = Credit(accounts_pb2_grpc.AccountsServiceStub(channel(settings.accounts_addr)))
+    credit = Credit(
+        accounts_pb2_grpc.AccountsServiceStub(channel(settings.accounts_addr, audience="accounts", keyring=rt.keyring))
+    )
     feeder = Feeder(repo, rt.js, notifier, credit, batches)
     await check_queries(rt.pool, voice_repo.Q)
     await check_queries(rt.pool, voice_repo.DialQ)
@@ -77,7 +79,9 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     rt.spawn(device_events.run(), name="device-events")
     waiting = Rounds(device_events.retry_waiting, name="waiting-for-devices", idle_wait=RETRY_WAITING_S / 5)
     rt.spawn(waiting.run(), name="waiting-for-devices")
-    dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(channel(settings.dispatcher_addr))
+    dispatcher = dispatcher_pb2_grpc.DispatcherServiceStub(
+        channel(settings.dispatcher_addr, audience="dispatcher", keyring=rt.keyring)
+    )
     voice = VoiceBatches(calls, batches, credit)
     campaigns_pb2_grpc.add_CampaignsServiceServicer_to_server(CampaignsServicer(batches, voice, dispatcher), server)
     await check_queries(rt.pool, MessagesQ)

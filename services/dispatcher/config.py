@@ -1,21 +1,39 @@
 import json
+import re
 from typing import Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from services.runtime.settings import GrpcServiceSettings, reject_placeholders
 
+from .crypto import KEY_ID_PATTERN
 from .providers.voice import SimulatedVoiceBehaviour
+
+_SecretKeys = TypeAdapter(dict[str, str])
 
 
 class DispatcherSettings(GrpcServiceSettings):
+    # A refused setting must not print the others: they include keys (merged with the base's).
+    model_config = SettingsConfigDict(hide_input_in_errors=True)
+
     service_name: str = "dispatcher"
     accounts_addr: str = "127.0.0.1:50051"
     campaigns_addr: str = "127.0.0.1:50052"
-    # Encrypts sender secrets at rest. Any string works (a Fernet key is derived from it);
-    # changing it makes the stored secrets unreadable, so it is set once per deployment.
+    # Encrypts sender secrets at rest: the master key (any string; the encryption key is
+    # derived from it with scrypt, see crypto.py) and the id stored beside every secret it
+    # seals. A secret opens only with the key its id names.
     pregonero_secret_key: SecretStr = SecretStr("dev-secret-change-me")
+    pregonero_secret_key_id: str = Field("1", pattern=KEY_ID_PATTERN)
+    # Keys that open the secrets they sealed but seal nothing: a JSON object {"<id>": "<key>"}.
+    # To rotate: add the current key here under its id, set PREGONERO_SECRET_KEY to a new key
+    # and PREGONERO_SECRET_KEY_ID to a new id, and roll out; new secrets are sealed under the
+    # new key and the old ones still open. Then `python -m services.dispatcher.reseal` seals
+    # every stored secret again under the current key (secrets from before key ids too), and
+    # the old entry may go. With several replicas, first roll out the new key here alone, so
+    # that every replica opens what the first to switch seals.
+    pregonero_previous_secret_keys: SecretStr = SecretStr("")
     # Where the `simulated` provider runs: empty = in this process; a URL = its own server
     # (`python -m services.dispatcher.providers.sim_server`), whose record outlives us.
     simulated_provider_url: str = ""
@@ -123,9 +141,29 @@ class DispatcherSettings(GrpcServiceSettings):
             raise ValueError("WABLAS_WEBHOOK_URL needs WABLAS_WEBHOOK_SECRET (the gateway's)")
         return self
 
+    def previous_secret_keys(self) -> dict[str, str]:
+        spec = self.pregonero_previous_secret_keys.get_secret_value().strip()
+        return _SecretKeys.validate_json(spec) if spec else {}
+
+    @model_validator(mode="after")
+    def _previous_secret_keys_are_an_object(self) -> Self:
+        try:
+            keys = self.previous_secret_keys()
+        except ValidationError as exc:
+            # Not the pydantic message: that would quote the keys.
+            raise ValueError('PREGONERO_PREVIOUS_SECRET_KEYS is not a JSON object {"<id>": "<key>"}') from exc
+        bad = [kid for kid in keys if not re.match(KEY_ID_PATTERN, kid)]
+        if bad:
+            raise ValueError(
+                f"PREGONERO_PREVIOUS_SECRET_KEYS: {bad[0][:40]!r} is not a key id (1 to 32 of A-Za-z0-9_.-)"
+            )
+        return self
+
     @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> Self:
         reject_placeholders(self, PREGONERO_SECRET_KEY=self.pregonero_secret_key.get_secret_value())
+        for kid, key in self.previous_secret_keys().items():
+            reject_placeholders(self, **{f"PREGONERO_PREVIOUS_SECRET_KEYS[{kid}]": key})
         if self.waha_base_url:
             # Unsigned session webhooks would let anyone mark a device connected or not.
             reject_placeholders(self, WAHA_WEBHOOK_HMAC_KEY=self.waha_webhook_hmac_key.get_secret_value())

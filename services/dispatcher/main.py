@@ -25,11 +25,19 @@ from .providers.voice import SimulatedVoiceProvider, VoiceProvider
 from .repo import AttemptQ, AttemptsRepo, MessageQ, ProviderMessagesRepo, SenderQ, SendersRepo
 from .runstate import RunStates
 from .senders import Senders
-from .server import DispatcherServicer
+from .server import CALLERS, DispatcherServicer
 from .wablas_tracking import TrackingUrls
 from .waha_sessions import WahaSessions
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def secret_box(settings: DispatcherSettings) -> SecretBox:
+    return SecretBox(
+        settings.pregonero_secret_key.get_secret_value(),
+        key_id=settings.pregonero_secret_key_id,
+        previous=settings.previous_secret_keys(),
+    )
 
 
 def voice_provider(settings: DispatcherSettings) -> VoiceProvider:
@@ -78,7 +86,7 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     assert rt.js is not None
     senders = Senders(
         SendersRepo(rt.pool),
-        SecretBox(settings.pregonero_secret_key.get_secret_value()),
+        secret_box(settings),
         DeviceStates(rt.js),
         unconfigured=settings.unconfigured_providers(),
     )
@@ -147,4 +155,4 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
 
 
 async def main() -> None:
-    await serve_grpc(DispatcherSettings(), schema="dispatcher", migrations=MIGRATIONS, setup=setup)
+    await serve_grpc(DispatcherSettings(), schema="dispatcher", migrations=MIGRATIONS, setup=setup, callers=CALLERS)

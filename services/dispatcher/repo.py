@@ -147,6 +147,13 @@ class SenderQ:
                provider_config, version
         FROM senders
         WHERE id = ANY($1::bigint[]) AND status = 'active' AND deleted_at IS NULL"""
+    # reseal.py: every stored secret, deleted senders' too, in keyset pages.
+    SEALED_SECRETS = """
+        SELECT id, secret_enc FROM senders WHERE id > $1 AND secret_enc IS NOT NULL ORDER BY id LIMIT $2"""
+    # Only while the ciphertext is the one read: a secret re-entered meanwhile stays as entered.
+    # The version stays too: the secret itself is unchanged.
+    RESEAL_SECRET = """
+        UPDATE senders SET secret_enc = $3 WHERE id = $1 AND secret_enc = $2 RETURNING id"""
 
 
 class SendersRepo:
@@ -290,6 +297,12 @@ class SendersRepo:
 
     async def unavailable(self) -> list[asyncpg.Record]:
         return await self.db.fetch(SenderQ.UNAVAILABLE)
+
+    async def sealed_secrets(self, *, after_id: int, limit: int) -> list[asyncpg.Record]:
+        return await self.db.fetch(SenderQ.SEALED_SECRETS, after_id, limit)
+
+    async def reseal_secret(self, *, sender_id: int, sealed: bytes, resealed: bytes) -> bool:
+        return await self.db.fetchval(SenderQ.RESEAL_SECRET, sender_id, sealed, resealed) is not None
 
 
 class AttemptQ:

@@ -423,9 +423,10 @@ class Senders:
         for row in rows:
             try:
                 secret = "" if row["secret_enc"] is None else self.box.decrypt(row["secret_enc"])
-            except InvalidToken:
-                # Sealed under another PREGONERO_SECRET_KEY: unusable until re-entered.
-                log.error("secret of sender %s does not decrypt with the configured key", row["id"])
+            except InvalidToken as exc:
+                # Sealed under a key the settings do not hold: unusable until the key is
+                # configured again or the secret re-entered.
+                log.error("secret of sender %s does not decrypt: %s", row["id"], exc)
                 continue
             out[row["id"]] = SenderConfig(
                 id=row["id"],

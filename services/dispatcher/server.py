@@ -50,6 +50,11 @@ def sender_pb(row: asyncpg.Record) -> dispatcher_pb2.Sender:
     )
 
 
+# The RPCs another service than the gateway may call (runtime/service_auth.py): campaigns
+# reads an account's devices to route a scheduled message or a voice batch.
+CALLERS = {"/pregonero.dispatcher.v1.DispatcherService/ListSenders": frozenset({"gateway", "campaigns"})}
+
+
 class DispatcherServicer(dispatcher_pb2_grpc.DispatcherServiceServicer):
     def __init__(
         self,

@@ -41,6 +41,7 @@ from .routes import address_book as address_book_routes
 from .routes import health as health_routes
 from .routes import scheduled_messages as scheduled_messages_routes
 from .routes import sync as sync_routes
+from .socket_auth import SocketWatch
 from .socket_limit import SocketLimit
 
 log = logging.getLogger("pregonero.gateway.access")
@@ -52,7 +53,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         rt = Runtime(settings)
         await rt.open(schema=None, migrations=None)
         app.state.runtime = rt
-        app.state.backends = Backends(settings)
+        app.state.backends = Backends(settings, rt.keyring)
         app.state.auth_rpc = auth_pb2_grpc.AuthServiceStub(app.state.backends.channels["accounts"])
         app.state.auth.attach(GrpcDirectory(app.state.auth_rpc, app.state.backends.accounts))
         app.state.live = LiveHub()
@@ -72,10 +73,12 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         version="1.0.0",
         description="Outbound campaigns: AI voice calls and bulk WhatsApp, with prepaid credits.",
         lifespan=lifespan,
+        responses=errors.ERROR_RESPONSES,
     )
     app.state.settings = settings
     # Built here, not in lifespan, so a malformed token list fails the start at once.
     app.state.auth = Authenticator(settings)
+    app.state.socket_watch = SocketWatch(app.state.auth, recheck_seconds=settings.pregonero_socket_recheck_seconds)
     app.state.socket_limit = SocketLimit(
         per_second=settings.pregonero_ws_connects_per_second, burst=settings.pregonero_ws_connect_burst
     )

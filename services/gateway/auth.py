@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import grpc
 import jwt
 from fastapi import Request
+from fastapi.requests import HTTPConnection
 from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc, auth_pb2, auth_pb2_grpc
 
 from services.runtime.identity import ADMIN, MEMBER, Caller
@@ -84,6 +85,8 @@ class Principal:
     kind: str
     session_id: str = ""
     key_id: str = ""
+    # When the credential stops working by itself (a JWT's `exp`, wall-clock seconds).
+    expires_at: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,7 @@ class Authenticator:
         )
         self.default_account = settings.pregonero_default_account
         self.issuer = settings.pregonero_jwt_issuer
+        self.audience = settings.pregonero_jwt_audience
         self.trusted_proxies = parse_networks(settings.pregonero_trusted_proxies)
         self.directory = directory
         self.clock = clock
@@ -252,6 +256,7 @@ class Authenticator:
         self._jwks: dict[str, Any] | None = None
         self._jwks_fetched_at = -math.inf
         self._jwks_lock = asyncio.Lock()
+        self._revocation_listeners: list[Callable[[str, str], None]] = []
 
     def attach(self, directory: Directory) -> None:
         self.directory = directory
@@ -312,7 +317,7 @@ class Authenticator:
     # JWT access tokens
 
     async def verify_access_token(self, token: str, *, verify_exp: bool = True) -> dict[str, Any]:
-        """Signature, issuer and (unless told otherwise) expiry; the claims when all hold."""
+        """Signature, issuer, audience and (unless told otherwise) expiry; the claims when all hold."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as exc:
@@ -327,8 +332,9 @@ class Authenticator:
                 key.key,
                 algorithms=[key.algorithm_name],
                 issuer=self.issuer,
+                audience=self.audience,
                 leeway=LEEWAY_S,
-                options={"require": ["exp", "iat", "iss", "sub", "sid"], "verify_exp": verify_exp},
+                options={"require": ["exp", "iat", "iss", "aud", "sub", "sid"], "verify_exp": verify_exp},
             )
         except jwt.ExpiredSignatureError as exc:
             raise ApiError(401, "token expired", "unauthorized") from exc
@@ -346,11 +352,16 @@ class Authenticator:
             caller = Caller(role=MEMBER, account_id=account, user_id=user)
         else:
             raise ApiError(401, INVALID, "unauthorized")
-        return Principal(caller, JWT, session_id=session)
+        exp = claims.get("exp")
+        expires_at = float(exp) if isinstance(exp, int | float) else 0.0  # unchecked only for a logout
+        return Principal(caller, JWT, session_id=session, expires_at=expires_at)
 
     async def _signing_key(self, kid: str) -> jwt.PyJWK | None:
         key = self._keys.get(kid)
-        if key is None and self.clock() - self._jwks_fetched_at >= JWKS_REFETCH_S:
+        age = self.clock() - self._jwks_fetched_at
+        # Known keys are trusted for JWKS_MAX_AGE_S only: a key rotated out of the set
+        # (PREGONERO_JWT_PREVIOUS_KEY unset) stops verifying within that time.
+        if (key is None and age >= JWKS_REFETCH_S) or age >= JWKS_MAX_AGE_S:
             await self._load_jwks()
             key = self._keys.get(kid)
         return key
@@ -399,6 +410,7 @@ class Authenticator:
         """This replica refuses the session from now on (the others within the cache bound)."""
         self._sessions.drop(session_id)
         self._revoked.put(session_id, True)
+        self._tell_revoked(JWT, session_id)
 
     # API keys
 
@@ -418,6 +430,25 @@ class Authenticator:
 
     def forget_api_key(self, key_id: str) -> None:
         self._api_keys.drop_values(lambda owner: owner is not None and owner.key_id == key_id)
+        self._tell_revoked(API_KEY, key_id)
+
+    def on_revoke(self, listener: Callable[[str, str], None]) -> None:
+        """`listener(JWT, session_id)` or `listener(API_KEY, key_id)` as soon as this replica
+        learns that one has ended (what is open on it, sockets, can end at once)."""
+        self._revocation_listeners.append(listener)
+
+    def _tell_revoked(self, kind: str, ident: str) -> None:
+        for listener in self._revocation_listeners:
+            listener(kind, ident)
+
+    async def recheck(self, principal: Principal, authorization: str | None) -> None:
+        """Raises 401 once the session or API key `principal` proved itself with has ended; a
+        long-lived socket asks from time to time. Answered from the same caches as
+        `authenticate`; signature and expiry are not verified again (see `expires_at`)."""
+        if principal.kind == JWT and await self._session_timezone(principal.session_id) is None:
+            raise ApiError(401, "the session has ended; log in again", "unauthorized")
+        if principal.kind == API_KEY:
+            await self._api_key(bearer_token(authorization or ""))
 
     async def _ask(self, call: Callable[[Directory], Any]) -> Any:
         if self.directory is None:
@@ -428,10 +459,12 @@ class Authenticator:
             log.warning("accounts did not answer an authentication check: %s", exc.code().name)
             raise ApiError(503, "authentication service unavailable", "unavailable") from exc
 
-    def client_address(self, request: Request) -> str:
+    def client_address(self, connection: HTTPConnection) -> str:
+        """The client of a request or WebSocket: every limit per client reads it here. The
+        peer is the TCP peer (uvicorn is told not to rewrite it, see main.py)."""
         return client_address(
-            request.client.host if request.client else "",
-            request.headers.get("x-forwarded-for", ""),
+            connection.client.host if connection.client else "",
+            connection.headers.get("x-forwarded-for", ""),
             self.trusted_proxies,
         )
 

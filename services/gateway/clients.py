@@ -11,18 +11,19 @@ from pregonero.campaigns.v1 import address_book_pb2_grpc, campaigns_pb2_grpc, me
 from pregonero.dispatcher.v1 import dispatcher_pb2_grpc
 
 from services.runtime.rpc import channel
+from services.runtime.service_auth import Keyring
 
 from .config import GatewaySettings
 
 
 class Backends:
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, keyring: Keyring) -> None:
         self.addrs = {
             "accounts": settings.accounts_addr,
             "campaigns": settings.campaigns_addr,
             "dispatcher": settings.dispatcher_addr,
         }
-        self.channels = {name: channel(addr) for name, addr in self.addrs.items()}
+        self.channels = {name: channel(addr, audience=name, keyring=keyring) for name, addr in self.addrs.items()}
         self.accounts = accounts_pb2_grpc.AccountsServiceStub(self.channels["accounts"])
         self.campaigns = campaigns_pb2_grpc.CampaignsServiceStub(self.channels["campaigns"])
         self.messages = messages_pb2_grpc.ScheduledMessagesServiceStub(self.channels["campaigns"])

@@ -27,12 +27,19 @@ class GatewaySettings(BaseServiceSettings):
     http_keep_alive_seconds: int = Field(75, ge=1)
     # JWTs are checked against the accounts service's public key (fetched from it) and issuer.
     pregonero_jwt_issuer: str = "pregonero"
+    # The audience access tokens must name: accounts' PREGONERO_JWT_AUDIENCE, the same value.
+    pregonero_jwt_audience: str = "pregonero-api"
     # How long a session or API key check is reused. This bounds how late a logout, a
     # replayed refresh token or a revoked key takes effect on another gateway replica.
     pregonero_auth_cache_seconds: float = Field(5.0, ge=0, le=5)
-    # Proxies (addresses or CIDRs) whose X-Forwarded-For is believed: Envoy. The login limit
-    # counts per client address, which only they can tell.
-    pregonero_trusted_proxies: str = "127.0.0.1,::1"
+    # How often an open WebSocket's session or API key is checked again (from that cache):
+    # a socket outlives a revocation made through another replica by at most the two summed.
+    pregonero_socket_recheck_seconds: float = Field(5.0, gt=0, le=30)
+    # Envoy's own addresses (addresses or CIDRs), the only peers whose X-Forwarded-For is
+    # believed; any other peer is the client itself, whatever it writes there. The login
+    # and WebSocket limits count per client address. Empty (the default): nobody is trusted,
+    # so the deployment names its proxy (devstack: loopback; deploy/k8s: Envoy's pods).
+    pregonero_trusted_proxies: str = ""
     # WebSockets one client (address) may open: a burst, then this many a second. The bulk
     # sender opens one or two per job; a client reconnecting in a loop is refused (4429).
     pregonero_ws_connect_burst: int = Field(20, ge=1)

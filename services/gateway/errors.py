@@ -9,6 +9,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.runtime.errors import ERROR_REASON_KEY
@@ -44,6 +45,28 @@ HTTP_CODES = {
     501: "not_implemented",
     503: "unavailable",
     504: "timeout",
+}
+
+
+class ErrorBody(BaseModel):
+    """The error envelope, as the OpenAPI document states it (a 422 adds `errors`, a 503 of a
+    health check its components)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    detail: str
+    message: str
+    code: str
+
+
+# Every route's documented errors (app-wide, FastAPI's own 422 replaced): any 4xx comes in
+# the envelope above, as JSON also where the route's own answer is not (a schema inline: a
+# `model` would be filed under the route's media type).
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    "4XX": {
+        "description": "The request was refused: `message` says why",
+        "content": {"application/json": {"schema": ErrorBody.model_json_schema()}},
+    }
 }
 
 

@@ -8,17 +8,22 @@ from services.runtime.logs import setup_logging
 
 from .app import create_app
 from .config import GatewaySettings
+from .socket_auth import hide_tokens_from_logs
 
 
 def main() -> None:
     settings = GatewaySettings()
     setup_logging(settings.service_name, settings.log_level)
+    hide_tokens_from_logs()
     config = uvicorn.Config(
         create_app(settings),
         host=settings.http_host,
         port=settings.http_port,
         log_config=None,
-        proxy_headers=True,
+        # The client address is read in one place, Authenticator.client_address, against
+        # PREGONERO_TRUSTED_PROXIES. uvicorn's own X-Forwarded-For handling would replace the
+        # peer for any loopback caller (its default FORWARDED_ALLOW_IPS), whoever that is.
+        proxy_headers=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         ws_ping_interval=20,
         timeout_keep_alive=settings.http_keep_alive_seconds,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from fastapi import WebSocket
 
-from .auth import Authenticator, client_address
+from .auth import Authenticator
 
 CLOSE_TOO_MANY = 4429
 # Clients remembered at most; the least recently seen is forgotten first (it had a full bucket
@@ -37,17 +37,17 @@ class SocketLimit:
 
 def socket_client(websocket: WebSocket) -> str:
     auth: Authenticator = websocket.app.state.auth
-    peer = websocket.client.host if websocket.client else ""
-    return client_address(peer, websocket.headers.get("x-forwarded-for", ""), auth.trusted_proxies)
+    return auth.client_address(websocket)
 
 
-async def admit(websocket: WebSocket, client: str) -> bool:
-    """True when `client` may open this socket; else it is refused (accepted, told, closed)."""
+async def admit(websocket: WebSocket, client: str, *, subprotocol: str | None = None) -> bool:
+    """True when `client` may open this socket; else it is refused (accepted with `subprotocol`,
+    which a browser that offered one requires, told, closed)."""
     limit: SocketLimit = websocket.app.state.socket_limit
     if limit.take(client):
         return True
     with contextlib.suppress(Exception):
-        await websocket.accept()
+        await websocket.accept(subprotocol=subprotocol)
         message = "demasiadas conexiones: espere unos segundos antes de volver a conectar"
         await websocket.send_json({"type": "error", "error": "too_many_connections", "message": message})
         await websocket.close(CLOSE_TOO_MANY)

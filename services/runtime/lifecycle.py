@@ -1,6 +1,7 @@
 """One lifecycle for every process.
 
-start: logs → Postgres pool → migrations → NATS + topology → gRPC server → health SERVING.
+start: logs → Postgres pool → migrations → NATS + topology + dead-letter replays (answered
+by every service, dead_letter_replays.py) → gRPC server → health SERVING.
 SIGTERM/SIGINT: health NOT_SERVING → server.stop(grace) → background tasks stopped →
 NATS drained → pool closed → exit 0."""
 
@@ -10,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from . import bus, db
+from . import bus, db, dead_letter_replays, nats_auth
 from .logs import setup_logging
 from .rpc import SERVER_OPTIONS, ServerInterceptor
+from .service_auth import Callers, Keyring
 from .settings import BaseServiceSettings, GrpcServiceSettings
 
 log = logging.getLogger("pregonero.lifecycle")
@@ -35,6 +37,8 @@ class Runtime:
     """The connections a service is built from, opened and closed in one place."""
 
     settings: BaseServiceSettings
+    # Signs this process's calls to the other services and verifies theirs.
+    keyring: Keyring = field(init=False)
     pool: asyncpg.Pool | None = None
     nc: NATS | None = None
     js: JetStreamContext | None = None
@@ -42,6 +46,10 @@ class Runtime:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Work that finishes rather than stops on shutdown (calls in progress), with how long it may take.
     drainers: list[tuple[Callable[[], Awaitable[None]], float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # Before anything is opened: a process without its keys could serve nobody.
+        self.keyring = Keyring.from_settings(self.settings)
 
     async def open(self, *, schema: str | None, migrations: Path | None) -> None:
         s = self.settings
@@ -52,6 +60,11 @@ class Runtime:
         self.nc = await bus.connect(s.nats_url, name=s.service_name)
         self.js = self.nc.jetstream()
         await bus.ensure_topology(self.js)
+        # The NATS user it logs in as (its service's name without one, development only).
+        user = nats_auth.user_of(s.nats_url)
+        service = user if user in nats_auth.ROLES else s.service_name
+        if service in nats_auth.ROLES:
+            await dead_letter_replays.answer_replays(self.nc, self.js, service=service)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
         """A background loop (consumer, feeder). If it dies unexpectedly the process stops,
@@ -122,20 +135,45 @@ def install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve_grpc(settings: GrpcServiceSettings, *, schema: str, migrations: Path, setup: Setup) -> None:
+def grpc_server(
+    settings: BaseServiceSettings, keyring: Keyring, callers: Mapping[str, frozenset[str]] | None = None
+) -> grpc.aio.Server:
+    """A server that checks every caller. Reflection describes every RPC to whoever asks: a
+    help while developing (grpcurl needs no token for it), a map for an attacker in
+    production, where add_health does not register it."""
+    interceptor = ServerInterceptor(keyring, Callers(callers, reflection=settings.is_development))
+    return grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+
+
+def add_health(server: grpc.aio.Server, settings: BaseServiceSettings, names: list[str]) -> health.aio.HealthServicer:
+    """Health for probes, and reflection outside production only."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.is_development:
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+    return health_servicer
+
+
+async def serve_grpc(
+    settings: GrpcServiceSettings,
+    *,
+    schema: str,
+    migrations: Path,
+    setup: Setup,
+    callers: Mapping[str, frozenset[str]] | None = None,
+) -> None:
+    """`callers`: the RPCs other services than the gateway may call (service_auth.Callers)."""
     setup_logging(settings.service_name, settings.log_level)
     rt = Runtime(settings)
     install_signal_handlers(rt.stopping)
     await rt.open(schema=schema, migrations=migrations)
 
-    server = grpc.aio.server(interceptors=[ServerInterceptor()], options=SERVER_OPTIONS)
+    server = grpc_server(settings, rt.keyring, callers)
     names = await setup(rt, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
+    health_servicer = add_health(server, settings, names)
     port = server.add_insecure_port(settings.grpc_listen)
     await server.start()
     for name in ("", *names):

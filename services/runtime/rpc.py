@@ -1,8 +1,10 @@
-"""gRPC plumbing shared by every service: the server interceptor (request id, caller identity,
-domain errors → status codes) and client channels that carry both onward."""
+"""gRPC plumbing shared by every service: the server interceptor (request id, the caller's
+signed identity and what it may call, domain errors → status codes) and client channels that
+sign the caller onward (see service_auth.py)."""
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 from collections.abc import Callable
@@ -12,8 +14,9 @@ import asyncpg
 import grpc
 
 from . import identity
-from .errors import ERROR_REASON_KEY, DomainError
+from .errors import ERROR_REASON_KEY, DomainError, Unauthenticated
 from .logs import REQUEST_ID_KEY, new_request_id, request_id_var
+from .service_auth import TOKEN_KEY, Callers, Keyring
 
 log = logging.getLogger("pregonero.rpc")
 
@@ -39,14 +42,33 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext) -> N
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
-def _bind_context(details: grpc.HandlerCallDetails) -> None:
-    md = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
-    request_id_var.set(md.get(REQUEST_ID_KEY) or new_request_id())
-    identity.caller_var.set(identity.caller_from_metadata(md))
+# The service that made the call being served (the issuer of its token).
+calling_service: contextvars.ContextVar[str] = contextvars.ContextVar("calling_service", default="")
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every handler: binds the request context and maps errors to status codes."""
+    """Wraps every handler: verifies who is calling and that it may call this RPC, binds the
+    request context, and maps errors to status codes. A call that fails the check never
+    reaches the handler."""
+
+    def __init__(self, keyring: Keyring, callers: Callers | None = None) -> None:
+        self.keyring = keyring
+        self.callers = callers or Callers()
+
+    def _bind_context(self, details: grpc.HandlerCallDetails) -> None:
+        md = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        request_id_var.set(md.get(REQUEST_ID_KEY) or new_request_id())
+        identity.caller_var.set(None)
+        calling_service.set("")
+        if not self.callers.needs_token(details.method):
+            return
+        token = md.get(TOKEN_KEY)
+        if not token:
+            raise Unauthenticated("call carries no service token")
+        verified = self.keyring.verify(token)
+        self.callers.check(details.method, verified.service)
+        calling_service.set(verified.service)
+        identity.caller_var.set(verified.caller)
 
     async def intercept_service(
         self,
@@ -56,13 +78,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
+        bind = self._bind_context
 
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
 
             async def unary_reply(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-                _bind_context(details)
                 try:
+                    bind(details)
                     return await inner(request_or_iterator, context)
                 except grpc.aio.AbortError:
                     raise
@@ -76,8 +99,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.unary_stream or handler.stream_stream
 
         async def stream_reply(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-            _bind_context(details)
             try:
+                bind(details)
                 result = inner_stream(request_or_iterator, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -118,5 +141,46 @@ SERVER_OPTIONS = [
 ]
 
 
-def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+class _Signing:
+    """Turns the caller described in a call's metadata into a token signed for the service
+    at the other end of the channel."""
+
+    def __init__(self, keyring: Keyring, audience: str) -> None:
+        self.keyring, self.audience = keyring, audience
+
+    def signed(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*self.keyring.sign_metadata(self.audience, details.metadata))
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+
+# One class per call shape: grpc.aio files an interceptor under the first shape it is an
+# instance of, so one object of all four would sign unary calls only.
+class _SignUnaryUnary(_Signing, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self.signed(details), request)
+
+
+class _SignUnaryStream(_Signing, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self.signed(details), request)
+
+
+class _SignStreamUnary(_Signing, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self.signed(details), request_iterator)
+
+
+class _SignStreamStream(_Signing, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return await continuation(self.signed(details), request_iterator)
+
+
+def channel(target: str, *, audience: str, keyring: Keyring) -> grpc.aio.Channel:
+    """A channel to the service named `audience`; every call on it carries a token signed by
+    this process for that service alone."""
+    shapes = (_SignUnaryUnary, _SignUnaryStream, _SignStreamUnary, _SignStreamStream)
+    return grpc.aio.insecure_channel(
+        target, options=CHANNEL_OPTIONS, interceptors=[shape(keyring, audience) for shape in shapes]
+    )

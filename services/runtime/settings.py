@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values that must never reach production: they are the development defaults.
@@ -11,7 +14,8 @@ PLACEHOLDER_SECRETS = frozenset({"", "changeme", "dev-secret-change-me"})
 class BaseServiceSettings(BaseSettings):
     """What every process reads; each service subclasses it with its own fields."""
 
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+    # hide_input_in_errors: a settings error would otherwise print every value given, keys included.
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     service_name: str = "pregonero"
     environment: str = "development"  # development | test | production
@@ -22,10 +26,25 @@ class BaseServiceSettings(BaseSettings):
     shutdown_grace_seconds: float = 10.0
     db_pool_min: int = 1
     db_pool_max: int = 10
+    # This service's Ed25519 key, which signs its calls to the others, and every service's
+    # public key (`gateway:<key>,accounts:<key>,...`; a service twice while its key rotates).
+    # See runtime/service_auth.py; `make run` and the tests generate a set per stack.
+    service_signing_key: SecretStr = SecretStr("")
+    service_public_keys: str = ""
 
     @property
     def is_development(self) -> bool:
         return self.environment in ("development", "test")
+
+    @model_validator(mode="after")
+    def _nats_user_outside_development(self) -> BaseServiceSettings:
+        # Each service logs in to NATS as its own user, allowed only its subjects
+        # (runtime/nats_auth.py): without one, or with the example password, any pod could
+        # publish results that charge credit, or read every tenant's queued messages.
+        if not self.is_development:
+            url = urlsplit(self.nats_url.split(",")[0])
+            reject_placeholders(self, **{"the NATS user and password in NATS_URL": url.password or ""})
+        return self
 
 
 class GrpcServiceSettings(BaseServiceSettings):

@@ -23,6 +23,7 @@ from services.accounts.auth import (
     Passwords,
     RefreshReused,
     TooManyAttempts,
+    load_previous_keys,
     load_signing_key,
     signing_key_from_pem,
 )
@@ -37,6 +38,7 @@ MIGRATIONS = Path(__file__).resolve().parents[2] / "services" / "accounts" / "mi
 ADMIN_CALLER = Caller(role=ADMIN, account_id="default", user_id="operator")
 PASSWORD = "correct horse battery"
 ISSUER = "pregonero-test"
+AUDIENCE = "pregonero-api"
 # The cheapest argon2id there is: these tests are about the rules, not the cost.
 CHEAP = {"memory_kib": 8, "time_cost": 1, "parallelism": 1}
 
@@ -76,7 +78,7 @@ def key_pem() -> str:
 def make_auth(pool: asyncpg.Pool, key_pem: str, **passwords: int) -> Auth:
     return Auth(
         AuthRepo(pool),
-        tokens=AccessTokens(signing_key_from_pem(key_pem), issuer=ISSUER, ttl_seconds=900),
+        tokens=AccessTokens(signing_key_from_pem(key_pem), issuer=ISSUER, audience=AUDIENCE, ttl_seconds=900),
         passwords=Passwords(**{**CHEAP, **passwords}),
         refresh_ttl_seconds=3600,
         login_limit=LoginLimit(max_failures=5, window_seconds=900),
@@ -106,7 +108,7 @@ async def member(auth: Auth, account: str = "acme") -> tuple[str, str]:
 
 def claims_of(auth: Auth, token: str) -> dict[str, object]:
     key = jwt.PyJWK(auth.tokens.jwks()["keys"][0])
-    return jwt.decode(token, key.key, algorithms=[key.algorithm_name], issuer=ISSUER)
+    return jwt.decode(token, key.key, algorithms=[key.algorithm_name], issuer=ISSUER, audience=AUDIENCE)
 
 
 async def test_users_have_one_case_insensitive_email_and_an_argon2id_hash(auth: Auth, pool: asyncpg.Pool) -> None:
@@ -194,7 +196,7 @@ async def test_login_issues_a_short_lived_jwt_naming_user_account_and_session(au
     assert header["kid"] == auth.tokens.jwks()["keys"][0]["kid"] and header["alg"] == "EdDSA"
     claims = claims_of(auth, issued.access_token)
     assert claims["sub"] == user_id and claims["role"] == MEMBER and claims["account_id"] == "acme"
-    assert claims["sid"] == issued.session_id and claims["iss"] == ISSUER
+    assert claims["sid"] == issued.session_id and claims["iss"] == ISSUER and claims["aud"] == AUDIENCE
     assert claims["exp"] - claims["iat"] == issued.expires_in == 900  # type: ignore[operator]
     assert issued.refresh_token.startswith("rt_") and await auth.session_active(issued.session_id)
     for wrong in (
@@ -203,6 +205,8 @@ async def test_login_issues_a_short_lived_jwt_naming_user_account_and_session(au
     ):
         with pytest.raises(Unauthenticated):
             await auth.login(**wrong, client_ip=address())
+    with pytest.raises(Unauthenticated):  # nor is an access token a refresh token
+        await auth.refresh(refresh_token=issued.access_token)
 
 
 async def test_refresh_rotates_and_a_replayed_token_revokes_the_whole_family(auth: Auth, pool: asyncpg.Pool) -> None:
@@ -275,32 +279,83 @@ async def test_five_failures_from_one_address_lock_it_out_with_a_retry_after(aut
 
 
 async def test_the_window_slides_and_the_oldest_failure_sets_retry_after(auth: Auth, pool: asyncpg.Pool) -> None:
-    ip = address()
+    ip, ghost = address(), f"{unique('ghost')}@example.com"
     for _ in range(5):
         with pytest.raises(Unauthenticated):
-            await auth.login(email="ghost@example.com", password="nope nope", client_ip=ip)
+            await auth.login(email=ghost, password="nope nope", client_ip=ip)
     # Age the attempts: the oldest leaves the window in about 60 s.
     await pool.execute(
         "UPDATE login_attempts SET attempted_at = attempted_at - interval '840 seconds' WHERE client_ip = $1", ip
     )
     with pytest.raises(TooManyAttempts) as limited:
-        await auth.login(email="ghost@example.com", password="nope nope", client_ip=ip)
+        await auth.login(email=ghost, password="nope nope", client_ip=ip)
     assert 55 <= limited.value.retry_after <= 61
     await pool.execute(
         "UPDATE login_attempts SET attempted_at = attempted_at - interval '61 seconds' WHERE client_ip = $1", ip
     )
     with pytest.raises(Unauthenticated):  # allowed again (and wrong again)
-        await auth.login(email="ghost@example.com", password="nope nope", client_ip=ip)
+        await auth.login(email=ghost, password="nope nope", client_ip=ip)
 
 
 async def test_concurrent_guesses_cannot_overrun_the_limit(auth: Auth) -> None:
-    ip = address()
+    ip, ghost = address(), f"{unique('ghost')}@example.com"
     results = await asyncio.gather(
-        *(auth.login(email="ghost@example.com", password=f"guess {i}", client_ip=ip) for i in range(12)),
+        *(auth.login(email=ghost, password=f"guess {i}", client_ip=ip) for i in range(12)),
         return_exceptions=True,
     )
     assert sum(isinstance(r, TooManyAttempts) for r in results) == 7
     assert sum(type(r) is Unauthenticated for r in results) == 5
+
+
+async def test_ten_failures_on_one_email_from_many_addresses_lock_it_and_no_other(auth: Auth) -> None:
+    email, _ = await member(auth)
+    other, _ = await member(auth)
+    for _ in range(10):  # a new address each time: no address meets its own limit
+        with pytest.raises(Unauthenticated):
+            await auth.login(email=email, password="wrong password", client_ip=address())
+    ip = address()
+    with pytest.raises(TooManyAttempts) as limited:
+        await auth.login(email=email.upper(), password=PASSWORD, client_ip=ip)  # even the right password
+    assert 0 < limited.value.retry_after <= 900
+    await auth.login(email=other, password=PASSWORD, client_ip=ip)  # another user, same address
+
+    # An e-mail no user has is limited the same way, so a 429 tells nothing of who exists.
+    ghost = f"{unique('ghost')}@example.com"
+    for _ in range(10):
+        with pytest.raises(Unauthenticated) as refused:
+            await auth.login(email=ghost, password="wrong password", client_ip=address())
+        assert refused.value.message == "invalid email or password"
+    with pytest.raises(TooManyAttempts) as unknown:
+        await auth.login(email=ghost, password="wrong password", client_ip=address())
+    assert unknown.value.message.split(";")[0] == limited.value.message.split(";")[0]
+
+
+async def test_a_success_resets_the_emails_failures_but_not_the_addresses(auth: Auth) -> None:
+    email, _ = await member(auth)
+    guesser = address()
+    for i in range(9):
+        with pytest.raises(Unauthenticated):
+            await auth.login(email=email, password="wrong password", client_ip=guesser if i < 4 else address())
+    await auth.login(email=email, password=PASSWORD, client_ip=address())
+    for _ in range(9):  # nine more: the count started again at the success
+        with pytest.raises(Unauthenticated):
+            await auth.login(email=email, password="wrong password", client_ip=address())
+    await auth.login(email=email, password=PASSWORD, client_ip=address())
+    # The guesser's address kept its four failures: one more and it is out.
+    with pytest.raises(Unauthenticated):
+        await auth.login(email=email, password="wrong password", client_ip=guesser)
+    with pytest.raises(TooManyAttempts):
+        await auth.login(email=email, password=PASSWORD, client_ip=guesser)
+
+
+async def test_concurrent_guesses_from_many_addresses_cannot_overrun_the_emails_limit(auth: Auth) -> None:
+    email, _ = await member(auth)
+    results = await asyncio.gather(
+        *(auth.login(email=email, password=f"guess {i}", client_ip=address()) for i in range(14)),
+        return_exceptions=True,
+    )
+    assert sum(type(r) is Unauthenticated for r in results) == 10
+    assert sum(isinstance(r, TooManyAttempts) for r in results) == 4
 
 
 async def test_api_keys_are_stored_hashed_shown_once_and_die_when_revoked(auth: Auth, pool: asyncpg.Pool) -> None:
@@ -364,7 +419,13 @@ async def test_a_weaker_hash_is_upgraded_at_login(pool: asyncpg.Pool, key_pem: s
 
 
 def settings(tmp_path: Path, **kw: str) -> AccountsSettings:
-    return AccountsSettings(database_url="postgresql://x/y", pregonero_data_dir=str(tmp_path), **kw)
+    # A real NATS login, as production requires: what fails is the setting under test.
+    return AccountsSettings(
+        database_url="postgresql://x/y",
+        nats_url="nats://accounts:s3cret@nats:4222",
+        pregonero_data_dir=str(tmp_path),
+        **kw,
+    )
 
 
 def test_outside_development_a_missing_or_placeholder_key_refuses_to_start(tmp_path: Path) -> None:
@@ -398,3 +459,61 @@ def test_configured_keys_pick_their_algorithm_and_publish_only_public_parts(tmp_
     ):
         with pytest.raises(ValueError):
             signing_key_from_pem(pem_of(weak))
+
+
+def verifies(tokens: AccessTokens, token: str) -> bool:
+    """What the gateway does: the key of the token's kid in the published set, then the claims."""
+    keys = {k["kid"]: jwt.PyJWK(k) for k in tokens.jwks()["keys"]}
+    key = keys.get(jwt.get_unverified_header(token)["kid"])
+    if key is None:
+        return False
+    jwt.decode(token, key.key, algorithms=[key.algorithm_name], issuer=ISSUER, audience=AUDIENCE)
+    return True
+
+
+def test_a_rotated_key_keeps_its_tokens_valid_until_it_is_removed(tmp_path: Path) -> None:
+    old_pem, new_pem = pem_of(ed25519.Ed25519PrivateKey.generate()), pem_of(ed25519.Ed25519PrivateKey.generate())
+    before = AccessTokens(signing_key_from_pem(old_pem), issuer=ISSUER, audience=AUDIENCE, ttl_seconds=900)
+    old_token = before.issue(user_id="usr-1", role=MEMBER, account_id="acme", session_id="s-1")
+
+    configured = settings(
+        tmp_path, environment="production", pregonero_jwt_private_key=new_pem, pregonero_jwt_previous_key=old_pem
+    )
+    rotated = AccessTokens(
+        load_signing_key(configured),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        ttl_seconds=900,
+        previous=load_previous_keys(configured),
+    )
+    new_token = rotated.issue(user_id="usr-1", role=MEMBER, account_id="acme", session_id="s-1")
+    assert [k["kid"] for k in rotated.jwks()["keys"]] == [rotated.key.kid, before.key.kid]
+    assert jwt.get_unverified_header(new_token)["kid"] == rotated.key.kid != before.key.kid
+    assert verifies(rotated, old_token) and verifies(rotated, new_token)
+
+    removed = AccessTokens(rotated.key, issuer=ISSUER, audience=AUDIENCE, ttl_seconds=900)
+    assert [k["kid"] for k in removed.jwks()["keys"]] == [rotated.key.kid]
+    assert not verifies(removed, old_token) and verifies(removed, new_token)
+
+
+def test_the_previous_key_may_be_given_as_its_public_half(tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    public_pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    (from_public,) = load_previous_keys(settings(tmp_path, pregonero_jwt_previous_key=public_pem.replace("\n", "\\n")))
+    assert from_public == signing_key_from_pem(pem_of(key)).public_jwk and "d" not in from_public
+    assert load_previous_keys(settings(tmp_path)) == []
+    with pytest.raises(ValueError, match="PREGONERO_JWT_PREVIOUS_KEY"):
+        load_previous_keys(settings(tmp_path, pregonero_jwt_previous_key="changeme"))
+
+
+def test_access_tokens_name_the_configured_audience(tmp_path: Path) -> None:
+    assert settings(tmp_path).pregonero_jwt_audience == AUDIENCE
+    tokens = AccessTokens(load_signing_key(settings(tmp_path)), issuer=ISSUER, audience="other-api", ttl_seconds=900)
+    token = tokens.issue(user_id="usr-1", role=MEMBER, account_id="acme", session_id="s-1")
+    assert jwt.decode(token, options={"verify_signature": False})["aud"] == "other-api"
+    with pytest.raises(jwt.InvalidAudienceError):
+        verifies(tokens, token)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 import grpc
@@ -19,7 +20,7 @@ import pytest
 from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
 from services.runtime.devstack import Proc, Stack
-from services.runtime.identity import ADMIN, Caller
+from services.runtime.identity import ADMIN, MEMBER, Caller
 from services.runtime.rpc import channel
 
 from .ledger_invariants import violations
@@ -27,6 +28,20 @@ from .ledger_invariants import violations
 TASKS = 50
 OPS = 10_000
 ADMIN_MD = Caller(role=ADMIN, account_id="default", user_id="operator").metadata()
+
+
+def feeder_md(account: str) -> tuple[tuple[str, str], ...]:
+    """As campaigns calls the ledger's hold flow: for the one account whose work it releases."""
+    return Caller(role=MEMBER, account_id=account, user_id="campaigns-feeder").metadata()
+
+
+class Ledger(NamedTuple):
+    """The accounts service as its two kinds of clients reach it."""
+
+    admin: accounts_pb2_grpc.AccountsServiceStub  # the gateway, for an operator
+    feeder: accounts_pb2_grpc.AccountsServiceStub  # campaigns, holding and spending credit
+
+
 # A few accounts, so that 50 clients contend for the same rows; one of each plan.
 ACCOUNTS = {
     "conc-a": ("credit_based", "300"),
@@ -44,15 +59,18 @@ REFUSALS = {
 
 
 @pytest.fixture
-async def service(fresh_db: str, own_nats: str, tmp_path: Path) -> AsyncIterator[accounts_pb2_grpc.AccountsServiceStub]:
+async def service(fresh_db: str, own_nats: str, tmp_path: Path) -> AsyncIterator[Ledger]:
     stack = Stack(data_dir=tmp_path, database_url=fresh_db, nats_url=own_nats)
     stack.extra_env["LOG_LEVEL"] = "WARNING"
     proc: Proc = await asyncio.to_thread(stack.start_service, "accounts")
-    ch = channel(stack.addrs["accounts"])
+    addr = stack.addrs["accounts"]
+    gateway = channel(addr, audience="accounts", keyring=stack.keyring("gateway"))
+    campaigns = channel(addr, audience="accounts", keyring=stack.keyring("campaigns"))
     try:
-        yield accounts_pb2_grpc.AccountsServiceStub(ch)
+        yield Ledger(accounts_pb2_grpc.AccountsServiceStub(gateway), accounts_pb2_grpc.AccountsServiceStub(campaigns))
     finally:
-        await ch.close()
+        await gateway.close()
+        await campaigns.close()
         await asyncio.to_thread(proc.stop)
 
 
@@ -80,7 +98,8 @@ def check_balance(b: accounts_pb2.Balance, shared: Shared) -> None:
         shared.errors.append(f"reply minutes broken: {b}")
 
 
-async def client(stub: accounts_pb2_grpc.AccountsServiceStub, n: int, ops: int, shared: Shared) -> None:
+async def client(ledger: Ledger, n: int, ops: int, shared: Shared) -> None:
+    stub = ledger.admin
     rng = random.Random(n)
     for i in range(ops):
         account = rng.choice(list(ACCOUNTS))
@@ -90,14 +109,14 @@ async def client(stub: accounts_pb2_grpc.AccountsServiceStub, n: int, ops: int, 
             if roll < 0.30:
                 kind = "hold"
                 hold_id = f"c{n}:h{i}"
-                reply = await stub.Hold(
+                reply = await ledger.feeder.Hold(
                     accounts_pb2.HoldRequest(
                         account_id=account,
                         hold_id=hold_id,
                         amount=f"{rng.randint(1, 2000) / 100:.2f}",
                         partial=rng.random() < 0.3,
                     ),
-                    metadata=ADMIN_MD,
+                    metadata=feeder_md(account),
                 )
                 shared.holds[account].append(hold_id)
             elif roll < 0.65 and shared.holds[account]:
@@ -117,13 +136,13 @@ async def client(stub: accounts_pb2_grpc.AccountsServiceStub, n: int, ops: int, 
                         ],
                     )
                     shared.captures.append(request)
-                reply = await stub.Capture(request, metadata=ADMIN_MD)
+                reply = await ledger.feeder.Capture(request, metadata=feeder_md(request.account_id))
                 shared.outcomes.update(c.status for c in reply.captures)
             elif roll < 0.75 and shared.holds[account]:
                 kind = "release"
-                reply = await stub.Release(
+                reply = await ledger.feeder.Release(
                     accounts_pb2.ReleaseRequest(account_id=account, hold_id=rng.choice(shared.holds[account])),
-                    metadata=ADMIN_MD,
+                    metadata=feeder_md(account),
                 )
             elif roll < 0.85:
                 kind = "topup"
@@ -176,10 +195,8 @@ async def snapshot(pool: asyncpg.Pool) -> tuple[list[tuple[object, ...]], int, l
 
 
 @pytest.mark.timeout(180)
-async def test_concurrent_ledger_keeps_its_invariants(
-    service: accounts_pb2_grpc.AccountsServiceStub, fresh_db: str
-) -> None:
-    stub = service
+async def test_concurrent_ledger_keeps_its_invariants(service: Ledger, fresh_db: str) -> None:
+    stub = service.admin
     for account, (plan, start) in ACCOUNTS.items():
         unit = "initial_minutes" if plan == "minutes_based" else "initial_credits"
         await stub.CreateAccount(
@@ -187,7 +204,7 @@ async def test_concurrent_ledger_keeps_its_invariants(
         )
     shared = Shared()
     started = time.perf_counter()
-    await asyncio.gather(*(client(stub, n, OPS // TASKS, shared) for n in range(TASKS)))
+    await asyncio.gather(*(client(service, n, OPS // TASKS, shared) for n in range(TASKS)))
     elapsed = time.perf_counter() - started
     assert not shared.errors, shared.errors[:10]
     # The mix really exercised the paths that matter.
@@ -204,7 +221,7 @@ async def test_concurrent_ledger_keeps_its_invariants(
         async def again(requests: list[accounts_pb2.CaptureRequest]) -> list[str]:
             statuses = []
             for request in requests:
-                reply = await stub.Capture(request, metadata=ADMIN_MD)
+                reply = await service.feeder.Capture(request, metadata=feeder_md(request.account_id))
                 statuses += [c.status for c in reply.captures]
             return statuses
 

@@ -279,6 +279,17 @@ def test_jwks_uri_points_at_the_gateway_service() -> None:
             assert uri.port in {p["port"] for p in SERVICES[service]["spec"]["ports"]}
 
 
+def test_envoy_requires_the_audience_accounts_signs_and_the_gateway_checks() -> None:
+    from services.accounts.config import AccountsSettings
+    from services.gateway.config import GatewaySettings
+
+    audience = AccountsSettings(database_url="postgresql://x/y").pregonero_jwt_audience
+    assert GatewaySettings(database_url="postgresql://x/y").pregonero_jwt_audience == audience
+    for policy in _of_kind("SecurityPolicy").values():
+        for provider in policy["spec"]["jwt"]["providers"]:
+            assert provider["audiences"] == [audience]
+
+
 def test_policies_target_existing_routes_or_gateways() -> None:
     targets = {kind: _of_kind(kind) for kind in ("HTTPRoute", "Gateway")}
     for kind in ("BackendTrafficPolicy", "SecurityPolicy"):
@@ -300,6 +311,36 @@ def test_envoy_closes_idle_gateway_connections_before_the_gateway_does() -> None
         assert idle.endswith("s") and int(idle[:-1]) < keep_alive, name
 
 
+def _per_second(limit: Doc) -> float:
+    return float(limit["requests"]) / {"Second": 1, "Minute": 60, "Hour": 3600}[limit["unit"]]
+
+
+def test_every_rate_limit_is_per_client_with_a_backstop_for_all() -> None:
+    """No limit is one bucket that every client shares (one client would use it up for all):
+    each policy has a bucket per IPv4 and per IPv6 client, and above them one for all."""
+    policies = _of_kind("BackendTrafficPolicy")
+    limits = {name: p["spec"]["rateLimit"] for name, p in policies.items() if "rateLimit" in p["spec"]}
+    assert {"upstream-connections", "login-rate-limit"} <= set(limits)
+    for name, limit in limits.items():
+        assert limit["type"] == "Local", name
+        rules = limit["local"]["rules"]
+        per_client = {
+            (s["sourceCIDR"]["type"], s["sourceCIDR"]["value"]): rule["limit"]
+            for rule in rules
+            for s in rule.get("clientSelectors", [])
+        }
+        assert set(per_client) == {("Distinct", "0.0.0.0/0"), ("Distinct", "::/0")}, name
+        (backstop,) = [rule["limit"] for rule in rules if not rule.get("clientSelectors")]
+        assert all(_per_second(backstop) > _per_second(each) for each in per_client.values()), name
+
+
+def test_the_gateway_trusts_the_proxies_pod_range_and_nothing_wider() -> None:
+    from services.gateway.auth import parse_networks
+
+    trusted = parse_networks(CONFIGMAPS["pregonero-config"]["data"]["PREGONERO_TRUSTED_PROXIES"])
+    assert trusted and all(net.is_private and not net.is_loopback and net.prefixlen >= 16 for net in trusted)
+
+
 def test_every_stream_the_services_use_is_declared_for_the_operator() -> None:
     """In production NACK owns the streams (a service leaves an existing one alone): each one
     the services create in development must be declared, with the same subjects and
@@ -313,3 +354,57 @@ def test_every_stream_the_services_use_is_declared_for_the_operator() -> None:
         assert spec["subjects"] == config.subjects
         assert spec["retention"] == {"workqueue": "workqueue", "limits": "limits"}[str(config.retention.value)]
         assert spec["replicas"] >= 3
+
+
+def test_each_service_logs_in_to_nats_as_its_own_restricted_user() -> None:
+    """The NATS users (services/runtime/nats_auth.py): the server's are the table's, with a
+    password each from the Secret; each Deployment logs in as its own service's user."""
+    import json
+
+    from services.runtime import nats_auth
+
+    conf = CONFIGMAPS["nats-authorization"]["data"]["authorization.conf"]
+    assert conf == nats_auth.NatsUsers.from_env_vars().server_config(), "nats.yaml: render it from nats_auth.py"
+    secret = SECRETS["pregonero-nats-users"]["stringData"]
+    server_env = yaml.safe_load((K8S / "helm" / "nats-values.yaml").read_text(encoding="utf-8"))["container"]["env"]
+    quoted = conf.removeprefix("authorization ")
+    for user in (nats_auth.OPERATOR, *nats_auth.ROLES):
+        key = nats_auth.password_env_var(user)
+        assert key in secret
+        assert server_env[key]["valueFrom"]["secretKeyRef"] == {"name": "pregonero-nats-users", "key": key}
+        quoted = quoted.replace(f"${key}", json.dumps(f"${key}"))
+    users = {u["user"]: u for u in json.loads(quoted)["users"]}
+    config = CONFIGMAPS["pregonero-config"]["data"]
+    assert config["NATS_URL"] == f"nats://{config['NATS_ADDR']}", "the same servers"
+    assert set(users) == {nats_auth.OPERATOR, *nats_auth.ROLES}
+    for service in nats_auth.ROLES:
+        perms = users[service]["permissions"]
+        publish, subscribe = perms["publish"]["allow"], perms["subscribe"]["allow"]
+        assert publish and subscribe and "deny" not in perms["publish"]
+        assert not {">", "$JS.API.>", "$JS.>", "events.>", "_INBOX.>"} & {*publish, *subscribe}, service
+        assert subscribe[0] == f"{nats_auth.inbox_prefix(service)}.>"
+        (container,) = [c for c in _containers(service) if any(e["name"] == "NATS_URL" for e in c.get("env", []))]
+        names = [e["name"] for e in container["env"]]
+        env = {e["name"]: e for e in container["env"]}
+        # $(VAR) expands only variables defined earlier in the list.
+        assert names.index("NATS_ADDR") < names.index("NATS_URL") > names.index("NATS_PASSWORD")
+        assert env["NATS_URL"]["value"] == f"nats://{service}:$(NATS_PASSWORD)@$(NATS_ADDR)"
+        ref = env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "pregonero-nats-users", "key": nats_auth.password_env_var(service)}
+
+
+@pytest.mark.parametrize("name", GRPC_SERVICES + HTTP_SERVICES)
+def test_each_service_signs_with_its_own_key_and_trusts_the_published_set(name: str) -> None:
+    from services.runtime.service_auth import SIGNING_SERVICES
+
+    env = {e["name"]: e for e in _containers(name)[0]["env"]}
+    signing = env["SERVICE_SIGNING_KEY"]["valueFrom"]["secretKeyRef"]
+    # Its own key, from a Secret only the service keys live in: no pod holds another's.
+    assert signing == {"name": "pregonero-service-keys", "key": f"{name.upper()}_SIGNING_KEY"}
+    assert set(SECRETS["pregonero-service-keys"]["stringData"]) == {
+        f"{s.upper()}_SIGNING_KEY" for s in SIGNING_SERVICES
+    }
+    public = env["SERVICE_PUBLIC_KEYS"]["valueFrom"]["configMapKeyRef"]
+    assert public["name"] == "pregonero-config"
+    published = CONFIGMAPS["pregonero-config"]["data"][public["key"]]
+    assert {entry.split(":")[0] for entry in published.split(",")} == set(SIGNING_SERVICES)

@@ -28,7 +28,7 @@ from services.runtime.db import check_queries, create_pool
 from services.runtime.devstack import Stack
 from services.runtime.errors import InvalidArgument, NotFound
 from services.runtime.identity import ADMIN, MEMBER, Caller
-from services.runtime.rpc import ServerInterceptor
+from tests import signing
 from tests.conftest import bus_client, collected
 
 pytestmark = pytest.mark.timeout(20)
@@ -197,11 +197,11 @@ async def test_the_engine_learns_unavailable_devices_from_the_database(pool: asy
 async def stub(pool: asyncpg.Pool) -> AsyncIterator[dispatcher_pb2_grpc.DispatcherServiceStub]:
     senders = Senders(SendersRepo(pool), SecretBox("k"))
     connections = Connections(repo=SendersRepo(pool), senders=senders, states=DeviceStates(None), providers={})
-    server = grpc.aio.server(interceptors=[ServerInterceptor()])
+    server = signing.server("dispatcher")
     dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server(DispatcherServicer(senders, connections), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = signing.channel(f"127.0.0.1:{port}", "dispatcher")
     try:
         yield dispatcher_pb2_grpc.DispatcherServiceStub(channel)
     finally:
@@ -294,7 +294,12 @@ def test_provider_endpoints_are_operator_settings(monkeypatch: pytest.MonkeyPatc
         DispatcherSettings(database_url="postgresql://x/y")
     monkeypatch.setenv("WABLAS_BASE_URL", "https://texas.wablas.com")
     with pytest.raises(ValueError, match="WAHA_WEBHOOK_HMAC_KEY"):
-        DispatcherSettings(database_url="postgresql://x/y", environment="production", pregonero_secret_key="k" * 40)
+        DispatcherSettings(
+            database_url="postgresql://x/y",
+            nats_url="nats://dispatcher:s3cret@nats:4222",
+            environment="production",
+            pregonero_secret_key="k" * 40,
+        )
 
 
 @pytest.mark.parametrize(

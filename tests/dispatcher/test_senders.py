@@ -5,23 +5,27 @@ and what the dispatch engine loads."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import grpc
 import pytest
-from cryptography.fernet import InvalidToken
+from cryptography.fernet import Fernet, InvalidToken
 from pregonero.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 
 from services.dispatcher.config import DispatcherSettings
 from services.dispatcher.crypto import SecretBox, hint_of, masked
 from services.dispatcher.repo import SenderQ, SendersRepo
+from services.dispatcher.reseal import reseal, reseal_stored
 from services.dispatcher.senders import Senders
 from services.dispatcher.server import DispatcherServicer
 from services.runtime.db import check_queries, create_pool
 from services.runtime.identity import ADMIN, MEMBER, Caller
-from services.runtime.rpc import ServerInterceptor
+from tests import signing
 
 KEY = "test-key-for-sender-secrets"
 SECRET = "s3cr3t-api-key-9876"
@@ -55,11 +59,11 @@ def senders(pool: asyncpg.Pool) -> Senders:
 
 @pytest.fixture
 async def stub(senders: Senders) -> AsyncIterator[Stub]:
-    server = grpc.aio.server(interceptors=[ServerInterceptor()])
+    server = signing.server("dispatcher")
     dispatcher_pb2_grpc.add_DispatcherServiceServicer_to_server(DispatcherServicer(senders), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    channel = signing.channel(f"127.0.0.1:{port}", "dispatcher")
     try:
         yield Stub(channel)
     finally:
@@ -294,8 +298,15 @@ async def test_load_for_dispatch_decrypts_usable_senders_only(stub: Stub, pool: 
 def test_placeholder_secret_key_is_refused_outside_development() -> None:
     assert DispatcherSettings(database_url="postgresql://x/y").pregonero_secret_key.get_secret_value()
     with pytest.raises(ValueError, match="PREGONERO_SECRET_KEY"):
-        DispatcherSettings(database_url="postgresql://x/y", environment="production")
-    real = DispatcherSettings(database_url="postgresql://x/y", environment="production", pregonero_secret_key="k" * 40)
+        DispatcherSettings(
+            database_url="postgresql://x/y", nats_url="nats://dispatcher:s3cret@nats:4222", environment="production"
+        )
+    real = DispatcherSettings(
+        database_url="postgresql://x/y",
+        nats_url="nats://dispatcher:s3cret@nats:4222",
+        environment="production",
+        pregonero_secret_key="k" * 40,
+    )
     assert "k" * 40 not in repr(real)
 
 
@@ -325,3 +336,38 @@ async def test_concurrent_receiver_marks_leave_exactly_one(stub: Stub, pool: asy
             "SELECT count(*) FROM senders WHERE account_id = 'default' AND is_receiver AND deleted_at IS NULL"
         )
         assert receivers == 1
+
+
+async def test_reseal_moves_every_secret_onto_the_current_key(pool: asyncpg.Pool) -> None:
+    legacy = Fernet(base64.urlsafe_b64encode(hashlib.sha256(KEY.encode()).digest())).encrypt(b"legacy")
+    rotated = SecretBox("the new key", key_id="2", previous={"1": KEY})
+    sealed = [legacy, SecretBox(KEY).encrypt("one"), SecretBox("lost", key_id="9").encrypt("x"), rotated.encrypt("two")]
+    ids = [
+        await pool.fetchval("INSERT INTO senders (account_id, secret_enc) VALUES ('acme', $1) RETURNING id", value)
+        for value in sealed
+    ]
+    repo = SendersRepo(pool)
+    done = await reseal(repo, rotated, page=2)
+    assert (done.resealed, done.unreadable) == (2, [ids[2]])
+    rows = {r["id"]: bytes(r["secret_enc"]) for r in await pool.fetch("SELECT id, secret_enc FROM senders")}
+    only_new = SecretBox("the new key", key_id="2")
+    assert [only_new.decrypt(rows[i]) for i in (ids[0], ids[1], ids[3])] == ["legacy", "one", "two"]
+    assert rows[ids[2]] == sealed[2] and rows[ids[3]] == sealed[3]  # unreadable, or already current: untouched
+    assert (await reseal(repo, rotated)).resealed == 0
+    # A secret re-entered while it was being resealed stays as entered.
+    assert not await repo.reseal_secret(sender_id=ids[2], sealed=b"1:stale", resealed=rotated.encrypt("x"))
+
+
+async def test_the_reseal_command_takes_the_dispatchers_settings(pool: asyncpg.Pool, database: str) -> None:
+    sender_id = await pool.fetchval(
+        "INSERT INTO senders (account_id, secret_enc) VALUES ('acme', $1) RETURNING id", SecretBox(KEY).encrypt("one")
+    )
+    settings = DispatcherSettings(
+        database_url=database,
+        pregonero_secret_key="the new key",
+        pregonero_secret_key_id="2",
+        pregonero_previous_secret_keys=json.dumps({"1": KEY}),
+    )
+    assert (await reseal_stored(settings)).resealed == 1
+    sealed = await pool.fetchval("SELECT secret_enc FROM senders WHERE id = $1", sender_id)
+    assert SecretBox("the new key", key_id="2").decrypt(sealed) == "one"

@@ -32,11 +32,11 @@ ENVOY_API = "type.googleapis.com/envoy.extensions"
 def account(suite: Stack) -> str:
     """An account of this module's own (created over gRPC, as the operator would)."""
     account_id = f"e2e-auth-{uuid.uuid4().hex[:8]}"
+    caller = Caller(role=ADMIN_ROLE, account_id="default", user_id="e2e")
+    md = suite.keyring("gateway").sign_metadata("accounts", caller.metadata())
     with grpc.insecure_channel(suite.addrs["accounts"]) as channel:
         accounts_pb2_grpc.AccountsServiceStub(channel).EnsureAccount(
-            accounts_pb2.CreateAccountRequest(account_id=account_id, account_name="E2E auth"),
-            metadata=Caller(role=ADMIN_ROLE, account_id="default", user_id="e2e").metadata(),
-            timeout=10,
+            accounts_pb2.CreateAccountRequest(account_id=account_id, account_name="E2E auth"), metadata=md, timeout=10
         )
     return account_id
 
@@ -183,6 +183,17 @@ def test_a_client_cannot_pick_its_address_through_envoy(gateway_url: str, base_u
     assert_error(login(gateway_url, email, PASSWORD, client=claimed), 429, "too_many_requests")
 
 
+def test_login_is_limited_per_email_from_any_address(gateway_url: str, base_url: str, account: str) -> None:
+    email, other = new_user(base_url, account), new_user(base_url, account)
+    for _ in range(10):  # each from an address of its own, as a spread-out guesser would
+        assert_error(login(gateway_url, email, "not the password", client=client_address()), 401, "unauthorized")
+    client = client_address()
+    limited = login(gateway_url, email, PASSWORD, client=client)  # even the right password
+    assert_error(limited, 429, "too_many_requests")
+    assert 0 < int(limited.headers["retry-after"]) <= 900
+    assert login(gateway_url, other, client=client).status_code == 200  # another user, same address
+
+
 def test_the_key_set_is_public_and_verifies_access_tokens(base_url: str, account: str) -> None:
     r = httpx.get(f"{base_url}/.well-known/jwks.json")
     assert r.status_code == 200 and "max-age" in r.headers["cache-control"]
@@ -195,7 +206,7 @@ def test_the_key_set_is_public_and_verifies_access_tokens(base_url: str, account
     header = jwt.get_unverified_header(access)
     (published,) = [k for k in keys if k["kid"] == header["kid"]]
     key = jwt.PyJWK(published)
-    claims = jwt.decode(access, key.key, algorithms=[key.algorithm_name], issuer="pregonero")
+    claims = jwt.decode(access, key.key, algorithms=[key.algorithm_name], issuer="pregonero", audience="pregonero-api")
     assert claims["role"] == "member" and claims["account_id"] == account
     assert {"sub", "sid", "iat", "exp"} <= set(claims) and claims["exp"] - claims["iat"] == 900
 

@@ -122,8 +122,9 @@ def test_bulk_file_completes_with_live_progress_and_no_duplicates(base_url: str,
     }
 
     events: list[dict[str, Any]] = []
-    ws_url = base_url.replace("http", "ws") + f"/ws/job/{job['id']}?token={ADMIN_TOKEN}"
-    with connect(ws_url, open_timeout=10, close_timeout=5) as ws:
+    ws_url = base_url.replace("http", "ws") + f"/ws/job/{job['id']}"
+    bearer: Any = ["bearer", ADMIN_TOKEN]
+    with connect(ws_url, subprotocols=bearer, open_timeout=10, close_timeout=5) as ws:
         ws.send(json.dumps({"type": "ping", "timestamp": 123}))
         while True:
             event = json.loads(ws.recv(timeout=60))

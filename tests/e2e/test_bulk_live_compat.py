@@ -33,9 +33,14 @@ def client_address() -> str:
 
 
 def open_socket(base_url: str, job_id: str, client: str) -> ClientConnection:
-    """As the app opens it: `/ws/job/{id}` (its token as `?token=`, the browser sets no header)."""
-    url = base_url.replace("http", "ws", 1) + f"/ws/job/{job_id}?token={ADMIN_TOKEN}"
-    return connect(url, open_timeout=10, close_timeout=5, additional_headers={"X-Forwarded-For": client})
+    """As the app opens it: `/ws/job/{id}`, no header (a browser cannot set one). The app sends
+    no token, which works where the operator maps anonymous callers to an account; the suite
+    does not, so the token comes as a browser can offer it, a subprotocol."""
+    url = base_url.replace("http", "ws", 1) + f"/ws/job/{job_id}"
+    bearer: Any = ["bearer", ADMIN_TOKEN]
+    return connect(
+        url, subprotocols=bearer, open_timeout=10, close_timeout=5, additional_headers={"X-Forwarded-For": client}
+    )
 
 
 def read_until(ws: ClientConnection, stop: tuple[str, ...], timeout: float = 60) -> list[dict[str, Any]]:

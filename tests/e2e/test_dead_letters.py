@@ -33,6 +33,17 @@ async def _publish(nats_url: str, subject: str, data: bytes) -> int:
         await nc.close()
 
 
+async def _set_aside(nats_url: str, subject: str) -> int:
+    """A dead letter of `subject` as a consumer writes it, without the original on a stream."""
+    nc = await nats.connect(nats_url)
+    try:
+        headers = {"Nats-Msg-Id": uuid.uuid4().hex, bus.DL_SUBJECT: subject, bus.DL_STREAM: bus.EVENTS_STREAM}
+        ack = await nc.jetstream().publish("deadletter.test", GARBAGE, headers=headers, stream=bus.DEADLETTER_STREAM)
+        return ack.seq
+    finally:
+        await nc.close()
+
+
 def publish(suite: Stack, subject: str, data: bytes) -> int:
     """Straight onto the suite's bus, as a producer would; its sequence in EVENTS."""
     return asyncio.run(_publish(suite.nats_url, subject, data))
@@ -135,6 +146,27 @@ def test_results_for_an_unknown_account_are_dead_lettered_not_dropped(
     # The results applier acks it (its batch does not exist: nothing to apply), as before.
     wait_for("campaigns-results past it", lambda: settled(suite, "campaigns-results", seq))
     assert [e["consumer"] for e in of(base_url, subject)] == ["accounts-charges"]
+
+    # Replayed by the dispatcher, the one publisher of results (the gateway's NATS user may
+    # not publish them): the charge meets the same unknown account and is set aside again.
+    r = httpx.post(f"{base_url}{LIST}/{entry['id']}/replay", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["replayed"] is True and r.json()["subject"] == subject
+    (again,) = wait_for("the replayed result charged again", lambda: of(base_url, subject))
+    assert again["consumer"] == "accounts-charges" and again["id"] > entry["id"] and again["stream_seq"] > seq
+    r = httpx.post(f"{base_url}{LIST}/{entry['id']}/replay", headers=ADMIN)
+    assert r.status_code == 404, r.text
+
+
+def test_a_dead_letter_no_service_publishes_is_not_replayed(base_url: str, suite: Stack, forget: list[str]) -> None:
+    """Only the service that publishes a subject replays it: on a subject no service publishes
+    (an operator's test traffic here) the replay is refused and the dead letter stays."""
+    subject = f"events.ghost.{uuid.uuid4().hex[:12]}"
+    forget.append(subject)
+    entry_id = asyncio.run(_set_aside(suite.nats_url, subject))
+    r = httpx.post(f"{base_url}{LIST}/{entry_id}/replay", headers=ADMIN)
+    assert r.status_code == 409 and subject in r.json()["message"], r.text
+    assert [e["id"] for e in of(base_url, subject)] == [entry_id]
 
 
 def test_dead_letters_are_for_admins_only(base_url: str) -> None:

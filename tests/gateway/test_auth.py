@@ -12,15 +12,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import httpx
 import jwt
 import pytest
+import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from fastapi import FastAPI, Request
 from pydantic import ValidationError
 
-from services.accounts.auth import AccessTokens, signing_key_from_pem
+from services.accounts.auth import AccessTokens, signing_key_from_pem, verifying_jwk_from_pem
 from services.gateway.auth import (
     API_KEY,
+    JWKS_MAX_AGE_S,
+    JWKS_REFETCH_S,
     JWT,
     STATIC,
     Authenticator,
@@ -34,19 +39,31 @@ from services.gateway.errors import ApiError
 from services.runtime.identity import Caller, caller_from_metadata
 
 ISSUER = "pregonero"
+AUDIENCE = "pregonero-api"
 
 
 def settings(**kw: Any) -> GatewaySettings:
     return GatewaySettings(database_url="postgresql://x/y", **kw)
 
 
-def new_tokens(issuer: str = ISSUER, clock: Any = time.time, ttl: int = 900) -> AccessTokens:
-    pem = (
+def new_pem() -> str:
+    return (
         ed25519.Ed25519PrivateKey.generate()
         .private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
         .decode()
     )
-    return AccessTokens(signing_key_from_pem(pem), issuer=issuer, ttl_seconds=ttl, clock=clock)
+
+
+def new_tokens(
+    issuer: str = ISSUER,
+    clock: Any = time.time,
+    ttl: int = 900,
+    *,
+    pem: str = "",
+    previous: list[dict[str, str]] | None = None,
+) -> AccessTokens:
+    key = signing_key_from_pem(pem or new_pem())
+    return AccessTokens(key, issuer=issuer, audience=AUDIENCE, ttl_seconds=ttl, previous=previous or [], clock=clock)
 
 
 class Clock:
@@ -205,7 +222,7 @@ def hs256(claims: dict[str, Any], secret: bytes, kid: str) -> str:
 def forgeries(good: AccessTokens) -> dict[str, str]:
     now = int(time.time())
     kid = good.key.kid
-    claims = {"iss": ISSUER, "sub": "usr-1", "role": "member", "account_id": "acme", "sid": "s-1"}
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "usr-1", "role": "member", "account_id": "acme", "sid": "s-1"}
     claims |= {"iat": now, "exp": now + 900}
     other = ed25519.Ed25519PrivateKey.generate()
 
@@ -221,6 +238,9 @@ def forgeries(good: AccessTokens) -> dict[str, str]:
         "forged signature": signed(claims, key=other),  # the published kid, another private key
         "tampered claims": ".".join([header, b64({**claims, "account_id": "globex"}), signature]),
         "wrong issuer": signed({**claims, "iss": "someone-else"}),
+        "wrong audience": signed({**claims, "aud": "another-api"}),
+        "no audience": signed({k: v for k, v in claims.items() if k != "aud"}),
+        "audience list without ours": signed({**claims, "aud": ["another-api"]}),
         "alg none": ".".join([b64({"alg": "none", "typ": "JWT", "kid": kid}), b64(claims), ""]),
         # The classic confusion: HMAC keyed with the public key, which anyone can read.
         "hs256 keyed with the public key": hs256(claims, public_pem, kid),
@@ -246,7 +266,42 @@ async def test_expired_forged_and_unsigned_tokens_are_401(
     assert info.value.status == 401 and info.value.code == "unauthorized"
     if case == "expired":
         assert "expired" in info.value.message
+    elif "audience" in case:
+        assert info.value.message == "invalid or expired token"
     assert directory.calls["session"] == 0  # refused before the session is even looked at
+
+
+async def test_a_refresh_token_is_no_access_token(auth: Authenticator) -> None:
+    # Refresh tokens are opaque secrets that only accounts' Refresh takes, never a JWT.
+    with pytest.raises(ApiError) as info:
+        await auth.resolve(bearer("rt_" + "x" * 43))
+    assert (info.value.status, info.value.message) == (401, "invalid or expired token")
+
+
+async def test_tokens_of_the_previous_key_verify_until_it_leaves_the_key_set(
+    auth: Authenticator, directory: FakeDirectory, clock: Clock
+) -> None:
+    old_pem, current_pem = new_pem(), new_pem()
+    directory.tokens = new_tokens(pem=old_pem)
+    old_token = bearer(member_token(directory.tokens))
+    await auth.resolve(old_token)
+    # Rotated: the new key signs; the old one is published for verification only.
+    directory.tokens = new_tokens(pem=current_pem, previous=[verifying_jwk_from_pem(old_pem)])
+    new_token = member_token(directory.tokens)
+    assert jwt.get_unverified_header(new_token)["kid"] == directory.tokens.key.kid
+    assert [k["kid"] for k in directory.tokens.jwks()["keys"]][1] == jwt.get_unverified_header(old_token[7:])["kid"]
+    clock.now += JWKS_REFETCH_S
+    assert (await auth.resolve(bearer(new_token))).account_id == "acme"
+    clock.now += JWKS_MAX_AGE_S
+    assert (await auth.resolve(old_token)).account_id == "acme"  # the renewed set still holds it
+    # The previous key is unset: its tokens stop verifying once the gateway's set renews.
+    directory.tokens = new_tokens(pem=current_pem)
+    await auth.resolve(old_token)
+    clock.now += JWKS_MAX_AGE_S
+    with pytest.raises(ApiError) as info:
+        await auth.resolve(old_token)
+    assert (info.value.status, info.value.message) == (401, "invalid or expired token")
+    assert (await auth.resolve(bearer(new_token))).account_id == "acme"
 
 
 async def test_a_rotated_signing_key_is_fetched_again_but_not_for_every_forgery(
@@ -379,3 +434,52 @@ TRUSTED = parse_networks("127.0.0.1,::1,10.0.0.0/8")
 )
 def test_client_address(peer: str, forwarded: str, expected: str) -> None:
     assert client_address(peer, forwarded, TRUSTED) == expected
+
+
+def request_from(peer: str, forwarded_for: str = "") -> Request:
+    headers = [(b"x-forwarded-for", forwarded_for.encode())] if forwarded_for else []
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers, "client": (peer, 40000)})
+
+
+def test_no_proxy_is_trusted_until_the_deployment_names_it() -> None:
+    forged = request_from("127.0.0.1", "203.0.113.9")
+    assert Authenticator(settings()).client_address(forged) == "127.0.0.1"
+    behind_envoy = Authenticator(settings(pregonero_trusted_proxies="127.0.0.1"))
+    assert behind_envoy.client_address(forged) == "203.0.113.9"
+    assert behind_envoy.client_address(request_from("198.51.100.7", "203.0.113.9")) == "198.51.100.7"
+
+
+def test_the_gateways_server_hands_over_the_real_peer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn as the gateway's main() sets it up: a loopback caller's forged X-Forwarded-For
+    reaches client_address as a header, not as the peer (uvicorn's proxy_headers would)."""
+    from services.gateway import main as gateway_main
+    from tests.http_server import serving_in_thread
+
+    configs: list[uvicorn.Config] = []
+
+    class Captured:
+        def __init__(self, config: uvicorn.Config) -> None:
+            configs.append(config)
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://x/y")
+    monkeypatch.delenv("PREGONERO_TRUSTED_PROXIES", raising=False)
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    monkeypatch.setattr(gateway_main, "setup_logging", lambda *args: None)
+    monkeypatch.setattr(gateway_main, "create_app", lambda settings: FastAPI())
+    monkeypatch.setattr(gateway_main.uvicorn, "Server", Captured)
+    gateway_main.main()
+    (config,) = configs
+
+    auth = Authenticator(settings())
+    app = FastAPI()
+
+    @app.get("/who")
+    async def who(request: Request) -> dict[str, str]:
+        return {"client": auth.client_address(request)}
+
+    with serving_in_thread(app, config) as address:
+        r = httpx.get(f"http://{address}/who", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert r.json() == {"client": "127.0.0.1"}

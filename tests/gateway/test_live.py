@@ -25,6 +25,7 @@ from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
 from services.gateway.live import LiveHub, Subscriber, batch_event, percentage, render, render_snapshot
 from services.gateway.routes import ws
+from services.gateway.socket_auth import SocketWatch
 from services.gateway.socket_limit import SocketLimit
 from services.runtime.identity import Caller
 from tests.http_server import serving
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.timeout(20)
 
 BATCH = "3f0c6c1e-8a51-4a6e-9d0b-6a1f4f3f2b10"
 TOKEN = "live-test-token"
+# How a browser authenticates a socket (services/gateway/socket_auth.py).
+AS_ADMIN: Any = ["bearer", TOKEN]
 
 
 def outcome(to: str, status: str = "sent", sender: int = 1, error: str = "") -> events_pb2.JobOutcome:
@@ -378,6 +381,7 @@ async def live(own_nats: str) -> AsyncIterator[Live]:
     app.state.auth = Authenticator(
         GatewaySettings(database_url="postgresql://unused/x", pregonero_static_tokens=f"{TOKEN}=admin")
     )
+    app.state.socket_watch = SocketWatch(app.state.auth, recheck_seconds=5)
     app.state.socket_limit = SocketLimit(per_second=100, burst=100)
     app.include_router(ws.router)
     app.dependency_overrides[ws.snapshot_source] = lambda: fake_snapshot
@@ -406,7 +410,7 @@ async def close_code(conn: ClientConnection) -> int | None:
 
 async def test_websocket_snapshot_ping_progress_and_completion(live: Live) -> None:
     live.snapshots[BATCH] = progress_event(1, 0, 3)
-    async with connect(f"{live.url}/ws/job/{BATCH}?token={TOKEN}") as conn:
+    async with connect(f"{live.url}/ws/job/{BATCH}", subprotocols=AS_ADMIN) as conn:
         assert await recv(conn) == {
             "type": "connected",
             "job_id": BATCH,
@@ -450,7 +454,7 @@ async def test_a_late_connection_to_a_finished_job_gets_the_end_at_once(live: Li
         assert (done["type"], done["status"], done["results"]["failed"]) == ("job_completed", "cancelled", 1)
         assert await close_code(conn) == 1000
     # The same client again: told already, it gets a neutral state and the socket stays open.
-    async with connect(f"{live.url}/ws/job/{finished}?token={TOKEN}") as conn:
+    async with connect(f"{live.url}/ws/job/{finished}", subprotocols=AS_ADMIN) as conn:
         assert [(await recv(conn))["type"] for _ in range(2)] == ["connected", "subscribed"]
         state = await recv(conn)
         assert (state["type"], state["status"], state["progress"]) == ("job_status", "cancelled", counters(4, 1, 9))
@@ -461,23 +465,27 @@ async def test_a_late_connection_to_a_finished_job_gets_the_end_at_once(live: Li
 async def test_a_client_opening_sockets_too_fast_is_refused(live: Live) -> None:
     live.app.state.socket_limit = SocketLimit(per_second=0.001, burst=2)
     for _ in range(2):
-        async with connect(f"{live.url}/ws/job/{BATCH}?token=wrong") as conn:
+        async with connect(f"{live.url}/ws/job/{BATCH}", subprotocols=["bearer", "wrong"]) as conn:
             assert (await recv(conn))["error"] == "unauthorized"
-    async with connect(f"{live.url}/ws/job/{BATCH}?token={TOKEN}") as conn:
+    async with connect(f"{live.url}/ws/job/{BATCH}", subprotocols=AS_ADMIN) as conn:
         refused = await recv(conn)
         assert (refused["type"], refused["error"]) == ("error", "too_many_connections")
         assert await close_code(conn) == 4429
 
 
 async def test_unknown_job_is_4404_and_unknown_token_4401(live: Live) -> None:
-    async with connect(f"{live.url}/ws/job/00000000-0000-4000-8000-000000000000?token={TOKEN}") as conn:
+    async with connect(f"{live.url}/ws/job/00000000-0000-4000-8000-000000000000", subprotocols=AS_ADMIN) as conn:
         assert (await recv(conn))["error"] == "not_found"
         assert await close_code(conn) == 4404
-    async with connect(f"{live.url}/ws/job/{BATCH}?token=wrong") as conn:
+    async with connect(f"{live.url}/ws/job/{BATCH}", subprotocols=["bearer", "wrong"]) as conn:
         refused = await recv(conn)
         assert (refused["type"], refused["error"]) == ("error", "unauthorized")
         assert await close_code(conn) == 4401
-    async with connect(f"{live.url}/ws/job/{BATCH}") as conn:  # anonymous is off unless configured
+    # Anonymous is off unless configured: a socket without a token is asked for one first.
+    async with connect(f"{live.url}/ws/job/{BATCH}") as conn:
+        await conn.send(json.dumps({"type": "ping", "timestamp": 1}))
+        assert await recv(conn) == {"type": "pong", "timestamp": 1}
+        await conn.send(json.dumps({"type": "auth", "token": "wrong"}))
         assert (await recv(conn))["error"] == "unauthorized"
         assert await close_code(conn) == 4401
 
@@ -494,7 +502,7 @@ async def test_events_published_while_the_snapshot_is_taken_are_not_lost(live: L
 
     live.snapshots[job] = progress_event(1, 0, 3, batch=job)
     live.during_snapshot = meanwhile
-    async with connect(f"{live.url}/ws/job/{job}?token={TOKEN}") as conn:
+    async with connect(f"{live.url}/ws/job/{job}", subprotocols=AS_ADMIN) as conn:
         assert [(await recv(conn))["type"] for _ in range(2)] == ["connected", "subscribed"]
         assert (await recv(conn))["progress"] == counters(1, 0, 3)
         late = await recv(conn)

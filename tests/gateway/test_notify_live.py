@@ -25,6 +25,7 @@ from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
 from services.gateway.notify_live import MAX_MESSAGE_ID, MAX_WATCHED, NotificationHub
 from services.gateway.routes import notifications
+from services.gateway.socket_auth import SocketWatch
 from services.gateway.socket_limit import SocketLimit
 from tests.http_server import serving
 
@@ -69,6 +70,7 @@ async def bus(own_nats: str) -> AsyncIterator[Bus]:
     app.state.auth = Authenticator(
         GatewaySettings(database_url="postgresql://unused/x", pregonero_static_tokens=tokens)
     )
+    app.state.socket_watch = SocketWatch(app.state.auth, recheck_seconds=5)
     app.state.socket_limit = SocketLimit(per_second=100, burst=100)
     app.include_router(notifications.router)
     publisher = await nats.connect(own_nats)

@@ -8,9 +8,23 @@ from pathlib import Path
 import httpx
 import psutil
 import yaml
+from fastapi import FastAPI, Request
 
+from services.gateway.auth import client_address, parse_networks
 from services.gateway.config import GatewaySettings
-from services.runtime.devstack import Stack, dev_admin_token, envoy_binary, render_envoy_config
+from services.runtime.devstack import (
+    ENVOY_PEER,
+    EdgeLimits,
+    Stack,
+    dev_admin_token,
+    envoy_binary,
+    free_port,
+    http_ok,
+    render_envoy_config,
+    spawn,
+    wait_until,
+)
+from tests.http_server import serving_in_thread
 
 
 def test_envoy_config_in_repo_validates(tmp_path: Path) -> None:
@@ -42,6 +56,83 @@ def test_envoy_closes_idle_gateway_connections_first_and_resends_only_gets() -> 
     (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
     retry = route["route"]["retry_policy"]
     assert retry["retriable_request_headers"] == [{"name": ":method", "string_match": {"exact": "GET"}}]
+
+
+def test_envoy_limits_requests_per_client_with_a_bucket_for_all_behind_it() -> None:
+    config = yaml.safe_load(render_envoy_config(listen_host="127.0.0.1", listen_port=1, gateway_port=2, admin_port=3))
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    first = manager["http_filters"][0]
+    assert first["name"] == "envoy.filters.http.local_ratelimit"  # before anything reads the request
+    limit = first["typed_config"]
+    (action,) = limit["rate_limits"][0]["actions"]
+    assert action == {"masked_remote_address": {"v4_prefix_mask_len": 32, "v6_prefix_mask_len": 64}}
+    (per_client,) = limit["descriptors"]
+    assert per_client["entries"] == [{"key": "masked_remote_address"}]  # no value: one bucket per client
+    assert limit["max_dynamic_descriptors"] == EdgeLimits().max_clients
+    # The suite, the bench and a browser are all 127.0.0.1 here: the defaults throttle none of them.
+    defaults = EdgeLimits()
+    assert per_client["token_bucket"]["tokens_per_fill"] == defaults.client_per_second >= 1000
+    assert limit["token_bucket"]["max_tokens"] == defaults.total_burst > defaults.client_burst
+
+
+def test_one_client_past_its_bucket_gets_429_and_another_goes_on(tmp_path: Path) -> None:
+    """The rendered config in a real Envoy: 127.0.0.2 and 127.0.0.3 are two clients (all of
+    127/8 is loopback). A forged X-Forwarded-For neither makes a new client at the edge nor
+    reaches the gateway as the client; once the bucket for everyone is spent, a new client
+    is refused too."""
+    seen: list[str] = []
+    upstream = FastAPI()
+
+    @upstream.get("/")
+    async def echo(request: Request) -> dict[str, str]:
+        seen.append(request.headers.get("x-forwarded-for", ""))
+        return {}
+
+    limits = EdgeLimits(client_per_second=1, client_burst=3, total_per_second=1, total_burst=20)
+    admin, listen = free_port(), free_port()
+    with serving_in_thread(upstream) as gateway:
+        config = tmp_path / "envoy.yaml"
+        config.write_text(
+            render_envoy_config(
+                listen_host="127.0.0.1",
+                listen_port=listen,
+                gateway_port=int(gateway.rpartition(":")[2]),
+                admin_port=admin,
+                limits=limits,
+            )
+        )
+        proc = spawn("edge-envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"])
+        try:
+            wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), timeout=30, what="envoy", proc=proc)
+
+            def client(source: str) -> httpx.Client:
+                transport = httpx.HTTPTransport(local_address=source)
+                return httpx.Client(base_url=f"http://127.0.0.1:{listen}", transport=transport, timeout=5)
+
+            with client("127.0.0.2") as a, client("127.0.0.3") as b:
+                replies = [a.get("/", headers={"X-Forwarded-For": f"198.51.100.{i}"}) for i in range(10)]
+                statuses = [r.status_code for r in replies]
+                # The burst of three, then refused (each second that turns meanwhile gives one back).
+                assert statuses[:3] == [200] * 3 and 429 in statuses, statuses
+                refused = next(r for r in replies if r.status_code == 429)
+                assert refused.headers["retry-after"] == "1"
+                assert refused.json()["code"] == "too_many_requests"
+                assert b.get("/").status_code == 200  # another client has its own bucket
+
+            # What the gateway, trusting Envoy alone, makes of the forged header: Envoy's peer.
+            trusted = parse_networks(ENVOY_PEER)
+            assert {client_address("127.0.0.1", hops, trusted) for hops in seen} == {"127.0.0.2", "127.0.0.3"}
+
+            # Fresh clients until the bucket for all (20, some spent above) runs out.
+            fresh = []
+            for n in range(4, 40):
+                with client(f"127.0.0.{n}") as c:
+                    fresh.append(c.get("/").status_code)
+                if fresh[-1] == 429:
+                    break
+            assert fresh[0] == 200 and fresh[-1] == 429, fresh
+        finally:
+            proc.stop()
 
 
 def test_dev_admin_token_is_generated_once(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """The shared server interceptor: domain errors become status codes, unexpected errors do not
-leak, and the request id and caller travel with the call."""
+leak, the request id and caller travel with the call, and only a caller whose token checks
+out, calling what its service may call, is served."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 
 from services.runtime import errors, identity
 from services.runtime.logs import REQUEST_ID_KEY, current_request_id
-from services.runtime.rpc import ServerInterceptor, outgoing_metadata
+from services.runtime.rpc import outgoing_metadata
+from services.runtime.service_auth import TOKEN_KEY, Keyring, new_signing_key
+from tests import signing
 
 RAISES = {
     "invalid": (errors.InvalidArgument("phone column missing"), grpc.StatusCode.INVALID_ARGUMENT),
@@ -48,26 +51,40 @@ async def streaming(request: bytes, context: grpc.aio.ServicerContext) -> AsyncI
     raise errors.NotFound("gone midway")
 
 
+# The test service's own policy: "Internal" is for campaigns alone, the rest the gateway's.
+POLICY = {"/test.Svc/Internal": frozenset({"campaigns"})}
+
+
 @pytest.fixture
-async def client() -> AsyncIterator[grpc.aio.Channel]:
-    server = grpc.aio.server(interceptors=[ServerInterceptor()])
+async def address() -> AsyncIterator[str]:
+    """A server that verifies calls as the accounts service does."""
+    server = signing.server("accounts", POLICY)
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(unary, _identity, _identity),
+        "Internal": grpc.unary_unary_rpc_method_handler(unary, _identity, _identity),
         "Stream": grpc.unary_stream_rpc_method_handler(streaming, _identity, _identity),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Svc", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
+
+
+@pytest.fixture
+async def client(address: str) -> AsyncIterator[grpc.aio.Channel]:
+    """The gateway's channel to it: every call signed."""
+    channel = signing.channel(address, "accounts")
     try:
         yield channel
     finally:
         await channel.close()
-        await server.stop(0)
 
 
-def call(channel: grpc.aio.Channel, body: str, metadata: tuple[tuple[str, str], ...] = ()):  # type: ignore[no-untyped-def]
-    rpc = channel.unary_unary("/test.Svc/Unary", request_serializer=_identity, response_deserializer=_identity)
+def call(channel: grpc.aio.Channel, body: str, metadata: tuple[tuple[str, str], ...] = (), method: str = "Unary"):  # type: ignore[no-untyped-def]
+    rpc = channel.unary_unary(f"/test.Svc/{method}", request_serializer=_identity, response_deserializer=_identity)
     return rpc(body.encode(), metadata=metadata, timeout=5)
 
 
@@ -124,13 +141,61 @@ async def test_request_id_and_caller_travel_with_the_call(client: grpc.aio.Chann
     assert await call(client, "whoami", md) == b"member|acme|req-123"
 
 
-async def test_call_without_identity_is_unauthenticated(client: grpc.aio.Channel) -> None:
+async def test_call_without_caller_reaches_the_handler_without_one(client: grpc.aio.Channel) -> None:
+    # Signed by the gateway, acting for nobody (a login): the handler sees no caller.
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await call(client, "whoami")
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     # A member without an account is no identity either.
     with pytest.raises(grpc.aio.AioRpcError):
         await call(client, "whoami", (("x-role", "member"),))
+
+
+ADMIN_MD = identity.Caller(role=identity.ADMIN, account_id="default", user_id="op").metadata()
+
+
+async def _refused(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...] = (), **kw: str) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(channel, "whoami", metadata, **kw)
+    return info.value.code()
+
+
+async def test_plain_admin_metadata_without_a_token_is_refused(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as raw:
+        assert await _refused(raw, ADMIN_MD) == grpc.StatusCode.UNAUTHENTICATED
+        # A token that is not one, beside the plain claims.
+        assert await _refused(raw, (*ADMIN_MD, (TOKEN_KEY, "x.y.z"))) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_tokens_from_unknown_keys_other_audiences_or_past_expiry_are_refused(address: str) -> None:
+    private, public = new_signing_key()
+    # A key of its own that calls itself "gateway": not the stack's gateway key.
+    impostor = Keyring("gateway", signing_key=private, public_keys=f"gateway:{public}")
+    # Signed for the dispatcher, replayed to accounts.
+    other_audience = signing.RINGS["gateway"].token("dispatcher", identity.Caller(role=identity.ADMIN))
+    stale_clock = Keyring(
+        "gateway",
+        signing_key=signing._KEYS["gateway"][0],
+        public_keys=signing._PUBLIC,
+        clock=lambda: 1_000_000.0,
+    )
+    expired = stale_clock.token("accounts", identity.Caller(role=identity.ADMIN))
+    async with grpc.aio.insecure_channel(address) as raw:
+        for token in (impostor.token("accounts", identity.Caller(role=identity.ADMIN)), other_audience, expired):
+            assert await _refused(raw, ((TOKEN_KEY, token),)) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_only_the_gateway_speaks_for_an_admin_and_policy_names_who_calls_what(address: str) -> None:
+    member = identity.Caller(role=identity.MEMBER, account_id="acme", user_id="feeder").metadata()
+    async with signing.channel(address, "accounts", caller="campaigns") as campaigns:
+        assert await _refused(campaigns, ADMIN_MD, method="Internal") == grpc.StatusCode.PERMISSION_DENIED
+        md = ((REQUEST_ID_KEY, "r"), *member)
+        assert await call(campaigns, "whoami", md, method="Internal") == b"member|acme|r"
+        # Unlisted RPCs are the gateway's alone.
+        assert await _refused(campaigns, member) == grpc.StatusCode.PERMISSION_DENIED
+    async with signing.channel(address, "accounts") as gateway:
+        assert await _refused(gateway, ADMIN_MD, method="Internal") == grpc.StatusCode.PERMISSION_DENIED
+        assert (await call(gateway, "whoami", ADMIN_MD)).startswith(b"admin|default|")
 
 
 def test_outgoing_metadata_keeps_request_id() -> None:
@@ -142,6 +207,11 @@ def test_outgoing_metadata_keeps_request_id() -> None:
     finally:
         request_id_var.reset(token)
     assert md[REQUEST_ID_KEY] == "abc" and md["x-role"] == "admin"
+    # The channel turns the plain description into a token for its one audience.
+    signed = dict(signing.RINGS["gateway"].sign_metadata("accounts", tuple(md.items())))
+    assert "x-role" not in signed and signed[REQUEST_ID_KEY] == "abc"
+    verified = signing.RINGS["accounts"].verify(signed[TOKEN_KEY])
+    assert verified.service == "gateway" and verified.caller == identity.Caller(role="admin", account_id="default")
 
 
 def test_member_scope_never_reaches_other_accounts() -> None:
@@ -153,3 +223,44 @@ def test_member_scope_never_reaches_other_accounts() -> None:
         member.account_scope("other")
     assert admin.account_scope("other") == "other"
     assert admin.account_scope("") == "default"
+
+
+@pytest.mark.parametrize("environment", ["development", "production"])
+async def test_reflection_is_served_outside_production_only(environment: str) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from services.runtime.lifecycle import add_health, grpc_server
+    from services.runtime.settings import BaseServiceSettings
+
+    settings = BaseServiceSettings(
+        database_url="postgresql://unused/x", nats_url="nats://accounts:s3cret@nats:4222", environment=environment
+    )
+    server = grpc_server(settings, signing.RINGS["accounts"])
+    add_health(server, settings, [])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as raw:
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            replies = reflection_pb2_grpc.ServerReflectionStub(raw).ServerReflectionInfo(iter([ask]), timeout=5)
+            if environment == "development":
+                listed = [s.name async for r in replies for s in r.list_services_response.service]
+                assert "grpc.health.v1.Health" in listed
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    [r async for r in replies]
+                assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(0)
+
+
+@pytest.mark.parametrize(
+    "url", ["nats://nats:4222", "nats://campaigns:changeme@nats:4222", "nats://campaigns@nats:4222"]
+)
+def test_outside_development_a_service_needs_its_own_nats_login(url: str) -> None:
+    from services.runtime.settings import BaseServiceSettings
+
+    with pytest.raises(ValueError, match="NATS user and password") as refused:
+        BaseServiceSettings(database_url="postgresql://unused/x", nats_url=url, environment="production")
+    assert "changeme" not in str(refused.value)  # settings errors never echo what was given
+    assert BaseServiceSettings(database_url="postgresql://unused/x", nats_url=url).nats_url == url

@@ -61,6 +61,9 @@ _ANY_CELL = re.compile(rb'<c r="([A-Z]{1,3})(\d+)"([^>]*?)(?:/>|>(.*?)</c>)', re
 _TYPE = re.compile(rb'\bt="([a-zA-Z]+)"')
 _V = re.compile(rb"<v>([^<]*)</v>")
 _CELL_START = b"<c "
+# Markup only (text holds "<" as "&lt;"): Excel never writes a DTD, and its entities are what
+# XML bombs are made of. This reader expands none, but a workbook that declares them is crafted.
+_DTD = b"<!DOCTYPE"
 
 
 class BadFile(Exception):
@@ -252,6 +255,8 @@ class XlsxRows:
         self._budget -= len(chunk)
         if self._budget < 0:
             raise _too_large(part, MAX_INFLATED_BYTES, "a workbook")
+        if _DTD in chunk:
+            raise BadFile(f"the workbook's XML declares a DTD ({part}): the file is crafted, not an Excel export")
         return chunk
 
     def _first_sheet(self) -> str:

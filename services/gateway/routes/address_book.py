@@ -105,9 +105,13 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# A name goes into messages ({{name}}), listings and logs: no control characters (C0, DEL, C1).
+NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
 class ContactCreate(Strict):
     account_id: str | None = Field(None, max_length=64, description="admins; members get their own")
-    name: str = Field("", max_length=200)
+    name: str = Field("", max_length=200, pattern=NAME_PATTERN)
     phone: str = Field(..., min_length=1, max_length=64, description="E.164, or national in the account's country")
     email: str | None = Field(None, max_length=254)
     is_active: bool = True
@@ -118,7 +122,7 @@ class ContactCreate(Strict):
 class ContactUpdate(Strict):
     """Any subset of the fields; "" clears the name or the email."""
 
-    name: str | None = Field(None, max_length=200)
+    name: str | None = Field(None, max_length=200, pattern=NAME_PATTERN)
     phone: str | None = Field(None, min_length=1, max_length=64)
     email: str | None = Field(None, max_length=254)
     is_active: bool | None = None
@@ -127,12 +131,12 @@ class ContactUpdate(Strict):
 
 class GroupCreate(Strict):
     account_id: str | None = Field(None, max_length=64, description="admins; members get their own")
-    name: str = Field(..., min_length=1, max_length=200)
+    name: str = Field(..., min_length=1, max_length=200, pattern=NAME_PATTERN)
     description: str = Field("", max_length=2000)
 
 
 class GroupUpdate(Strict):
-    name: str | None = Field(None, min_length=1, max_length=200)
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=NAME_PATTERN)
     description: str | None = Field(None, max_length=2000)
 
 

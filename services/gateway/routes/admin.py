@@ -1,6 +1,7 @@
 """Operator tools (`/api/v1/admin`, admins only): the dead letters, the events no consumer
 could handle (bus.py), listed and replayed. The gateway reads the DEADLETTER stream itself:
-there is no service that owns it, and a dead letter is of no account's."""
+there is no service that owns it, and a dead letter is of no account's. A replay is asked of
+the service that publishes the dead letter's subject (runtime/dead_letter_replays.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from nats import errors as nats_errors
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from services.runtime import bus
-from services.runtime.errors import NotFound
+from services.runtime import bus, dead_letter_replays, nats_auth
+from services.runtime.dead_letter_replays import Outcome
+from services.runtime.errors import NotFound, Unavailable
 from services.runtime.identity import Caller
 from services.runtime.protos import iso
 
@@ -94,10 +97,29 @@ async def replay_dead_letter(
     # Parsed here, after the role check: a malformed id names nothing (404), like an unknown one.
     if not (dead_letter_id.isascii() and dead_letter_id.isdigit()) or not 0 < int(dead_letter_id) <= MAX_SEQ:
         raise ApiError(404, f"dead letter {dead_letter_id} not found")
+    seq = int(dead_letter_id)
     js = jetstream(request)
+    nc: NATS = request.app.state.runtime.nc
     try:
         async with bus_call():
-            entry = await bus.replay_dead_letter(js, int(dead_letter_id))
+            entry = await bus.read_dead_letter(js, seq)
+            # The service that publishes its subject publishes it again (the gateway's own
+            # replayer for its webhooks' events): the gateway's NATS user may not publish
+            # results, work or account events (runtime/nats_auth.py).
+            owner = nats_auth.owner_of(entry.subject)
+            if owner is None:
+                raise ApiError(409, f"dead letter {seq} is on {entry.subject}, which no service publishes")
+            reply = await dead_letter_replays.request_replay(nc, seq, owner=owner)
     except NotFound as exc:
         raise ApiError(404, exc.message) from exc
-    return {"replayed": True, **dead_letter_json(entry)}
+    except Unavailable as exc:
+        raise ApiError(503, exc.message) from exc
+    match reply.outcome:
+        case Outcome.REPLAYED:
+            return {"replayed": True, **dead_letter_json(entry)}
+        case Outcome.NOT_FOUND:  # replayed (or removed) meanwhile
+            raise ApiError(404, f"dead letter {seq} not found")
+        case Outcome.REFUSED:
+            raise ApiError(409, reply.message)
+        case Outcome.FAILED:
+            raise ApiError(503, reply.message)

@@ -173,7 +173,9 @@ def api_key_json(key: auth_pb2.ApiKey) -> dict[str, Any]:
     "/api/auth/login",
     response_model=Tokens,
     summary="Access and refresh tokens for an e-mail and password",
-    description="Five failed attempts per client address within 15 minutes, then 429 with Retry-After.",
+    description="Five failed attempts per client address, or ten per e-mail from any address, within 15 "
+    "minutes, then 429 with Retry-After (even for the right password; an e-mail no user has alike). "
+    "A successful login starts its e-mail's count again.",
 )
 async def login(request: Request, body: LoginBody) -> Any:
     try:

@@ -1,6 +1,7 @@
 """Notifications (`/api/notifications`, the seed's shapes), their live push on
 `ws /ws/{user_id}`, and the audit log for admins (`/api/v1/audit`). The accounts service
-decides what a caller may see; this module only maps."""
+decides what a caller may see; this module only maps. How a socket authenticates, and when it
+is closed for its credential: ../socket_auth.py."""
 
 from __future__ import annotations
 
@@ -18,17 +19,15 @@ from services.runtime.logs import REQUEST_ID_KEY, new_request_id, request_id_var
 from services.runtime.protos import from_timestamp, iso
 from services.runtime.rpc import outgoing_metadata
 
-from ..auth import Authenticator, require_caller
-from ..errors import ApiError
-from ..notify_live import WATCH_TYPES, NotificationHub, notification_json
-from ..socket_limit import admit, socket_client
+from ..auth import require_caller
+from ..notify_live import WATCH_TYPES, NotificationHub, NotificationSocket, notification_json
+from ..socket_auth import SocketWatch, decoded, open_socket, refuse
 
 log = logging.getLogger("pregonero.gateway.notifications")
 
 router = APIRouter(tags=["notifications"])
 
 RPC_TIMEOUT_S = 10.0
-AUTH_TIMEOUT_S = 10.0
 CallerDep = Annotated[Caller, Depends(require_caller)]
 NotificationId = Annotated[str, Path(min_length=1, max_length=20)]
 AccountFilter = Annotated[str | None, Query(max_length=64, description="admins: one account's only")]
@@ -139,75 +138,42 @@ async def list_audit(
     ]
 
 
-async def _refuse(websocket: WebSocket, code: int, error: str, message: str) -> None:
-    with contextlib.suppress(Exception):
-        await websocket.send_json({"type": "error", "error": error, "message": message})
-        await websocket.close(code)
-
-
-async def _first_message_token(websocket: WebSocket) -> str:
-    """`{"type": "auth", "token": ...}` as the first message, for clients without headers."""
-    async with asyncio.timeout(AUTH_TIMEOUT_S):
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return ""
-            try:
-                data = json.loads(message.get("text") or (message.get("bytes") or b"").decode("utf-8", "replace"))
-            except ValueError:
-                continue
-            if isinstance(data, dict) and data.get("type") == "auth":
-                return str(data.get("token") or "")
-            if isinstance(data, dict) and data.get("type") == "ping":
-                await websocket.send_json({"type": "pong", "timestamp": data.get("timestamp")})
+async def _read(websocket: WebSocket, hub: NotificationHub, sock: NotificationSocket) -> None:
+    """Client messages: ping → pong, watch requests to the hub; anything else is ignored."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        data = decoded(message)
+        if data is not None and data.get("type") == "ping":
+            sock.offer({"type": "pong", "timestamp": data.get("timestamp")})
+        elif data is not None and data.get("type") in WATCH_TYPES:
+            hub.client_request(sock, data)
 
 
 @router.websocket("/ws/{user_id}")
-async def user_notifications(websocket: WebSocket, user_id: str, token: str | None = None) -> None:
+async def user_notifications(websocket: WebSocket, user_id: str) -> None:
     request_id_var.set(websocket.headers.get(REQUEST_ID_KEY) or new_request_id())
-    if not await admit(websocket, socket_client(websocket)):
+    opened = await open_socket(websocket)
+    if opened is None:
         return
-    await websocket.accept()
-    authorization = websocket.headers.get("authorization") or (f"Bearer {token}" if token else None)
-    if not authorization:
-        try:
-            first = await _first_message_token(websocket)
-        except TimeoutError:
-            first = ""
-        if not first:
-            await _refuse(websocket, 4401, "unauthorized", 'send {"type": "auth", "token": ...} first')
-            return
-        authorization = f"Bearer {first}"
-    auth: Authenticator = websocket.app.state.auth
-    try:
-        caller = await auth.resolve(authorization)
-    except ApiError as exc:
-        await _refuse(websocket, 4401, "unauthorized", exc.message)
-        return
+    caller = opened.principal.caller
     # A user's socket is its own; operator tokens and API keys name no user of the path.
     if not caller.is_admin and caller.user_id.startswith("usr-") and caller.user_id != user_id:
-        await _refuse(websocket, 4403, "forbidden", "not your notifications")
+        await refuse(websocket, 4403, "forbidden", "not your notifications")
         return
 
     hub: NotificationHub = websocket.app.state.notifications
     sock = hub.subscribe(caller, websocket)
     sock.offer({"type": "authenticated", "user_id": user_id, "account_id": caller.account_id or None})
     sock.start()
+    reader = asyncio.create_task(_read(websocket, hub, sock), name="notification-reader")
     try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            try:
-                data = json.loads(message.get("text") or (message.get("bytes") or b"").decode("utf-8", "replace"))
-            except ValueError:
-                continue
-            if isinstance(data, dict) and data.get("type") == "ping":
-                sock.offer({"type": "pong", "timestamp": data.get("timestamp")})
-            elif isinstance(data, dict) and data.get("type") in WATCH_TYPES:
-                hub.client_request(sock, data)
-    except Exception:  # noqa: BLE001 - the client went away
-        return
+        watch: SocketWatch = websocket.app.state.socket_watch
+        await watch.hold(websocket, opened, reader, stop=sock.stop)
     finally:
         hub.unsubscribe(sock)
         await sock.stop()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader

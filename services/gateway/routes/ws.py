@@ -1,10 +1,10 @@
-"""WebSocket /ws/job/{job_id}: live progress of a WhatsApp bulk job, as the bulk sender reads it."""
+"""WebSocket /ws/job/{job_id}: live progress of a WhatsApp bulk job, as the bulk sender reads it.
+How a socket authenticates, and when it is closed for its credential: ../socket_auth.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated
@@ -18,10 +18,8 @@ from services.runtime.identity import Caller
 from services.runtime.logs import REQUEST_ID_KEY, new_request_id, request_id_var
 from services.runtime.rpc import outgoing_metadata
 
-from ..auth import Authenticator
-from ..errors import ApiError
 from ..live import LiveHub, Subscriber, batch_event
-from ..socket_limit import admit, socket_client
+from ..socket_auth import SocketWatch, decoded, open_socket, refuse
 
 log = logging.getLogger("pregonero.gateway.ws")
 
@@ -57,24 +55,14 @@ def snapshot_source(websocket: WebSocket) -> Snapshot:
     return snapshot
 
 
-async def _refuse(websocket: WebSocket, code: int, error: str, message: str) -> None:
-    with contextlib.suppress(Exception):
-        await websocket.send_json({"type": "error", "error": error, "message": message})
-        await websocket.close(code)
-
-
 async def _read(websocket: WebSocket, sub: Subscriber) -> None:
     """Client messages: ping → pong; anything else, malformed or not, is ignored."""
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             return
-        text = message.get("text") or (message.get("bytes") or b"").decode("utf-8", "replace")
-        try:
-            data = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(data, dict) and data.get("type") == "ping":
+        data = decoded(message)
+        if data is not None and data.get("type") == "ping":
             sub.reply({"type": "pong", "timestamp": data.get("timestamp")})
 
 
@@ -83,36 +71,26 @@ async def job_updates(
     websocket: WebSocket,
     job_id: str,
     snapshot: Annotated[Snapshot, Depends(snapshot_source)],
-    token: str | None = None,
 ) -> None:
     request_id_var.set(websocket.headers.get(REQUEST_ID_KEY) or new_request_id())
-    client = socket_client(websocket)
-    if not await admit(websocket, client):
+    sock = await open_socket(websocket, allow_anonymous=True)
+    if sock is None:
         return
-    # Accepted before checking, so the client gets a reason instead of a bare handshake failure.
-    await websocket.accept()
-    # Browsers cannot set headers on a WebSocket, hence `?token=`.
-    authorization = websocket.headers.get("authorization") or (f"Bearer {token}" if token else None)
-    auth: Authenticator = websocket.app.state.auth
-    try:
-        caller = await auth.resolve(authorization, allow_anonymous=True)
-    except ApiError as exc:
-        await _refuse(websocket, 4401, "unauthorized", exc.message)
-        return
+    caller = sock.principal.caller
 
     hub: LiveHub = websocket.app.state.live
     # Subscribed before the snapshot is taken, so no event falls between the two.
-    sub = hub.subscribe(job_id, websocket, client=client)
+    sub = hub.subscribe(job_id, websocket, client=sock.client)
     reader: asyncio.Task[None] | None = None
     try:
         try:
             event = await snapshot(job_id, caller)
         except Exception:  # noqa: BLE001 - a backend failure closes this socket only
             log.warning("snapshot of batch %s failed", job_id, exc_info=True)
-            await _refuse(websocket, 1011, "unavailable", "no se pudo leer el estado del job")
+            await refuse(websocket, 1011, "unavailable", "no se pudo leer el estado del job")
             return
         if event is None:
-            await _refuse(websocket, 4404, "not_found", f"job {job_id} not found")
+            await refuse(websocket, 4404, "not_found", f"job {job_id} not found")
             return
         batch_id = event.batch_id or job_id
         if batch_id != job_id:
@@ -124,8 +102,10 @@ async def job_updates(
         sub.start(prelude, hub.opening(sub, event))
         assert sub.task is not None
         reader = asyncio.create_task(_read(websocket, sub), name=f"live-reader-{batch_id}")
-        # Ends when the client leaves, or when the writer has closed the socket (job over) or lost it.
-        await asyncio.wait({reader, sub.task}, return_when=asyncio.FIRST_COMPLETED)
+        # Ends when the client leaves, when the writer has closed the socket (job over) or lost
+        # it, or when the socket's credential has ended.
+        watch: SocketWatch = websocket.app.state.socket_watch
+        await watch.hold(websocket, sock, reader, sub.task, stop=sub.stop)
     finally:
         hub.unsubscribe(sub)
         await sub.stop()
