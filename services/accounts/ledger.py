@@ -20,6 +20,7 @@ from decimal import Decimal, InvalidOperation
 from typing import NoReturn
 
 import asyncpg
+from prometheus_client import Counter
 
 from services.runtime.errors import (
     AlreadyExists,
@@ -32,6 +33,10 @@ from services.runtime.errors import (
 from services.runtime.identity import Caller
 
 from .repo import CapturedAttempt, LedgerRepo, LedgerTx, NewCapture, NewEntry
+
+# Committed changes only, in the account's unit (credits or minutes); replays count nothing.
+CREDIT_HELD = Counter("pregonero_credit_held", "Credit reserved by holds for work about to be released.", ["unit"])
+CREDIT_CAPTURED = Counter("pregonero_credit_captured", "Credit charged against holds for work done.", ["unit"])
 
 CREDITS = "credits"
 MINUTES = "minutes"
@@ -339,6 +344,12 @@ class Ledger:
         self, caller: Caller, *, account_id: str, hold_id: str, amount: str, partial: bool = False
     ) -> LedgerResult:
         """Reserve credit for work about to be released; a replay returns the same hold."""
+        result = await self._hold(caller, account_id=account_id, hold_id=hold_id, amount=amount, partial=partial)
+        if not result.replayed:  # committed: counted once
+            CREDIT_HELD.labels(result.unit).inc(float(result.amount))
+        return result
+
+    async def _hold(self, caller: Caller, *, account_id: str, hold_id: str, amount: str, partial: bool) -> LedgerResult:
         scoped = caller.account_scope(account_id)
         hold_id = _cause(hold_id, "hold_id")
         want = parse_amount(amount, field="amount")
@@ -391,6 +402,12 @@ class Ledger:
 
     async def capture(self, caller: Caller, *, account_id: str, items: Sequence[CaptureItem]) -> LedgerResult:
         """Charge attempts against their holds, in one transaction; idempotent per attempt id."""
+        result = await self._capture(caller, account_id=account_id, items=items)
+        if not result.replayed:  # committed: counted once
+            CREDIT_CAPTURED.labels(result.unit).inc(float(result.amount))
+        return result
+
+    async def _capture(self, caller: Caller, *, account_id: str, items: Sequence[CaptureItem]) -> LedgerResult:
         scoped = caller.account_scope(account_id)
         if not items:
             raise InvalidArgument("a capture needs at least one item")

@@ -19,7 +19,7 @@ from pregonero.accounts.v1 import (
 from services.runtime.db import check_queries
 from services.runtime.lifecycle import Runtime, serve_grpc
 
-from . import auth_repo, notify_repo, sync_repo
+from . import auth_repo, ledger_drift, notify_repo, sync_repo
 from .audit import Audit
 from .auth import build_auth
 from .charges import Charges
@@ -70,6 +70,8 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
         accounts, ledger, audit=audit, notifications=notifications, events=account_event_publisher(rt.js)
     )
     rt.spawn(Charges(ledger, rt.js, on_charged=notifications.balance_level).run(), name="charges")
+    await check_queries(rt.pool, ledger_drift.Q)
+    rt.spawn(ledger_drift.LedgerDrift(rt.pool).run(), name="ledger-drift")
     accounts_pb2_grpc.add_AccountsServiceServicer_to_server(servicer, server)
     await check_queries(rt.pool, auth_repo.Q)
     auth = build_auth(rt.pool, settings)

@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from pregonero.accounts.v1 import accounts_pb2, auth_pb2, notifications_pb2, notifications_pb2_grpc
 from pregonero.events.v1 import events_pb2
 
-from services.runtime import bus
+from services.runtime import bus, tracing
 from services.runtime.errors import ResourceExhausted
 from services.runtime.identity import Caller, caller_var, current_caller
 from services.runtime.protos import to_timestamp
@@ -87,7 +87,8 @@ def nats_publisher(nc: NATS) -> Callable[[asyncpg.Record], Awaitable[None]]:
     """Live pushes: core NATS on events.notification.<account_id> (the row is the record)."""
 
     async def publish(row: asyncpg.Record) -> None:
-        await nc.publish(SUBJECT_PREFIX + row["account_id"], notification_pb(row).SerializeToString())
+        data = notification_pb(row).SerializeToString()
+        await nc.publish(SUBJECT_PREFIX + row["account_id"], data, headers=tracing.live_headers())
 
     return publish
 

@@ -13,6 +13,7 @@ from services.runtime.errors import Conflict, InvalidArgument, NotFound
 from services.runtime.identity import Caller
 
 from .bulkfile import BulkFileParser, InvalidRow
+from .campaign_metrics import count_ingest
 from .notify import Notifier
 from .repo import CampaignsRepo
 from .template import MAX_MESSAGE_CHARS, compile_template
@@ -148,6 +149,7 @@ class Batches:
                 conn, batch_id=batch_id, total=job_id, invalid=parser.invalid, duplicates=parser.duplicates
             )
         await self.notifier.run_state(batch_id, "active")
+        count_ingest("bulk_file", valid=job_id, invalid=parser.invalid)
         log.info(
             "ingested bulk file",
             extra={

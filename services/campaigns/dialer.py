@@ -27,7 +27,7 @@ from uuid import UUID
 from nats.js import JetStreamContext
 from pregonero.events.v1 import events_pb2
 
-from services.runtime import bus
+from services.runtime import bus, tracing
 from services.runtime.lifecycle import Rounds
 
 from .calling import (
@@ -38,6 +38,7 @@ from .calling import (
     parse_call_settings,
     weekly_limit_next_allowed,
 )
+from .campaign_metrics import MESSAGES_RELEASED
 from .credit import AccountInfo, Credit, NoCredit, Price, reserve
 from .notify import Notifier
 from .repo import CampaignsRepo
@@ -171,7 +172,10 @@ class Dialer:
                     price_per_call=str(per_call) if cover.hold_id else "",
                 )
                 subject = f"dispatch.voice.{account.account_id}"
-                await bus.publish(self.js, subject, chunk, msg_id=f"{batch_id}:{chunk.chunk_seq}")
+                # Under the batch's origin, as the feeder's chunks (feeder.py).
+                with tracing.incoming("dialer release", [tracing.from_stored(batch["origin"])]):
+                    await bus.publish(self.js, subject, chunk, msg_id=f"{batch_id}:{chunk.chunk_seq}")
+                MESSAGES_RELEASED.labels("voice").inc(len(items))
                 await self.campaigns.mark_released(conn, batch_id=batch_id, upto=0, count=len(calls), left=cover.left)
             if cover.short:
                 suspended = await self.repo.suspend(conn, batch_id=batch_id, reason=cover.short)

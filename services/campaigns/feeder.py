@@ -33,10 +33,11 @@ import asyncpg
 from nats.js import JetStreamContext
 from pregonero.events.v1 import events_pb2
 
-from services.runtime import bus
+from services.runtime import bus, tracing
 from services.runtime.lifecycle import Rounds
 
 from .batches import Batches
+from .campaign_metrics import MESSAGES_RELEASED
 from .credit import ChargesPending, Cover, Credit, reserve
 from .notify import Notifier
 from .repo import NO_CONNECTED_DEVICES, CampaignsRepo
@@ -305,6 +306,8 @@ class Feeder:
                 short = [jobs[k]["job_id"] for k in sendable[cover.count :] if k < len(requeued)]
                 suspended = await self.repo.suspend(conn, batch_id=batch_id, upto=upto, also=short, reason=cover.short)
         # Committed: what follows only informs, and must not make a done release count as failed.
+        if sent:
+            MESSAGES_RELEASED.labels(batch["channel"]).inc(len(sent))
         try:
             if done:
                 await self._announce(batch, upto)
@@ -339,8 +342,10 @@ class Feeder:
             seq = await self.repo.next_chunk_seq(conn)
             chunk = _chunk(batch, seq=seq, hold_id=cover.hold_id, unit_price=unit_price, items=items[part])
             publishes.append(bus.publish(self.js, subject, chunk, msg_id=f"{batch_id}:{seq}"))
-        # Every publish has ended before the transaction does, whether it commits or not.
-        outcomes = await asyncio.gather(*publishes, return_exceptions=True)
+        # Every publish has ended before the transaction does, whether it commits or not. Under
+        # the batch's origin: its chunks carry the request id and trace of its upload on.
+        with tracing.incoming("feeder release", [tracing.from_stored(batch["origin"])]):
+            outcomes = await asyncio.gather(*publishes, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome

@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from pregonero.events.v1 import events_pb2
 
-from services.runtime import bus
+from services.runtime import bus, tracing
 from services.runtime.protos import to_timestamp
 
 # NATS refuses a message over its max_payload (1 MiB by default). A progress event of one
@@ -120,7 +120,7 @@ class Notifier:
             if durable_id:
                 await bus.publish(self.js, subject, part, msg_id=durable_id if n == 0 else f"{durable_id}:{n}")
             else:
-                await self.nc.publish(subject, part.SerializeToString())
+                await self.nc.publish(subject, part.SerializeToString(), headers=tracing.live_headers())
         message_id = self._message_of.get(event.batch_id)
         if message_id is not None:
             await self._as_message(event, message_id)
@@ -135,7 +135,7 @@ class Notifier:
             at=to_timestamp(datetime.now(UTC)),
             **fields,  # type: ignore[arg-type]
         )
-        await self.nc.publish(f"events.message.{account_id}", event.SerializeToString())
+        await self.nc.publish(f"events.message.{account_id}", event.SerializeToString(), headers=tracing.live_headers())
 
     async def _as_message(self, event: events_pb2.BatchEvent, message_id: str) -> None:
         counters = {"sent": event.sent, "failed": event.failed, "total": event.total}

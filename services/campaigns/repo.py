@@ -9,6 +9,7 @@ from uuid import UUID
 
 import asyncpg
 
+from services.runtime import tracing
 from services.runtime.db import analyze_loaded
 
 JOB_COLUMNS = ("batch_id", "job_id", "phone", "vals")
@@ -24,8 +25,8 @@ NO_CONNECTED_DEVICES = "Ningún device conectado o con cupo diario: el envío si
 class Q:
     INSERT_BATCH = """
         INSERT INTO batches (account_id, channel, name, status, message_template, devices_limit,
-                             sender_ids, window_size, file_name)
-        VALUES ($1, $2, $3, 'ingesting', $4, $5, $6, $7, $8)
+                             sender_ids, window_size, file_name, origin)
+        VALUES ($1, $2, $3, 'ingesting', $4, $5, $6, $7, $8, $9::jsonb)
         RETURNING *"""
     FINISH_INGEST = """
         UPDATE batches SET total_jobs = $2, invalid_rows = $3, duplicate_rows = $4,
@@ -284,8 +285,19 @@ class CampaignsRepo:
         window_size: int,
         file_name: str,
     ) -> asyncpg.Record:
+        # The request creating it (its id, its trace), for the feeder's releases later.
+        origin = tracing.stored()
         return await conn.fetchrow(
-            Q.INSERT_BATCH, account_id, channel, name, template, devices_limit, list(sender_ids), window_size, file_name
+            Q.INSERT_BATCH,
+            account_id,
+            channel,
+            name,
+            template,
+            devices_limit,
+            list(sender_ids),
+            window_size,
+            file_name,
+            origin,
         )
 
     async def copy_jobs(self, conn: asyncpg.Connection, *, records: Sequence[tuple[Any, ...]]) -> None:

@@ -27,6 +27,7 @@ from services.runtime.identity import Caller
 
 from .batches import Batches, listing_scope, scope_of
 from .calling import CallSettings, parse_call_settings
+from .campaign_metrics import count_ingest
 from .contacts import ARGENTINA, BadFile, Contact, ParsedFile, TooManyRows, parse_contacts
 from .credit import AccountInfo, Credit
 from .voice_repo import VoiceRepo
@@ -219,6 +220,7 @@ class VoiceBatches:
                 duplicates=checked.duplicates,
                 cost=checked.per_call * (len(records) - opted_out),
             )
+        count_ingest("voice_contacts", valid=len(records), invalid=len(checked.parsed.invalid))
         log.info(
             "voice batch created",
             extra={

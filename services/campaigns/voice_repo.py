@@ -14,6 +14,7 @@ from uuid import UUID
 
 import asyncpg
 
+from services.runtime import tracing
 from services.runtime.db import analyze_loaded
 
 from .repo import ALL_FAILED, OPTED_OUT
@@ -48,8 +49,8 @@ def _status_is(param: str) -> str:
 class Q:
     INSERT_BATCH = """
         INSERT INTO batches (account_id, channel, name, status, description, priority, call_settings, use_case,
-                             country, processing_type, allow_duplicates, file_name, window_size)
-        VALUES ($1, 'voice', $2, 'ingesting', $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11)
+                             country, processing_type, allow_duplicates, file_name, window_size, origin)
+        VALUES ($1, 'voice', $2, 'ingesting', $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12::jsonb)
         RETURNING *"""
     FINISH_INGEST = """
         UPDATE batches SET total_jobs = $2, invalid_rows = $3, duplicate_rows = $4, estimated_cost = $5,
@@ -327,6 +328,7 @@ class VoiceRepo:
             fields["allow_duplicates"],
             fields["file_name"],
             fields["window_size"],
+            tracing.stored(),  # the request creating it, for the dialer's releases later
         )
 
     async def copy_jobs(self, conn: asyncpg.Connection, *, records: Sequence[tuple[Any, ...]]) -> None:

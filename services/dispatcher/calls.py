@@ -24,12 +24,13 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from pregonero.events.v1 import events_pb2
 
-from services.runtime import bus
+from services.runtime import bus, tracing
 from services.runtime.bus import DISPATCH_STREAM
 
 from .providers.base import SenderConfig
 from .providers.voice import CallRequest, CallResult, VoiceProvider, call_cost
 from .repo import AttemptsRepo
+from .send_metrics import CALLS_IN_PROGRESS, CALLS_PLACED
 
 log = logging.getLogger("pregonero.dispatcher.calls")
 
@@ -109,7 +110,9 @@ class CallEngine:
                     await asyncio.gather(*(m.nak() for m in msgs), return_exceptions=True)
                     break
                 for msg in msgs:
-                    task = asyncio.create_task(self._chunk(msg))
+                    # The task takes the chunk's request id and trace with it.
+                    with tracing.incoming(DURABLE, [msg.headers]):
+                        task = asyncio.create_task(self._chunk(msg))
                     self.tasks.add(task)
                     task.add_done_callback(self.tasks.discard)
         except asyncio.CancelledError:
@@ -182,11 +185,16 @@ class CallEngine:
                 known = await self.attempts.existing(attempt_ids=[item.attempt_id])
                 await self._recover(data, item, known.get(item.attempt_id))
                 return
+            up = CALLS_IN_PROGRESS.labels(self.provider.name)
+            CALLS_PLACED.labels(self.provider.name).inc()
+            up.inc()
             try:
                 result = await self.provider.call(request)
             except Exception as exc:  # noqa: BLE001 - a broken call is a failed call, retried by the rules
                 log.warning("call %s failed: %s", item.attempt_id, exc)
                 result = CallResult(status="failed", error=type(exc).__name__)
+            finally:
+                up.dec()
         await self._report(data, item, result)
 
     async def _recover(self, data: events_pb2.DispatchChunk, item: events_pb2.WorkItem, row: Any) -> None:

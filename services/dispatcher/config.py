@@ -13,6 +13,12 @@ from .providers.voice import SimulatedVoiceBehaviour
 
 _SecretKeys = TypeAdapter(dict[str, str])
 
+# Also what a device of the simulated provider answers to every send where it is refused.
+SIMULATED_DEVICES_REFUSED = (
+    "the simulated provider sends nothing (it invents deliveries) and is refused outside development "
+    "unless PREGONERO_DEMO=true: choose a real provider (whatsapp_cloud, wablas or waha)"
+)
+
 
 class DispatcherSettings(GrpcServiceSettings):
     # A refused setting must not print the others: they include keys (merged with the base's).
@@ -45,6 +51,13 @@ class DispatcherSettings(GrpcServiceSettings):
     # Who places the calls: `simulated` (the line above) or `retell` (a Retell-style API at
     # RETELL_API_URL; the agent and the caller id a call uses unless its line says otherwise).
     voice_provider: Literal["simulated", "retell"] = "simulated"
+    # Outside development the simulated voice line and simulated WhatsApp devices would
+    # invent calls and deliveries that tenants are billed for: they are refused there, except
+    # on a deployment that says it is a demo.
+    pregonero_demo: bool = False
+    # The provider of a WhatsApp device created without one: the bulk sender's device form
+    # names none (its token and secret are a device gateway's credentials).
+    default_device_provider: Literal["simulated", "whatsapp_cloud", "wablas", "waha"] = "simulated"
     retell_api_url: str = "https://api.retellai.com"
     retell_api_key: SecretStr = SecretStr("")
     retell_agent_id: str = ""
@@ -101,9 +114,16 @@ class DispatcherSettings(GrpcServiceSettings):
             raise ValueError("must be more than 0 seconds")
         return value
 
+    @property
+    def simulation_allowed(self) -> bool:
+        """Whether the simulated voice line and WhatsApp devices may run here."""
+        return self.is_development or self.pregonero_demo
+
     def unconfigured_providers(self) -> dict[str, str]:
         """Providers this deployment cannot reach, with the reason a new device of theirs gets."""
         missing: dict[str, str] = {}
+        if not self.simulation_allowed:
+            missing["simulated"] = SIMULATED_DEVICES_REFUSED
         if not self.wablas_base_url:
             missing["wablas"] = "wablas is not configured on this deployment"
         if not (self.waha_base_url and self.waha_webhook_url):
@@ -170,4 +190,23 @@ class DispatcherSettings(GrpcServiceSettings):
         if self.wablas_webhook_url:
             # The key of every device's Tracking URL is derived from it.
             reject_placeholders(self, WABLAS_WEBHOOK_SECRET=self.wablas_webhook_secret.get_secret_value())
+        if self.voice_provider == "retell":
+            # deploy/k8s ships `changeme` for these: a forgotten one stops the rollout.
+            reject_placeholders(
+                self,
+                RETELL_API_KEY=self.retell_api_key.get_secret_value(),
+                RETELL_AGENT_ID=self.retell_agent_id,
+                RETELL_FROM_NUMBER=self.retell_from_number,
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_simulated_calls_outside_development(self) -> Self:
+        # Last: a missing secret is the first thing to hear about.
+        if self.voice_provider == "simulated" and not self.simulation_allowed:
+            raise ValueError(
+                f"VOICE_PROVIDER=simulated places no calls (it invents their outcomes) and is refused with "
+                f"ENVIRONMENT={self.environment}: set VOICE_PROVIDER=retell and its RETELL_* settings, "
+                "or PREGONERO_DEMO=true on a demo deployment"
+            )
         return self

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import hashlib
 import logging
@@ -71,7 +72,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from pregonero.events.v1 import events_pb2
 
-from services.runtime import bus
+from services.runtime import bus, tracing
 from services.runtime.bus import DISPATCH_STREAM
 
 from . import device_states
@@ -79,6 +80,7 @@ from .connections import DAILY_LIMIT_REASON
 from .providers.base import Provider, SenderConfig, SendRequest, SendResult
 from .repo import AttemptsRepo
 from .runstate import RunStates
+from .send_metrics import NO_PROVIDER, PROVIDER_SECONDS, PROVIDER_THROTTLED, count_outcome
 
 log = logging.getLogger("pregonero.dispatcher.engine")
 
@@ -100,6 +102,14 @@ REFUSED_REST_S = 5.0
 DEVICE_REST_S = 5.0
 # Asks the device's provider for its state now and records it (connections.py `ask`).
 AskDevice = Callable[[SenderConfig], Coroutine[Any, Any, None]]
+
+
+async def timed_send(provider: Provider, request: SendRequest) -> SendResult:
+    started = time.perf_counter()
+    try:
+        return await provider.send(request)
+    finally:
+        PROVIDER_SECONDS.labels(request.sender.provider).observe(time.perf_counter() - started)
 
 
 class SenderCache:
@@ -148,6 +158,8 @@ class Chunk:
     failures: int = 0
     retry_at: float = 0.0
     closed: bool = False
+    # The request id and trace it came with (taken up in `Engine.run`): its sends and results carry them on.
+    origin: tracing.Origin = field(default_factory=tracing.current)
 
     def __hash__(self) -> int:
         return id(self)
@@ -245,7 +257,7 @@ class Lane:
             return reason
         started = time.monotonic()
         try:
-            return await provider.send(request)
+            return await timed_send(provider, request)
         finally:
             self.send_s += (time.monotonic() - started - self.send_s) / 16
 
@@ -260,7 +272,7 @@ class Lane:
     @staticmethod
     async def _timed(provider: Provider, request: SendRequest, answered: asyncio.Future[float] | None) -> SendResult:
         try:
-            return await provider.send(request)
+            return await timed_send(provider, request)
         finally:
             if answered is not None and not answered.done():
                 answered.set_result(asyncio.get_running_loop().time())
@@ -292,7 +304,8 @@ class SendClaims:
         future: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
         self.waiting.append((rows, future))
         if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._run(), name="claims")
+            # Serves the sends of many chunks: in the trace of none.
+            self.task = asyncio.create_task(self._run(), name="claims", context=contextvars.Context())
         return await future
 
     async def _run(self) -> None:
@@ -370,8 +383,10 @@ class Engine:
         # this engine, and the other replicas, when it changed).
         self.ask_device = ask_device
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], name: str, context: contextvars.Context | None = None
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name, context=context)
         self.tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -483,7 +498,8 @@ class Engine:
                         with contextlib.suppress(Exception):
                             await msg.nak()
                         continue
-                    await self._start_chunk(msg)
+                    with tracing.incoming(f"dispatch-{self.channel}", [msg.headers]):
+                        await self._start_chunk(msg)
         finally:
             flusher.cancel()
             with contextlib.suppress(Exception):
@@ -572,6 +588,7 @@ class Engine:
         )
         for item in items:
             if item.attempt_id in recorded:
+                count_outcome("failed", channel=self.channel, provider=NO_PROVIDER)
                 self._resolve(chunk, item, "failed", error=error, record=False)
             else:
                 self._spawn(self._recover(chunk, item, await self._row(item.attempt_id)), name="recover")
@@ -615,10 +632,12 @@ class Engine:
                 return
             found = await self._look_up(chunk, item, row["sender_id"])
             if isinstance(found, SendResult):  # the provider has it: that is the outcome
+                status = "sent" if found.status == "sent" else "failed"
+                count_outcome(status, channel=self.channel, provider=await self._provider_of(chunk, row["sender_id"]))
                 self._resolve(
                     chunk,
                     item,
-                    "sent" if found.status == "sent" else "failed",
+                    status,
                     sender_id=row["sender_id"],
                     provider_message_id=found.provider_message_id,
                     error=found.error,
@@ -630,6 +649,8 @@ class Engine:
                 # provider gets it, or the claim grows old enough to be given up.
                 await asyncio.sleep(min(wait, 5.0))
             elif found == "unknown":
+                provider = await self._provider_of(chunk, row["sender_id"])
+                count_outcome("unknown", channel=self.channel, provider=provider)
                 self._resolve(
                     chunk, item, "unknown", sender_id=row["sender_id"], error="outcome unknown after a restart"
                 )
@@ -646,6 +667,12 @@ class Engine:
                     )
                 )
             row = await self._row(item.attempt_id)
+
+    async def _provider_of(self, chunk: Chunk, sender_id: int) -> str:
+        """The provider of the sender that claimed a recovered attempt (for its metrics)."""
+        senders = await self._retrying(lambda: self.senders.get(list(chunk.data.sender_ids)))
+        sender = senders.get(sender_id)
+        return sender.provider if sender is not None else NO_PROVIDER
 
     async def _look_up(self, chunk: Chunk, item: events_pb2.WorkItem, sender_id: int) -> SendResult | str:
         """The provider's record of a lost send: a result, "absent", or "unknown"."""
@@ -679,8 +706,11 @@ class Engine:
         if lane is not None:
             self._retire(lane)
         lane = self.lanes[sender.id] = Lane(sender)
+        # A lane outlives the chunk that opened it: it starts with no request id or trace, and
+        # takes each item's own (`_worker`).
         lane.workers = [
-            self._spawn(self._worker(lane), name=f"lane-{sender.id}") for _ in range(max(1, sender.concurrency))
+            self._spawn(self._worker(lane), name=f"lane-{sender.id}", context=contextvars.Context())
+            for _ in range(max(1, sender.concurrency))
         ]
         return lane
 
@@ -750,16 +780,18 @@ class Engine:
                     await self._release([item])
                 await self._route(chunk, item)
             else:
-                try:
-                    if not held and lane.ahead(self.claims.latency) > 1:
-                        claimed = await self._claim_ahead(lane, chunk, item)
-                        if claimed is None:
-                            continue
-                        held = claimed
-                    await self._send(lane, provider, chunk, item, held=held)
-                except Exception:  # noqa: BLE001 - one bad send must not kill the lane
-                    log.exception("send of %s failed unexpectedly", item.attempt_id)
-                    self._resolve(chunk, item, "unknown", sender_id=lane.sender.id, error="internal error")
+                # The chunk's request id and trace: the provider's request is a span of its trace.
+                with tracing.resumed(chunk.origin):
+                    try:
+                        if not held and lane.ahead(self.claims.latency) > 1:
+                            claimed = await self._claim_ahead(lane, chunk, item)
+                            if claimed is None:
+                                continue
+                            held = claimed
+                        await self._send(lane, provider, chunk, item, held=held)
+                    except Exception:  # noqa: BLE001 - one bad send must not kill the lane
+                        log.exception("send of %s failed unexpectedly", item.attempt_id)
+                        self._resolve(chunk, item, "unknown", sender_id=lane.sender.id, error="internal error")
             if self.stopping and lane.queue.empty() and not lane.ready:
                 return
 
@@ -880,6 +912,7 @@ class Engine:
                 continue
             if isinstance(result, str) or result.status != "rate_limited" or result.device_unavailable:
                 break
+            PROVIDER_THROTTLED.labels(sender.provider).inc()
             await asyncio.sleep(result.retry_after or 1.0)
         if held and result in ("drop", "stopped", "moved"):
             await self._release([item])
@@ -896,8 +929,10 @@ class Engine:
         elif result.device_unavailable:
             await self._device_refused(lane, chunk, item, result)
         elif result.status == "rate_limited":
+            count_outcome("failed", channel=self.channel, provider=sender.provider)
             self._resolve(chunk, item, "failed", sender_id=sender.id, error="rate limited by provider")
         else:
+            count_outcome(result.status, channel=self.channel, provider=sender.provider)
             self._resolve(
                 chunk,
                 item,
@@ -1035,22 +1070,24 @@ class Engine:
                 outcomes, chunk.outcomes = chunk.outcomes, []
                 finished, chunk.finished = chunk.finished, []
                 try:
-                    if finished:
-                        await self.attempts.finish(batch_id=chunk.data.batch_id, rows=finished)
-                    digest = hashlib.sha1("|".join(f"{o.attempt_id}={o.status}" for o in outcomes).encode())
-                    result = events_pb2.ResultChunk(
-                        batch_id=chunk.data.batch_id,
-                        account_id=chunk.data.account_id,
-                        chunk_key=str(chunk.data.chunk_seq),
-                        outcomes=outcomes,
-                        hold_id=chunk.data.hold_id,
-                    )
-                    await bus.publish(
-                        self.js,
-                        f"events.job.{chunk.data.batch_id}",
-                        result,
-                        msg_id=f"{chunk.data.batch_id}:r:{digest.hexdigest()}",
-                    )
+                    # In the chunk's trace, from whichever task flushes it; its results carry it on.
+                    with tracing.resumed(chunk.origin):
+                        if finished:
+                            await self.attempts.finish(batch_id=chunk.data.batch_id, rows=finished)
+                        digest = hashlib.sha1("|".join(f"{o.attempt_id}={o.status}" for o in outcomes).encode())
+                        result = events_pb2.ResultChunk(
+                            batch_id=chunk.data.batch_id,
+                            account_id=chunk.data.account_id,
+                            chunk_key=str(chunk.data.chunk_seq),
+                            outcomes=outcomes,
+                            hold_id=chunk.data.hold_id,
+                        )
+                        await bus.publish(
+                            self.js,
+                            f"events.job.{chunk.data.batch_id}",
+                            result,
+                            msg_id=f"{chunk.data.batch_id}:r:{digest.hexdigest()}",
+                        )
                 except Exception:  # noqa: BLE001 - kept for the next try; the chunk sends no more
                     chunk.outcomes[:0] = outcomes
                     chunk.finished[:0] = finished

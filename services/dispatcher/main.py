@@ -13,14 +13,14 @@ from services.runtime.db import check_queries
 from services.runtime.lifecycle import Runtime, serve_grpc
 
 from .calls import CallEngine
-from .config import DispatcherSettings
+from .config import SIMULATED_DEVICES_REFUSED, DispatcherSettings
 from .connections import Connections
 from .crypto import SecretBox
 from .device_states import DeviceStates
 from .engine import Engine, SenderCache
 from .providers import wablas, waha, whatsapp_cloud
 from .providers.retell import RetellVoiceProvider
-from .providers.simulated import make_simulated
+from .providers.simulated import RefusedSimulatedProvider, make_simulated
 from .providers.voice import SimulatedVoiceProvider, VoiceProvider
 from .repo import AttemptQ, AttemptsRepo, MessageQ, ProviderMessagesRepo, SenderQ, SendersRepo
 from .runstate import RunStates
@@ -89,6 +89,7 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
         secret_box(settings),
         DeviceStates(rt.js),
         unconfigured=settings.unconfigured_providers(),
+        default_provider=settings.default_device_provider,
     )
     await check_queries(rt.pool, MessageQ)
     sessions = waha_sessions(settings, senders, ProviderMessagesRepo(rt.pool))
@@ -107,7 +108,11 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
         attempts=AttemptsRepo(rt.pool),
         senders=SenderCache(senders.load_for_dispatch),
         providers={
-            "simulated": make_simulated(settings.simulated_provider_url or None),
+            "simulated": (
+                make_simulated(settings.simulated_provider_url or None)
+                if settings.simulation_allowed
+                else RefusedSimulatedProvider(SIMULATED_DEVICES_REFUSED)
+            ),
             whatsapp_cloud.NAME: whatsapp_cloud.WhatsAppCloudProvider(base_url=settings.whatsapp_graph_url),
             wablas.NAME: wablas_provider,
             **({waha.NAME: sessions.provider} if sessions else {}),

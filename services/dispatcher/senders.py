@@ -192,12 +192,15 @@ class Senders:
         states: DeviceStates | None = None,
         *,
         unconfigured: Mapping[str, str] | None = None,
+        default_provider: str = "simulated",
     ) -> None:
         self.repo = repo
         self.box = box
         self.states = states or DeviceStates(None)
         # Providers this deployment has no endpoint for, and what a new device of theirs is told.
         self.unconfigured = dict(unconfigured or {})
+        # The provider of a device created without one (the bulk sender's form names none).
+        self.default_provider = default_provider
         # Runs the sessions of SESSION_PROVIDERS devices; set by main when WAHA is configured.
         self.sessions: DeviceSessions | None = None
         # Sets the Tracking URL of wablas devices; set by main when WABLAS_WEBHOOK_URL is.
@@ -232,7 +235,7 @@ class Senders:
         if not account:
             raise InvalidArgument("account_id is required")
         channel = _choice(channel or "whatsapp", "channel", CHANNELS)
-        provider = self._configured(_choice(provider or "simulated", "provider", tuple(PROVIDERS)))
+        provider = self._configured(_choice(provider or self.default_provider, "provider", tuple(PROVIDERS)))
         # A session device has no credentials of its own: the operator's WAHA key is the suite's.
         own_session = provider in SESSION_PROVIDERS
         token = _text(token, "token", max_len=MAX_TOKEN, required=not own_session)
@@ -337,6 +340,8 @@ class Senders:
         if unknown:
             raise InvalidArgument(f"unknown fields: {', '.join(unknown)}; allowed: {', '.join(sorted(UPDATABLE))}")
         changes = self._validate_patch(patch)
+        if "provider" in changes:
+            self._configured(changes["provider"])
         marks_receiver = changes.get("is_receiver") is True
         async with self.repo.transaction() as tx:
             if marks_receiver:
@@ -352,7 +357,6 @@ class Senders:
             provider = changes.get("provider", row["provider"])
             config = changes.get("provider_config", provider_config_of(row))
             if "provider" in changes:
-                self._configured(provider)
                 if (provider in SESSION_PROVIDERS) != (row["provider"] in SESSION_PROVIDERS):
                     # A session device and a credentials device are not the same thing edited.
                     raise InvalidArgument(f"a {row['provider']} device cannot become {provider}: add a new device")

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from pregonero.accounts.v1 import auth_pb2_grpc
 
+from services.runtime import bus, tracing
 from services.runtime.lifecycle import Runtime
 from services.runtime.logs import REQUEST_ID_KEY, new_request_id, request_id_var
 
@@ -21,6 +22,7 @@ from .clients import Backends
 from .config import GatewaySettings
 from .live import LiveHub
 from .notify_live import NotificationHub
+from .request_metrics import RequestMetrics
 from .routes import (
     accounts,
     admin,
@@ -43,6 +45,7 @@ from .routes import scheduled_messages as scheduled_messages_routes
 from .routes import sync as sync_routes
 from .socket_auth import SocketWatch
 from .socket_limit import SocketLimit
+from .stream_metrics import sample_streams_forever
 
 log = logging.getLogger("pregonero.gateway.access")
 
@@ -51,8 +54,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = Runtime(settings)
-        await rt.open(schema=None, migrations=None)
+        rt.serve_metrics()
+        # No pool: the gateway keeps no data; /health hears of the database from the backends.
+        await rt.open(schema=None, migrations=None, database=False)
         app.state.runtime = rt
+        # The streams' backlog and dead letters, read here: the gateway may list every consumer.
+        assert rt.js is not None
+        streams = (bus.DISPATCH_STREAM, bus.EVENTS_STREAM)
+        rt.spawn(sample_streams_forever(rt.js, streams, dead_letters=bus.DEADLETTER_STREAM), name="streams")
         app.state.backends = Backends(settings, rt.keyring)
         app.state.auth_rpc = auth_pb2_grpc.AuthServiceStub(app.state.backends.channels["accounts"])
         app.state.auth.attach(GrpcDirectory(app.state.auth_rpc, app.state.backends.accounts))
@@ -95,6 +104,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         allow_headers=["*"],
         expose_headers=["X-Total-Count", "X-Request-Id"],
     )
+    # Outermost: every answer is counted, refusals and preflights included.
+    app.add_middleware(RequestMetrics)
 
     @app.middleware("http")
     async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -130,4 +141,5 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(scheduled_messages_routes.router)
     app.include_router(address_book_routes.router)
+    tracing.instrument_app(app)
     return app

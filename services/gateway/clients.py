@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -10,6 +11,7 @@ from pregonero.accounts.v1 import accounts_pb2_grpc
 from pregonero.campaigns.v1 import address_book_pb2_grpc, campaigns_pb2_grpc, messages_pb2_grpc
 from pregonero.dispatcher.v1 import dispatcher_pb2_grpc
 
+from services.runtime.database_health import DATABASE
 from services.runtime.rpc import channel
 from services.runtime.service_auth import Keyring
 
@@ -40,6 +42,25 @@ class Backends:
             return name, health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
         return dict(await asyncio.gather(*(one(n) for n in self.channels)))
+
+    async def database(self, deadline_s: float = 1.5) -> float | None:
+        """The database as the backends reach it (runtime/database_health.py): the quickest
+        check's round trip in ms when one of them does, None when none does or none answers.
+        The gateway keeps no data, and holds no database credentials to ask it itself."""
+
+        async def one(name: str) -> float | None:
+            stub = health_pb2_grpc.HealthStub(self.channels[name])
+            started = time.perf_counter()
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=DATABASE), timeout=deadline_s)
+            except grpc.aio.AioRpcError:
+                return None
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                return None
+            return (time.perf_counter() - started) * 1000
+
+        answers = [ms for ms in await asyncio.gather(*(one(n) for n in self.channels)) if ms is not None]
+        return min(answers, default=None)
 
     async def close(self) -> None:
         for ch in self.channels.values():

@@ -18,7 +18,8 @@ class GatewaySettings(BaseServiceSettings):
     pregonero_default_account: str = "default"
     # Off by default; set on private-network deployments whose clients send no token.
     pregonero_anonymous_account: str = ""
-    db_pool_max: int = 2
+    # Not used: the gateway keeps no data and opens no pool (a DATABASE_URL given is ignored).
+    database_url: str = ""
     # How long an idle keep-alive connection stays open. Longer than the proxy's idle timeout
     # for its upstream connections (Envoy: 60 s, deploy/envoy and deploy/k8s), so it is always
     # the proxy that closes one: were it the gateway, a request the proxy sends on the

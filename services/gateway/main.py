@@ -5,6 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from services.runtime.logs import setup_logging
+from services.runtime.tracing import setup_tracing
 
 from .app import create_app
 from .config import GatewaySettings
@@ -14,6 +15,7 @@ from .socket_auth import hide_tokens_from_logs
 def main() -> None:
     settings = GatewaySettings()
     setup_logging(settings.service_name, settings.log_level)
+    setup_tracing(settings.service_name)
     hide_tokens_from_logs()
     config = uvicorn.Config(
         create_app(settings),

@@ -1,3 +1,4 @@
 """The runtime every service shares: settings, logs, Postgres, NATS (and its users, nats_auth.py;
 dead letters replayed by their subject's publisher, dead_letter_replays.py), gRPC lifecycle,
-dev stack."""
+Prometheus metrics (metrics.py), OpenTelemetry traces across HTTP, gRPC, SQL and NATS
+(tracing.py), dev stack."""

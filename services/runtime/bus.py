@@ -33,9 +33,8 @@ from nats.js import api as js_api
 from nats.js import errors as js_errors
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
-from . import nats_auth
+from . import metrics, nats_auth, tracing
 from .errors import Conflict, InvalidArgument, NotFound, Unavailable
-from .logs import REQUEST_ID_KEY, current_request_id
 
 log = logging.getLogger("pregonero.bus")
 
@@ -130,12 +129,9 @@ async def ensure_topology(js: JetStreamContext) -> None:
 
 
 async def publish(js: JetStreamContext, subject: str, message: Message, *, msg_id: str) -> None:
-    """Every publish carries a Nats-Msg-Id (dedup) and the request id (log correlation)."""
-    headers = {"Nats-Msg-Id": msg_id}
-    rid = current_request_id()
-    if rid:
-        headers[REQUEST_ID_KEY] = rid
-    await js.publish(subject, message.SerializeToString(), headers=headers)
+    """Every publish carries a Nats-Msg-Id (dedup), the request id (log correlation) and,
+    when tracing, the trace context (tracing.py)."""
+    await js.publish(subject, message.SerializeToString(), headers=tracing.outgoing({"Nats-Msg-Id": msg_id}))
 
 
 # --- telling failures apart -------------------------------------------------------------
@@ -333,8 +329,12 @@ class _Consumer:
         self.retry_log = _Throttled(RETRY_LOG_EVERY_S)
 
     async def take(self, msgs: list[Msg]) -> None:
+        again = sum(1 for m in msgs if _deliveries(m) > 1)
+        if again:
+            metrics.CONSUMER_REDELIVERIES.labels(self.durable).inc(again)
         try:
-            await self.handle(msgs)
+            with tracing.incoming(self.durable, [m.headers for m in msgs]):
+                await self.handle(msgs)
         except Exception as exc:  # noqa: BLE001 - classified below: retried, isolated or dead-lettered
             failure = exc
         else:
@@ -363,7 +363,8 @@ class _Consumer:
     async def _one_by_one(self, msgs: list[Msg]) -> None:
         for i, msg in enumerate(msgs):
             try:
-                await self.handle([msg])
+                with tracing.incoming(self.durable, [msg.headers]):
+                    await self.handle([msg])
             except Exception as exc:  # noqa: BLE001 - classified as above
                 kind = classify(exc)
                 if kind is Failure.TRANSIENT:
@@ -413,6 +414,7 @@ class _Consumer:
             )
             await msg.nak(delay=self.backoff.delay(deliveries))
             return
+        metrics.CONSUMER_DEAD_LETTERED.labels(self.durable).inc()
         log.error(
             "%s: message on %s (stream seq %d) dead-lettered after %d deliveries: %s: %s",
             self.durable,

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import bus, nats_auth
+from . import bus, nats_auth, tracing
 from .errors import Conflict, NotFound, Unavailable
 
 log = logging.getLogger("pregonero.replays")
@@ -59,7 +59,8 @@ async def answer_replays(nc: NATS, js: JetStreamContext, *, service: str) -> Non
         if not msg.reply.startswith(nats_auth.DEFAULT_INBOX):  # `_INBOX.` or `_INBOX_<user>.`
             log.warning("replay request dropped: its reply subject %r is not an inbox", msg.reply)
             return
-        reply = await _replay(js, msg.data, service=service)
+        with tracing.incoming("dead-letter replay", [msg.headers]):  # the admin's request id and trace
+            reply = await _replay(js, msg.data, service=service)
         try:
             await msg.respond(reply.model_dump_json().encode())
         except nats_errors.Error as exc:  # the asker sees a timeout and may ask again
@@ -95,6 +96,7 @@ async def request_replay(nc: NATS, seq: int, *, owner: str, within: float | None
             nats_auth.replay_subject(owner),
             ReplayRequest(id=seq).model_dump_json().encode(),
             timeout=TIMEOUT_S if within is None else within,
+            headers=tracing.outgoing({}) or None,
         )
     except (nats_errors.NoRespondersError, TimeoutError) as exc:
         raise Unavailable(f"{owner} did not answer the replay request: is it running?") from exc

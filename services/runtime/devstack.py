@@ -69,6 +69,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     echo: bool = False
     lines: list[str] = field(default_factory=list)
+    metrics_url: str = ""  # where a service process serves its Prometheus metrics
 
     def __post_init__(self) -> None:
         threading.Thread(target=self._pump, daemon=True, name=f"log-{self.name}").start()
@@ -340,6 +341,8 @@ class Stack:
     database_url: str = ""
     nats_url: str = field(default="", repr=False)  # the operator's, password included
     addrs: dict[str, str] = field(default_factory=dict)
+    # Each service's /metrics (of the process at its address in `addrs`).
+    metrics_urls: dict[str, str] = field(default_factory=dict)
     gateway_port: int = 0
     http_port: int = 0
     procs: list[Proc] = field(default_factory=list)
@@ -402,16 +405,20 @@ class Stack:
     def start_service(self, name: str, *, port: int = 0, wait: bool = True, **env: str) -> Proc:
         """Start one gRPC service process and wait for it to report SERVING."""
         port = port or free_port()
+        metrics = free_port()
         proc = spawn(
             name,
             [sys.executable, "-m", f"services.{name}"],
-            env=self.service_env(name, GRPC_PORT=str(port), **env),
+            env=self.service_env(name, GRPC_PORT=str(port), METRICS_PORT=str(metrics), **env),
             echo=self.echo,
             cwd=REPO,
         )
+        proc.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
         addr = f"127.0.0.1:{port}"
         if wait:
             wait_until(lambda: grpc_serving(addr), timeout=60, what=name, proc=proc)
+        if self.addrs.get(name, addr) == addr:  # the service's process, or it restarted in place
+            self.metrics_urls[name] = proc.metrics_url
         self.addrs.setdefault(name, addr)
         return proc
 
@@ -442,7 +449,8 @@ class Stack:
             proc = self.service_procs[name]
             wait_until(functools.partial(grpc_serving, self.addrs[name]), timeout=60, what=name, proc=proc)
         self.gateway_port = free_port()
-        gateway_env = self.service_env("gateway", HTTP_PORT=str(self.gateway_port))
+        metrics = free_port()
+        gateway_env = self.service_env("gateway", HTTP_PORT=str(self.gateway_port), METRICS_PORT=str(metrics))
         gateway_env.setdefault("PREGONERO_TRUSTED_PROXIES", ENVOY_PEER)
         gw = spawn(
             "gateway",
@@ -451,6 +459,7 @@ class Stack:
             echo=self.echo,
             cwd=REPO,
         )
+        gw.metrics_url = self.metrics_urls["gateway"] = f"http://127.0.0.1:{metrics}/metrics"
         self.procs.append(gw)
         self.service_procs["gateway"] = gw
         wait_until(lambda: http_ok(f"http://127.0.0.1:{self.gateway_port}/health"), timeout=60, what="gateway", proc=gw)
@@ -509,6 +518,7 @@ def main() -> int:
         )
         stack.start_services(http_port=http_port, listen_host=listen_host)
         base = f"http://{'localhost' if listen_host in ('127.0.0.1', '0.0.0.0') else listen_host}:{http_port}"
+        metrics = "\n               ".join(f"{p.name:<11}{p.metrics_url}" for p in stack.procs if p.metrics_url)
         print(
             "\n"
             f"  Pregonero is up ({time.monotonic() - started:.1f}s).\n"
@@ -520,6 +530,7 @@ def main() -> int:
             f"    Postgres   {stack.database_url}\n"
             f"    NATS       {without_password(stack.nats_url)}\n"
             f"    Simulated provider record  {stack.simulator_url}/v1/record\n"
+            f"    Metrics    {metrics}\n"
             f"    Data       {data_dir}\n"
             "  Ctrl-C stops everything.\n",
             flush=True,

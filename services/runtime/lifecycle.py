@@ -1,7 +1,9 @@
 """One lifecycle for every process.
 
-start: logs → Postgres pool → migrations → NATS + topology + dead-letter replays (answered
-by every service, dead_letter_replays.py) → gRPC server → health SERVING.
+start: logs → traces (tracing.py, when exported) → metrics endpoint (metrics.py) → Postgres
+pool → migrations → NATS + topology + dead-letter replays (answered by every service,
+dead_letter_replays.py) → gRPC server → health SERVING (which also answers about the
+database: database_health.py).
 SIGTERM/SIGINT: health NOT_SERVING → server.stop(grace) → background tasks stopped →
 NATS drained → pool closed → exit 0."""
 
@@ -23,7 +25,8 @@ from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from . import bus, db, dead_letter_replays, nats_auth
+from . import bus, db, dead_letter_replays, metrics, nats_auth, tracing
+from .database_health import HealthWithDatabase
 from .logs import setup_logging
 from .rpc import SERVER_OPTIONS, ServerInterceptor
 from .service_auth import Callers, Keyring
@@ -46,17 +49,26 @@ class Runtime:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     # Work that finishes rather than stops on shutdown (calls in progress), with how long it may take.
     drainers: list[tuple[Callable[[], Awaitable[None]], float]] = field(default_factory=list)
+    metrics_server: tuple[Any, Any] | None = None
 
     def __post_init__(self) -> None:
         # Before anything is opened: a process without its keys could serve nobody.
         self.keyring = Keyring.from_settings(self.settings)
 
-    async def open(self, *, schema: str | None, migrations: Path | None) -> None:
+    def serve_metrics(self) -> None:
+        """This process's /metrics, on METRICS_PORT (0: a free port, logged)."""
+        self.metrics_server = metrics.serve_metrics(self.settings.metrics_port, self.settings.metrics_host)
+
+    async def open(self, *, schema: str | None, migrations: Path | None, database: bool = True) -> None:
+        """`database=False`: no pool (the gateway keeps no data, and holds no credentials for it)."""
         s = self.settings
-        self.pool = await db.create_pool(s.database_url, schema=schema, min_size=s.db_pool_min, max_size=s.db_pool_max)
-        if schema and migrations:
-            async with self.pool.acquire() as conn:
-                await db.migrate(conn, schema=schema, directory=migrations)
+        if database:
+            self.pool = await db.create_pool(
+                s.database_url, schema=schema, min_size=s.db_pool_min, max_size=s.db_pool_max
+            )
+            if schema and migrations:
+                async with self.pool.acquire() as conn:
+                    await db.migrate(conn, schema=schema, directory=migrations)
         self.nc = await bus.connect(s.nats_url, name=s.service_name)
         self.js = self.nc.jetstream()
         await bus.ensure_topology(self.js)
@@ -101,6 +113,7 @@ class Runtime:
                 await self.nc.drain()
         if self.pool is not None:
             await self.pool.close()
+        metrics.stop_metrics(self.metrics_server)
 
 
 async def stop_tasks(tasks: list[asyncio.Task[Any]], *, within: float = 10.0) -> None:
@@ -142,12 +155,15 @@ def grpc_server(
     help while developing (grpcurl needs no token for it), a map for an attacker in
     production, where add_health does not register it."""
     interceptor = ServerInterceptor(keyring, Callers(callers, reflection=settings.is_development))
-    return grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+    return grpc.aio.server(interceptors=[*tracing.grpc_server_interceptors(), interceptor], options=SERVER_OPTIONS)
 
 
-def add_health(server: grpc.aio.Server, settings: BaseServiceSettings, names: list[str]) -> health.aio.HealthServicer:
+def add_health(
+    server: grpc.aio.Server, settings: BaseServiceSettings, names: list[str], pool: asyncpg.Pool | None = None
+) -> health.aio.HealthServicer:
     """Health for probes, and reflection outside production only."""
-    health_servicer = health.aio.HealthServicer()
+    # Also answers about the database (database_health.py): the gateway's /health reports it.
+    health_servicer = HealthWithDatabase(pool)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.is_development:
         reflection.enable_server_reflection(
@@ -167,13 +183,15 @@ async def serve_grpc(
 ) -> None:
     """`callers`: the RPCs other services than the gateway may call (service_auth.Callers)."""
     setup_logging(settings.service_name, settings.log_level)
+    tracing.setup_tracing(settings.service_name)
     rt = Runtime(settings)
     install_signal_handlers(rt.stopping)
+    rt.serve_metrics()
     await rt.open(schema=schema, migrations=migrations)
 
     server = grpc_server(settings, rt.keyring, callers)
     names = await setup(rt, server)
-    health_servicer = add_health(server, settings, names)
+    health_servicer = add_health(server, settings, names, rt.pool)
     port = server.add_insecure_port(settings.grpc_listen)
     await server.start()
     for name in ("", *names):

@@ -4,16 +4,19 @@ sign the caller onward (see service_auth.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import grpc
 
-from . import identity
+from . import identity, metrics, tracing
 from .errors import ERROR_REASON_KEY, DomainError, Unauthenticated
 from .logs import REQUEST_ID_KEY, new_request_id, request_id_var
 from .service_auth import TOKEN_KEY, Callers, Keyring
@@ -79,18 +82,25 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         bind = self._bind_context
+        service, method = metrics.split_method(details.method)
 
         if handler.unary_unary or handler.stream_unary:
             inner = handler.unary_unary or handler.stream_unary
 
             async def unary_reply(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+                started, cancelled = time.perf_counter(), False
                 try:
                     bind(details)
                     return await inner(request_or_iterator, context)
                 except grpc.aio.AbortError:
                     raise
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
                 except Exception as exc:  # noqa: BLE001 - mapped to a status below
                     await _abort_for(exc, context)
+                finally:
+                    _served(service, method, context, started, cancelled=cancelled)
 
             if handler.unary_unary:
                 return handler._replace(unary_unary=unary_reply)
@@ -99,6 +109,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         inner_stream = handler.unary_stream or handler.stream_stream
 
         async def stream_reply(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            started, cancelled = time.perf_counter(), False
             try:
                 bind(details)
                 result = inner_stream(request_or_iterator, context)
@@ -109,12 +120,23 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     await result
             except grpc.aio.AbortError:
                 raise
+            except (asyncio.CancelledError, GeneratorExit):
+                cancelled = True
+                raise
             except Exception as exc:  # noqa: BLE001
                 await _abort_for(exc, context)
+            finally:
+                _served(service, method, context, started, cancelled=cancelled)
 
         if handler.unary_stream:
             return handler._replace(unary_stream=stream_reply)
         return handler._replace(stream_stream=stream_reply)
+
+
+def _served(service: str, method: str, context: grpc.aio.ServicerContext, started: float, *, cancelled: bool) -> None:
+    code = grpc.StatusCode.CANCELLED.name if cancelled else metrics.code_name(context.code())
+    metrics.GRPC_SERVER_HANDLED.labels(service, method, code).inc()
+    metrics.GRPC_SERVER_SECONDS.labels(service, method).observe(time.perf_counter() - started)
 
 
 def outgoing_metadata(caller: identity.Caller | None = None) -> tuple[tuple[str, str], ...]:
@@ -155,11 +177,23 @@ class _Signing:
         )
 
 
+async def _answered(call: Any, method: str | bytes, started: float) -> Any:
+    """A unary call, counted once it has its answer; the caller's own await of it returns
+    the same answer (or raises the same error)."""
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await call
+    service, name = metrics.split_method(method)
+    metrics.GRPC_CLIENT_HANDLED.labels(service, name, metrics.code_name(await call.code())).inc()
+    metrics.GRPC_CLIENT_SECONDS.labels(service, name).observe(time.perf_counter() - started)
+    return call
+
+
 # One class per call shape: grpc.aio files an interceptor under the first shape it is an
 # instance of, so one object of all four would sign unary calls only.
 class _SignUnaryUnary(_Signing, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self.signed(details), request)
+        started = time.perf_counter()
+        return await _answered(await continuation(self.signed(details), request), details.method, started)
 
 
 class _SignUnaryStream(_Signing, grpc.aio.UnaryStreamClientInterceptor):
@@ -169,7 +203,10 @@ class _SignUnaryStream(_Signing, grpc.aio.UnaryStreamClientInterceptor):
 
 class _SignStreamUnary(_Signing, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self.signed(details), request_iterator)
+        started = time.perf_counter()
+        call = await continuation(self.signed(details), request_iterator)
+        # A call fed by `call.write()` (no iterator) answers only after its caller's writes.
+        return call if request_iterator is None else await _answered(call, details.method, started)
 
 
 class _SignStreamStream(_Signing, grpc.aio.StreamStreamClientInterceptor):
@@ -181,6 +218,5 @@ def channel(target: str, *, audience: str, keyring: Keyring) -> grpc.aio.Channel
     """A channel to the service named `audience`; every call on it carries a token signed by
     this process for that service alone."""
     shapes = (_SignUnaryUnary, _SignUnaryStream, _SignStreamUnary, _SignStreamStream)
-    return grpc.aio.insecure_channel(
-        target, options=CHANNEL_OPTIONS, interceptors=[shape(keyring, audience) for shape in shapes]
-    )
+    interceptors = [*tracing.grpc_client_interceptors(), *(shape(keyring, audience) for shape in shapes)]
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)

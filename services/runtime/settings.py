@@ -31,6 +31,10 @@ class BaseServiceSettings(BaseSettings):
     # See runtime/service_auth.py; `make run` and the tests generate a set per stack.
     service_signing_key: SecretStr = SecretStr("")
     service_public_keys: str = ""
+    # Where this process serves its Prometheus metrics (/metrics): 0 takes a free port (logged).
+    # Its own port, never behind the public edge; deploy/k8s sets 9464 on 0.0.0.0.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     @property
     def is_development(self) -> bool:

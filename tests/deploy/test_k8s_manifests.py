@@ -1,4 +1,9 @@
-"""The Kubernetes manifests keep their hardening and stay consistent with each other."""
+"""The Kubernetes manifests keep their hardening and stay consistent with each other.
+
+What is checked is what `kubectl apply -k deploy/k8s/overlays/<name>` would apply, rendered by
+tests/deploy/kustomize_build.py; checks that hold in every environment run on each overlay,
+the rest on production's.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,12 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from tests.deploy.kustomize_build import build
+
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+BASE = K8S / "base"
+OVERLAYS = {p.name: p for p in sorted((K8S / "overlays").iterdir()) if (p / "kustomization.yaml").is_file()}
+PRODUCTION = "prod"
 NAMESPACE = "pregonero"
 GRPC_SERVICES = ("accounts", "campaigns", "dispatcher")
 HTTP_SERVICES = ("gateway",)
@@ -25,31 +35,36 @@ def _load(path: Path) -> list[Doc]:
 
 
 DOCS_BY_FILE: dict[str, list[Doc]] = {
-    p.name: _load(p) for p in sorted(K8S.glob("*.yaml")) if p.name != "kustomization.yaml"
+    p.name: _load(p) for p in sorted(BASE.glob("*.yaml")) if p.name != "kustomization.yaml"
 }
-DOCS: list[Doc] = [doc for docs in DOCS_BY_FILE.values() for doc in docs]
+RENDERED: dict[str, list[Doc]] = {name: build(path) for name, path in OVERLAYS.items()}
+DOCS: list[Doc] = RENDERED[PRODUCTION]
 
 
-def _of_kind(kind: str) -> dict[str, Doc]:
-    return {d["metadata"]["name"]: d for d in DOCS if d["kind"] == kind}
+def _of_kind(kind: str, docs: list[Doc] = DOCS) -> dict[str, Doc]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
 DEPLOYMENTS = _of_kind("Deployment")
 SERVICES = _of_kind("Service")
 CONFIGMAPS = _of_kind("ConfigMap")
 SECRETS = _of_kind("Secret")
+# (overlay, Deployment) for the checks every environment must pass.
+EVERY_DEPLOYMENT = [
+    (overlay, name) for overlay, docs in RENDERED.items() for name in sorted(_of_kind("Deployment", docs))
+]
 
 
-def _pod(name: str) -> Doc:
-    return DEPLOYMENTS[name]["spec"]["template"]["spec"]
+def _pod(name: str, overlay: str = PRODUCTION) -> Doc:
+    return _of_kind("Deployment", RENDERED[overlay])[name]["spec"]["template"]["spec"]
 
 
 def _pod_labels(name: str) -> dict[str, str]:
     return DEPLOYMENTS[name]["spec"]["template"]["metadata"]["labels"]
 
 
-def _containers(name: str) -> list[Doc]:
-    return _pod(name)["containers"]
+def _containers(name: str, overlay: str = PRODUCTION) -> list[Doc]:
+    return _pod(name, overlay)["containers"]
 
 
 def _target_container_port(service: str) -> int:
@@ -76,13 +91,13 @@ def _probe_port(container: Doc, probe: Doc) -> int | str:
     return port
 
 
-def _env_value(env: Doc) -> str | None:
+def _env_value(env: Doc, overlay: str = PRODUCTION) -> str | None:
     """Resolve a literal or ConfigMap-backed env value; None when it comes from a Secret."""
     if "value" in env:
         return str(env["value"])
     ref = env.get("valueFrom", {}).get("configMapKeyRef")
     if ref:
-        return str(CONFIGMAPS[ref["name"]]["data"][ref["key"]])
+        return str(_of_kind("ConfigMap", RENDERED[overlay])[ref["name"]]["data"][ref["key"]])
     return None
 
 
@@ -97,13 +112,16 @@ def _prestop_seconds(container: Doc) -> float:
 
 
 def test_kustomization_lists_exactly_the_yaml_files() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text(encoding="utf-8"))
     listed = kustomization["resources"]
     assert len(listed) == len(set(listed)), "a file is listed twice"
     for name in listed:
-        assert (K8S / name).is_file(), f"kustomization.yaml lists missing {name}"
-    on_disk = {p.name for p in K8S.iterdir() if p.suffix in (".yaml", ".yml")}
+        assert (BASE / name).is_file(), f"kustomization.yaml lists missing {name}"
+    on_disk = {p.name for p in BASE.iterdir() if p.suffix in (".yaml", ".yml")}
     assert on_disk - {"kustomization.yaml"} == set(listed)
+    # Nothing but the base, the overlays and the NATS chart's values: a stray file is applied by no one.
+    assert {p.name for p in K8S.iterdir() if p.is_dir()} == {"base", "overlays", "helm"}
+    assert not [p.name for p in K8S.iterdir() if p.suffix in (".yaml", ".yml")]
 
 
 def test_every_document_has_kind_and_namespace() -> None:
@@ -124,15 +142,15 @@ def test_one_file_per_service_with_deployment_service_and_account() -> None:
         assert _pod(service)["serviceAccountName"] == service
 
 
-@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
-def test_pods_are_hardened(name: str) -> None:
-    pod = _pod(name)
+@pytest.mark.parametrize(("overlay", "name"), EVERY_DEPLOYMENT)
+def test_pods_are_hardened(overlay: str, name: str) -> None:
+    pod = _pod(name, overlay)
     assert pod.get("automountServiceAccountToken") is False
     pod_ctx = pod.get("securityContext", {})
     assert pod_ctx.get("seccompProfile", {}).get("type") == "RuntimeDefault"
-    for container in _containers(name):
+    for container in _containers(name, overlay):
         ctx = container.get("securityContext", {})
-        where = f"{name}/{container['name']}"
+        where = f"{overlay}: {name}/{container['name']}"
         assert ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True, where
         assert ctx.get("runAsUser", pod_ctx.get("runAsUser")) not in (None, 0), where
         assert ctx.get("readOnlyRootFilesystem") is True, where
@@ -142,22 +160,23 @@ def test_pods_are_hardened(name: str) -> None:
         assert not ctx.get("capabilities", {}).get("add"), where
 
 
-@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
-def test_read_only_root_has_a_writable_tmp(name: str) -> None:
-    volumes = {v["name"]: v for v in _pod(name).get("volumes", [])}
-    for container in _containers(name):
+@pytest.mark.parametrize(("overlay", "name"), EVERY_DEPLOYMENT)
+def test_read_only_root_has_a_writable_tmp(overlay: str, name: str) -> None:
+    volumes = {v["name"]: v for v in _pod(name, overlay).get("volumes", [])}
+    for container in _containers(name, overlay):
         mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
         assert "/tmp" in mounts, f"{name}/{container['name']} has no /tmp"
         assert "emptyDir" in volumes[mounts["/tmp"]]
 
 
-@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
-def test_containers_have_requests_and_limits(name: str) -> None:
-    for container in _containers(name):
+@pytest.mark.parametrize(("overlay", "name"), EVERY_DEPLOYMENT)
+def test_containers_have_requests_and_limits(overlay: str, name: str) -> None:
+    for container in _containers(name, overlay):
         resources = container.get("resources", {})
         for bound in ("requests", "limits"):
             for resource in ("cpu", "memory"):
-                assert resources.get(bound, {}).get(resource), f"{name}/{container['name']} has no {resource} {bound}"
+                where = f"{overlay}: {name}/{container['name']}"
+                assert resources.get(bound, {}).get(resource), f"{where} has no {resource} {bound}"
 
 
 @pytest.mark.parametrize("name", GRPC_SERVICES)
@@ -177,11 +196,13 @@ def test_grpc_services_probe_the_port_their_service_targets(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", HTTP_SERVICES)
-def test_http_services_probe_health_on_the_port_their_service_targets(name: str) -> None:
+def test_http_services_probe_themselves_on_the_port_their_service_targets(name: str) -> None:
     target = _target_container_port(name)
     (container,) = _containers(name)
     readiness = container.get("readinessProbe", {})
-    assert readiness.get("httpGet", {}).get("path") == "/health"
+    # Not /health, which asks the backends: one of them down would make every gateway unready.
+    assert readiness.get("httpGet", {}).get("path") == "/ready"
+    assert container["livenessProbe"].get("httpGet", {}).get("path") == "/live"
     assert _probe_port(container, readiness) == target
     assert _probe_port(container, container["livenessProbe"]) == target
     env = {e["name"]: _env_value(e) for e in container.get("env", [])}
@@ -189,33 +210,35 @@ def test_http_services_probe_health_on_the_port_their_service_targets(name: str)
     assert env.get("HTTP_HOST") in ("0.0.0.0", "[::]"), f"{name}: HTTP_HOST is not set"
 
 
-@pytest.mark.parametrize("name", sorted(DEPLOYMENTS))
-def test_termination_grace_outlasts_the_drain(name: str) -> None:
-    pod = _pod(name)
+@pytest.mark.parametrize(("overlay", "name"), EVERY_DEPLOYMENT)
+def test_termination_grace_outlasts_the_drain(overlay: str, name: str) -> None:
+    pod = _pod(name, overlay)
     grace = pod.get("terminationGracePeriodSeconds", 30)  # the Kubernetes default
-    for container in _containers(name):
+    for container in _containers(name, overlay):
         env = {e["name"]: e for e in container.get("env", [])}
         drain = DEFAULT_SHUTDOWN_GRACE
         if "SHUTDOWN_GRACE_SECONDS" in env:
-            value = _env_value(env["SHUTDOWN_GRACE_SECONDS"])
+            value = _env_value(env["SHUTDOWN_GRACE_SECONDS"], overlay)
             assert value is not None, "SHUTDOWN_GRACE_SECONDS must not be a secret"
             drain = float(value)
         # The dispatcher also lets calls in progress end after the gRPC drain.
         if "CALL_DRAIN_SECONDS" in env:
-            drain += float(_env_value(env["CALL_DRAIN_SECONDS"]) or 0)
+            drain += float(_env_value(env["CALL_DRAIN_SECONDS"], overlay) or 0)
         needed = drain + _prestop_seconds(container)
-        assert grace > needed, f"{name}: grace {grace}s does not outlast {needed}s of drain"
+        assert grace > needed, f"{overlay}: {name}: grace {grace}s does not outlast {needed}s of drain"
 
 
-def test_env_references_resolve() -> None:
-    for name in DEPLOYMENTS:
-        for container in _containers(name):
+@pytest.mark.parametrize("overlay", sorted(RENDERED))
+def test_env_references_resolve(overlay: str) -> None:
+    configmaps, secrets = _of_kind("ConfigMap", RENDERED[overlay]), _of_kind("Secret", RENDERED[overlay])
+    for name in _of_kind("Deployment", RENDERED[overlay]):
+        for container in _containers(name, overlay):
             for env in container.get("env", []):
                 source = env.get("valueFrom", {})
                 if "configMapKeyRef" in source:
-                    ref, objects, field = source["configMapKeyRef"], CONFIGMAPS, "data"
+                    ref, objects, field = source["configMapKeyRef"], configmaps, "data"
                 elif "secretKeyRef" in source:
-                    ref, objects, field = source["secretKeyRef"], SECRETS, "stringData"
+                    ref, objects, field = source["secretKeyRef"], secrets, "stringData"
                 else:
                     continue
                 if ref.get("optional"):
@@ -238,27 +261,75 @@ def test_service_selects_its_deployment_pods(name: str) -> None:
     assert not others, f"Service {name} also selects pods of {others}"
 
 
-def test_keda_scales_the_dispatcher_on_its_consumer() -> None:
-    (scaled,) = [s for s in _of_kind("ScaledObject").values() if s["spec"]["scaleTargetRef"]["name"] == "dispatcher"]
+# Consumers whose lag is the work a service has to do: its replicas follow it (KEDA). The
+# request-driven services follow CPU (HPA): accounts' own consumers only write ledger rows.
+SCALED_ON_LAG = {"dispatcher": ("DISPATCH", "dispatch-whatsapp"), "campaigns": ("EVENTS", "campaigns-results")}
+SCALED_ON_CPU = ("gateway", "accounts")
+
+
+@pytest.mark.parametrize("overlay", sorted(RENDERED))
+@pytest.mark.parametrize("name", sorted(SCALED_ON_LAG))
+def test_keda_scales_the_consumers_on_their_lag(overlay: str, name: str) -> None:
+    from services.runtime.nats_auth import ROLES
+
+    stream, durable = SCALED_ON_LAG[name]
+    assert any((c.stream, c.durable) == (stream, durable) for c in ROLES[name].consumers), "no such consumer"
+    (scaled,) = [
+        s for s in _of_kind("ScaledObject", RENDERED[overlay]).values() if s["spec"]["scaleTargetRef"]["name"] == name
+    ]
     assert scaled["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-    assert "dispatcher" in DEPLOYMENTS
+    assert name in _of_kind("Deployment", RENDERED[overlay])
     triggers = [t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "nats-jetstream"]
-    whatsapp = [t for t in triggers if t["consumer"] == "dispatch-whatsapp"]
-    assert whatsapp, "no nats-jetstream trigger on the dispatch-whatsapp consumer"
-    for meta in whatsapp:
-        assert meta["stream"] == "DISPATCH" and meta["account"] == "$G"
+    ours = [t for t in triggers if t["consumer"] == durable]
+    assert ours, f"no nats-jetstream trigger on the {durable} consumer"
+    for meta in ours:
+        assert meta["stream"] == stream and meta["account"] == "$G"
         assert int(meta["lagThreshold"]) > 0
-        assert meta["natsServerMonitoringEndpoint"].endswith(":8222")
-    assert scaled["spec"].get("minReplicaCount", 0) >= 1, "the gRPC admin API must stay up"
+        assert meta["natsServerMonitoringEndpoint"] == "nats-headless.pregonero.svc.cluster.local:8222"
+    # Both serve gRPC calls as well: never scaled to zero.
+    assert scaled["spec"].get("minReplicaCount", 0) >= 1
+    assert scaled["spec"]["maxReplicaCount"] >= scaled["spec"]["minReplicaCount"]
 
 
-def test_each_deployment_has_one_autoscaler_and_no_fixed_replicas() -> None:
-    scalers = [*_of_kind("HorizontalPodAutoscaler").values(), *_of_kind("ScaledObject").values()]
-    targets = [scaler["spec"]["scaleTargetRef"]["name"] for scaler in scalers]
-    assert sorted(targets) == sorted(DEPLOYMENTS), "every Deployment needs exactly one autoscaler"
-    for name, deployment in DEPLOYMENTS.items():
+@pytest.mark.parametrize("overlay", sorted(RENDERED))
+def test_each_deployment_has_one_autoscaler_and_no_fixed_replicas(overlay: str) -> None:
+    docs = RENDERED[overlay]
+    hpas = {h["spec"]["scaleTargetRef"]["name"] for h in _of_kind("HorizontalPodAutoscaler", docs).values()}
+    scaled = {s["spec"]["scaleTargetRef"]["name"] for s in _of_kind("ScaledObject", docs).values()}
+    # KEDA makes an HPA of its own for a ScaledObject: a second one on the same target fights it.
+    assert not hpas & scaled, f"{hpas & scaled} have both an HPA and a ScaledObject"
+    assert hpas == set(SCALED_ON_CPU) and scaled == set(SCALED_ON_LAG)
+    deployments = _of_kind("Deployment", docs)
+    assert hpas | scaled == set(deployments), "every Deployment needs exactly one autoscaler"
+    for name, hpa in _of_kind("HorizontalPodAutoscaler", docs).items():
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"], name
+        (metric,) = hpa["spec"]["metrics"]
+        assert metric["resource"]["name"] == "cpu", name
+    for name, deployment in deployments.items():
         # A fixed count would reset the autoscaler's choice on every apply.
-        assert "replicas" not in deployment["spec"], f"{name} sets replicas"
+        assert "replicas" not in deployment["spec"], f"{overlay}: {name} sets replicas"
+
+
+@pytest.mark.parametrize("overlay", sorted(RENDERED))
+def test_every_deployment_has_a_disruption_budget_for_its_pods(overlay: str) -> None:
+    """A drain evicts one pod of a service at a time, and never blocks on a single replica."""
+    budgets = _of_kind("PodDisruptionBudget", RENDERED[overlay])
+    for name, deployment in _of_kind("Deployment", RENDERED[overlay]).items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        selecting = [b for b in budgets.values() if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(selecting) == 1, f"{overlay}: {name} is selected by {len(selecting)} PodDisruptionBudgets"
+        (budget,) = selecting
+        assert set(budget["spec"]["selector"]) == {"matchLabels"}
+        assert budget["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+        # maxUnavailable 1 (not minAvailable 1, which forbids every eviction of a lone replica).
+        assert budget["spec"].get("maxUnavailable") == 1 and "minAvailable" not in budget["spec"], name
+        assert budget["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    for budget in budgets.values():
+        selector = budget["spec"]["selector"]["matchLabels"]
+        assert any(
+            selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            for d in _of_kind("Deployment", RENDERED[overlay]).values()
+        ), f"PodDisruptionBudget {budget['metadata']['name']} selects no pod"
 
 
 def test_routes_point_at_existing_service_ports() -> None:
@@ -408,3 +479,52 @@ def test_each_service_signs_with_its_own_key_and_trusts_the_published_set(name: 
     assert public["name"] == "pregonero-config"
     published = CONFIGMAPS["pregonero-config"]["data"][public["key"]]
     assert {entry.split(":")[0] for entry in published.split(",")} == set(SIGNING_SERVICES)
+
+
+def _resolved_env(name: str, overlay: str = PRODUCTION) -> dict[str, str]:
+    """The container's environment as the overlay's example ConfigMap and Secrets give it."""
+    secrets = _of_kind("Secret", RENDERED[overlay])
+    out: dict[str, str] = {}
+    for env in _containers(name, overlay)[0].get("env", []):
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        value = _env_value(env, overlay) if ref is None else secrets[ref["name"]]["stringData"][ref["key"]]
+        if value is not None:
+            out[env["name"]] = value
+    return out
+
+
+def test_production_names_real_providers_and_takes_the_voice_key_from_a_secret() -> None:
+    from services.dispatcher.config import DispatcherSettings
+
+    env = {e["name"]: e for e in _containers("dispatcher")[0]["env"]}
+    resolved = _resolved_env("dispatcher")
+    assert resolved["ENVIRONMENT"] not in ("development", "test") and resolved["PREGONERO_DEMO"] == "false"
+    assert resolved["VOICE_PROVIDER"] != "simulated" and resolved["DEFAULT_DEVICE_PROVIDER"] != "simulated"
+    assert env["RETELL_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] in SECRETS
+    for name in ("RETELL_AGENT_ID", "RETELL_FROM_NUMBER"):
+        assert "configMapKeyRef" in env[name]["valueFrom"], f"{name} is the operator's to set in the ConfigMap"
+    # The shipped placeholders stop the rollout (as every `changeme` does) instead of calling with them.
+    real = {"NATS_URL": "nats://dispatcher:s3cret@nats:4222", "PREGONERO_SECRET_KEY": "k" * 40}
+    as_shipped = {k.lower(): v for k, v in {**resolved, **real}.items()}
+    with pytest.raises(ValueError, match="RETELL_API_KEY, RETELL_AGENT_ID, RETELL_FROM_NUMBER outside development"):
+        DispatcherSettings(**as_shipped)
+    retell = {"retell_api_key": "key", "retell_agent_id": "agent_1", "retell_from_number": "+56221234567"}
+    assert DispatcherSettings(**{**as_shipped, **retell}).voice_provider == "retell"
+
+
+def test_dev_runs_the_simulated_providers_and_still_refuses_placeholder_secrets() -> None:
+    from services.dispatcher.config import DispatcherSettings
+
+    resolved = _resolved_env("dispatcher", "dev")
+    assert resolved["ENVIRONMENT"] not in ("development", "test") and resolved["PREGONERO_DEMO"] == "true"
+    as_shipped = {k.lower(): v for k, v in resolved.items()}
+    with pytest.raises(ValueError, match="outside development"):
+        DispatcherSettings(**as_shipped)
+    real = {"nats_url": "nats://dispatcher:s3cret@nats:4222", "pregonero_secret_key": "k" * 40}
+    settings = DispatcherSettings(**{**as_shipped, **real})
+    assert settings.voice_provider == "simulated" and settings.simulation_allowed
+
+
+@pytest.mark.parametrize("overlay", sorted(RENDERED))
+def test_the_gateway_holds_no_database_credentials(overlay: str) -> None:
+    assert "DATABASE_URL" not in {e["name"] for e in _containers("gateway", overlay)[0]["env"]}

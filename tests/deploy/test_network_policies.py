@@ -1,4 +1,4 @@
-"""deploy/k8s/network-policies.yaml: default deny, and exactly the flows the design needs.
+"""deploy/k8s/base/network-policies.yaml: default deny, and exactly the flows the design needs.
 
 A small evaluator of NetworkPolicy semantics (the subset the manifests use: podSelector and
 namespaceSelector with matchLabels, ipBlock with except, ports with protocol, port and
@@ -20,7 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import yaml
+
+from tests.deploy.kustomize_build import build
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -30,13 +31,8 @@ GRPC_SERVICES = ("accounts", "campaigns", "dispatcher")
 
 Doc = dict[str, Any]
 
-DOCS: list[Doc] = [
-    doc
-    for path in sorted(K8S.glob("*.yaml"))
-    if path.name != "kustomization.yaml"
-    for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
-    if doc
-]
+# What production applies; the policies are the base's, the same in every overlay.
+DOCS: list[Doc] = build(K8S / "overlays" / "prod")
 POLICIES: list[Doc] = [d for d in DOCS if d["kind"] == "NetworkPolicy"]
 
 
@@ -152,12 +148,15 @@ THEIRS = {
         Pod("nack", "nack", {"app.kubernetes.io/name": "nack", "app.kubernetes.io/instance": "nack"}, next(_addresses)),
         Pod("cnpg-operator", "cnpg-system", {"app.kubernetes.io/name": "cloudnative-pg"}, next(_addresses)),
         Pod("kube-dns", "kube-system", {"k8s-app": "kube-dns"}, next(_addresses)),
+        # prometheus-operator's Prometheus (kube-prometheus-stack in `monitoring`).
+        Pod("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}, next(_addresses)),
         # Pods that must get nothing: another team's Envoy, a pod elsewhere wearing our
         # labels, the KEDA and NACK labels in the wrong namespace, a debug pod among ours.
         Pod("other-envoy", "envoy-gateway-system", _envoy_labels("other", "shop"), next(_addresses)),
         Pod("impostor", "default", {"app": "gateway"}, next(_addresses)),
         Pod("fake-keda", "default", {"app.kubernetes.io/name": "keda-operator"}, next(_addresses)),
         Pod("fake-nack", "default", {"app.kubernetes.io/name": "nack"}, next(_addresses)),
+        Pod("fake-prometheus", "default", {"app.kubernetes.io/name": "prometheus"}, next(_addresses)),
         Pod("debug", NAMESPACE, {"app": "debug"}, next(_addresses)),
     )
 }
@@ -396,11 +395,18 @@ def test_only_envoy_gateways_proxies_reach_the_gateway() -> None:
             assert not allowed("envoy", dst, port), f"the edge bypasses the gateway to {dst}:{port}"
 
 
+def _reads_database_url(name: str) -> bool:
+    (container,) = _one("Deployment", name)["spec"]["template"]["spec"]["containers"]
+    return any(e["name"] == "DATABASE_URL" for e in container.get("env", []))
+
+
 def test_services_reach_postgres_and_nats_and_nothing_else_of_them() -> None:
     assert PG_HOST == f"{PG_CLUSTER}-rw", "DATABASE_URL must point at the CNPG Cluster's rw Service"
+    # The gateway keeps no data: no credentials, no flow (its /health asks the backends).
+    assert [name for name in SERVICES if _reads_database_url(name)] == list(GRPC_SERVICES)
     for name in SERVICES:
         for dst in ("pg-1", "pg-2"):
-            assert allowed(name, dst, PG_PORT), f"{name} → postgres"
+            assert allowed(name, dst, PG_PORT) == (name in GRPC_SERVICES), f"{name} → postgres"
             assert not allowed(name, dst, CNPG_STATUS_PORT)
         for dst in ("nats-0", "nats-1"):
             assert allowed(name, dst, NATS_CLIENT_PORT), f"{name} → nats"
@@ -477,6 +483,16 @@ def test_wide_ip_blocks_carve_out_the_private_ranges() -> None:
             if net != cidr and net.subnet_of(cidr):  # type: ignore[arg-type]
                 assert any(net.subnet_of(e) for e in excepted), f"{name}: {cidr} does not except {net}"  # type: ignore[arg-type]
         assert metadata not in cidr or any(metadata in e for e in excepted), f"{name}: {cidr} reaches {metadata}"
+
+
+def test_only_prometheus_scrapes_the_metrics_ports() -> None:
+    for name in SERVICES:
+        port = OURS[name].ports["metrics"]
+        for src in PODS:
+            assert allowed(src, name, port) == (src == "prometheus"), f"{src} → {name}:{port}"
+    # Its way in is the metrics port alone.
+    assert not allowed("prometheus", "accounts", _grpc("accounts")) and not allowed("prometheus", "gateway", _http())
+    assert not allowed("prometheus", "pg-1", PG_PORT) and not allowed("prometheus", "nats-0", NATS_CLIENT_PORT)
 
 
 @pytest.mark.parametrize("name", sorted(OURS))

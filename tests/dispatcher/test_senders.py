@@ -306,6 +306,7 @@ def test_placeholder_secret_key_is_refused_outside_development() -> None:
         nats_url="nats://dispatcher:s3cret@nats:4222",
         environment="production",
         pregonero_secret_key="k" * 40,
+        pregonero_demo=True,  # else the simulated voice line is refused (test_production_guards.py)
     )
     assert "k" * 40 not in repr(real)
 

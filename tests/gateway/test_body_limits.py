@@ -31,7 +31,7 @@ TOKEN = "body-limits-admin"
 AUTH = [(b"authorization", f"Bearer {TOKEN}".encode())]
 CHUNK = 64 * 1024
 BOUNDARY = "b0undary"
-K8S_EDGE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "envoy-gateway.yaml"
+K8S_EDGE = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base" / "envoy-gateway.yaml"
 
 
 def settings(**kw: Any) -> GatewaySettings:

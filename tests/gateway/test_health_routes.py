@@ -1,5 +1,6 @@
 """Health answers 503 with the error body's fields beside its findings when a part is down
-(the healthy answers are checked end to end in tests/e2e/test_health.py)."""
+(the healthy answers are checked end to end in tests/e2e/test_health.py), while the probes'
+/ready and /live stay 200: a backend down is not a gateway down."""
 
 from __future__ import annotations
 
@@ -15,19 +16,17 @@ from fastapi import FastAPI
 from services.gateway import errors
 from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
-from services.gateway.routes import health
+from services.gateway.routes import health, system
 
 pytestmark = pytest.mark.timeout(10)
 
 
-class DownPool:
-    async def fetchval(self, query: str) -> Any:
-        raise OSError("connection refused")
-
-
 class Backends:
-    async def health(self, deadline_s: float) -> dict[str, str]:
+    async def health(self, deadline_s: float = 1.5) -> dict[str, str]:
         return {"accounts": "SERVING", "campaigns": "UNAVAILABLE", "dispatcher": "SERVING"}
+
+    async def database(self, deadline_s: float = 1.5) -> float | None:
+        return None  # no backend reaches it
 
     @property
     def dispatcher(self) -> Any:
@@ -43,10 +42,12 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
     app.state.auth = Authenticator(
         GatewaySettings(database_url="postgresql://x/y", pregonero_static_tokens="ana=account:acme")
     )
-    app.state.runtime = SimpleNamespace(pool=DownPool(), nc=None, js=None)
+    # No pool: the gateway has none (the database is the backends' to report).
+    app.state.runtime = SimpleNamespace(nc=None, js=None)
     app.state.backends = Backends()
     errors.install(app)
     app.include_router(health.router)
+    app.include_router(system.router)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         yield c
 
@@ -78,3 +79,25 @@ async def test_whatsapp_is_503_when_the_dispatcher_does_not_answer(client: httpx
     r = await client.get("/api/health/whatsapp", headers={"Authorization": "Bearer ana"})
     assert r.status_code == 503 and "dispatcher" in r.json()["message"]
     assert r.json()["whatsapp"]["account_id"] == "acme"
+
+
+async def test_a_backend_down_leaves_the_gateway_ready_and_health_names_it(client: httpx.AsyncClient) -> None:
+    for probe, status in (("/ready", "ready"), ("/live", "alive")):
+        r = await client.get(probe)
+        assert r.status_code == 200 and r.json()["status"] == status
+    r = await client.get("/health")
+    assert r.status_code == 503
+    body = r.json()
+    # The shape the dashboards read, with the part that is down named.
+    assert body["status"] == "unhealthy" and body["services"]["campaigns"] == "UNAVAILABLE"
+    assert body["services"]["accounts"] == "SERVING" and body["database"] == "disconnected"
+    assert set(body) >= {"timestamp", "nats", "dead_letters"}
+
+
+async def test_the_gateway_is_not_ready_before_it_has_started() -> None:
+    app = FastAPI()  # the lifespan has not run: no backends yet
+    errors.install(app)
+    app.include_router(system.router)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.get("/ready")
+    assert r.status_code == 503 and r.json()["code"] == "unavailable"

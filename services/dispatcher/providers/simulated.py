@@ -337,3 +337,28 @@ def make_simulated(url: str | None) -> Provider:
     if url is None:
         return SimulatedProvider(DEFAULT_RECORD)
     return HttpSimulatedProvider(url)
+
+
+class RefusedSimulatedProvider:
+    """Stands in for `simulated` where it is refused (outside development, not a demo), for the
+    devices created before it was: each send is refused as by a device that cannot send now, so
+    nothing is invented and the recipient is not failed. The engine moves the work to the job's
+    other devices, or hands it back and campaigns suspends the batch until a real device can
+    take it. Not recorded as the device's connection: that state would outlive the device's
+    switch to a real provider, or PREGONERO_DEMO."""
+
+    name = NAME
+
+    def __init__(self, reason: str, *, rest_seconds: float = 300.0) -> None:
+        self._refused = SendResult(
+            status="rate_limited", error=reason, retry_after=rest_seconds, device_unavailable=True
+        )
+
+    async def send(self, request: SendRequest) -> SendResult:
+        return self._refused
+
+    async def lookup(self, attempt_id: str, sender: SenderConfig) -> SendResult | None:
+        return None  # it never sent anything
+
+    async def close(self) -> None:
+        return None
