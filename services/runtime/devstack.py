@@ -259,12 +259,21 @@ class EdgeLimits:
 
 
 def render_envoy_config(
-    *, listen_host: str, listen_port: int, gateway_port: int, admin_port: int, limits: EdgeLimits = EdgeLimits()
+    *,
+    listen_host: str,
+    listen_port: int,
+    gateway_port: int | list[int],
+    admin_port: int,
+    limits: EdgeLimits = EdgeLimits(),
 ) -> str:
+    ports = gateway_port if isinstance(gateway_port, list) else [gateway_port]
+    endpoints = ", ".join(
+        f"{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}}}" for p in ports
+    )
     return string.Template(ENVOY_TEMPLATE.read_text()).substitute(
         LISTEN_HOST=listen_host,
         LISTEN_PORT=listen_port,
-        GATEWAY_PORT=gateway_port,
+        GATEWAY_ENDPOINTS=f"[{endpoints}]",
         ADMIN_PORT=admin_port,
         **{f"EDGE_{name.upper()}": value for name, value in vars(limits).items()},
     )
@@ -280,7 +289,7 @@ def start_envoy(
     data_dir: Path,
     *,
     listen_port: int,
-    gateway_port: int,
+    gateway_port: int | list[int],
     echo: bool = False,
     listen_host: str = "127.0.0.1",
     limits: EdgeLimits = EdgeLimits(),
@@ -343,6 +352,13 @@ class Stack:
     addrs: dict[str, str] = field(default_factory=dict)
     # Each service's /metrics (of the process at its address in `addrs`).
     metrics_urls: dict[str, str] = field(default_factory=dict)
+    # Processes per kind (PREGONERO_SCALE, `parse_scale`); 1 when not named.
+    scale: dict[str, int] = field(default_factory=dict)
+    # Every process of a kind, the first of which is service_procs[kind] (and addrs[kind]).
+    replicas: dict[str, list[Proc]] = field(default_factory=dict)
+    # What callers dial when a kind has several processes: gRPC balances over the list.
+    targets: dict[str, str] = field(default_factory=dict)
+    gateway_ports: list[int] = field(default_factory=list)
     gateway_port: int = 0
     http_port: int = 0
     procs: list[Proc] = field(default_factory=list)
@@ -382,7 +398,7 @@ class Stack:
             "ENVIRONMENT": os.environ.get("ENVIRONMENT", "development"),
             "SHUTDOWN_GRACE_SECONDS": os.environ.get("SHUTDOWN_GRACE_SECONDS", "5"),
             "PYTHONUNBUFFERED": "1",
-            **{f"{svc.upper()}_ADDR": addr for svc, addr in self.addrs.items()},
+            **{f"{svc.upper()}_ADDR": self.targets.get(svc, addr) for svc, addr in self.addrs.items()},
             "SERVICE_PUBLIC_KEYS": ",".join(f"{svc}:{public}" for svc, (_, public) in self.service_keys.items()),
             "SERVICE_SIGNING_KEY": self.service_keys[name][0] if name in self.service_keys else "",
             **self.extra_env,
@@ -402,12 +418,13 @@ class Stack:
             public_keys=self.service_env(service)["SERVICE_PUBLIC_KEYS"],
         )
 
-    def start_service(self, name: str, *, port: int = 0, wait: bool = True, **env: str) -> Proc:
-        """Start one gRPC service process and wait for it to report SERVING."""
+    def start_service(self, name: str, *, port: int = 0, wait: bool = True, label: str = "", **env: str) -> Proc:
+        """Start one gRPC service process and wait for it to report SERVING. `label` names a
+        replica other than the first (its log prefix and metrics entry)."""
         port = port or free_port()
         metrics = free_port()
         proc = spawn(
-            name,
+            label or name,
             [sys.executable, "-m", f"services.{name}"],
             env=self.service_env(name, GRPC_PORT=str(port), METRICS_PORT=str(metrics), **env),
             echo=self.echo,
@@ -417,7 +434,9 @@ class Stack:
         addr = f"127.0.0.1:{port}"
         if wait:
             wait_until(lambda: grpc_serving(addr), timeout=60, what=name, proc=proc)
-        if self.addrs.get(name, addr) == addr:  # the service's process, or it restarted in place
+        if label:
+            self.metrics_urls[label] = proc.metrics_url
+        elif self.addrs.get(name, addr) == addr:  # the service's process, or it restarted in place
             self.metrics_urls[name] = proc.metrics_url
         self.addrs.setdefault(name, addr)
         return proc
@@ -440,35 +459,43 @@ class Stack:
     def start_services(self, *, http_port: int = 0, listen_host: str = "127.0.0.1") -> None:
         if self.simulator and not self.simulator_url:
             self.start_simulator()
-        ports = {name: free_port() for name in GRPC_SERVICES}
-        self.addrs.update({name: f"127.0.0.1:{p}" for name, p in ports.items()})
-        for name in GRPC_SERVICES:  # all at once: each waits for nothing but infra
-            self.service_procs[name] = self.start_service(name, port=ports[name], wait=False)
-            self.procs.append(self.service_procs[name])
-        for name in GRPC_SERVICES:
-            proc = self.service_procs[name]
-            wait_until(functools.partial(grpc_serving, self.addrs[name]), timeout=60, what=name, proc=proc)
-        self.gateway_port = free_port()
-        metrics = free_port()
-        gateway_env = self.service_env("gateway", HTTP_PORT=str(self.gateway_port), METRICS_PORT=str(metrics))
-        gateway_env.setdefault("PREGONERO_TRUSTED_PROXIES", ENVOY_PEER)
-        gw = spawn(
-            "gateway",
-            [sys.executable, "-m", "services.gateway"],
-            env=gateway_env,
-            echo=self.echo,
-            cwd=REPO,
+        ports = {name: [free_port() for _ in range(self.scale.get(name, 1))] for name in GRPC_SERVICES}
+        self.addrs.update({name: f"127.0.0.1:{p[0]}" for name, p in ports.items()})
+        # Several processes of a kind: callers dial them all (rpc.channel balances round robin).
+        self.targets.update(
+            {name: "ipv4:" + ",".join(f"127.0.0.1:{x}" for x in p) for name, p in ports.items() if len(p) > 1}
         )
-        gw.metrics_url = self.metrics_urls["gateway"] = f"http://127.0.0.1:{metrics}/metrics"
-        self.procs.append(gw)
-        self.service_procs["gateway"] = gw
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{self.gateway_port}/health"), timeout=60, what="gateway", proc=gw)
+        for name in GRPC_SERVICES:  # all at once: each waits for nothing but infra
+            self.replicas[name] = [
+                self.start_service(name, port=port, wait=False, label=f"{name}-{n + 1}" if n else "")
+                for n, port in enumerate(ports[name])
+            ]
+            self.service_procs[name] = self.replicas[name][0]
+            self.procs.extend(self.replicas[name])
+        for name in GRPC_SERVICES:
+            for proc, port in zip(self.replicas[name], ports[name], strict=True):
+                wait_until(functools.partial(grpc_serving, f"127.0.0.1:{port}"), timeout=60, what=name, proc=proc)
+        self.gateway_ports = [free_port() for _ in range(self.scale.get("gateway", 1))]
+        self.gateway_port = self.gateway_ports[0]
+        self.replicas["gateway"] = []
+        for n, port in enumerate(self.gateway_ports):
+            label = f"gateway-{n + 1}" if n else "gateway"
+            metrics = free_port()
+            gateway_env = self.service_env("gateway", HTTP_PORT=str(port), METRICS_PORT=str(metrics))
+            gateway_env.setdefault("PREGONERO_TRUSTED_PROXIES", ENVOY_PEER)
+            gw = spawn(label, [sys.executable, "-m", "services.gateway"], env=gateway_env, echo=self.echo, cwd=REPO)
+            gw.metrics_url = self.metrics_urls[label] = f"http://127.0.0.1:{metrics}/metrics"
+            self.procs.append(gw)
+            self.replicas["gateway"].append(gw)
+        self.service_procs["gateway"] = self.replicas["gateway"][0]
+        for gw, port in zip(self.replicas["gateway"], self.gateway_ports, strict=True):
+            wait_until(functools.partial(http_ok, f"http://127.0.0.1:{port}/health"), timeout=60, what=gw.name, proc=gw)
         self.http_port = http_port or free_port()
         self.procs.append(
             start_envoy(
                 self.data_dir,
                 listen_port=self.http_port,
-                gateway_port=self.gateway_port,
+                gateway_port=self.gateway_ports,
                 echo=self.echo,
                 listen_host=listen_host,
                 limits=self.edge_limits,
@@ -481,6 +508,26 @@ class Stack:
             proc.stop(signal.SIGINT if proc.name == "postgres" else signal.SIGTERM)
         self.procs.clear()
         self.service_procs.clear()
+        self.replicas.clear()
+
+
+SCALABLE = ("gateway", *GRPC_SERVICES)
+MAX_REPLICAS = 8
+
+
+def parse_scale(spec: str) -> dict[str, int]:
+    """`gateway=2,campaigns=2,dispatcher=3` → processes per kind; an unknown kind or a count
+    outside 1..8 stops the start with the reason."""
+    scale: dict[str, int] = {}
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        kind, _, count = entry.partition("=")
+        kind = kind.strip()
+        if kind not in SCALABLE:
+            raise ValueError(f"PREGONERO_SCALE: {kind!r} is not one of {', '.join(SCALABLE)}")
+        if not count.strip().isdigit() or not 1 <= int(count) <= MAX_REPLICAS:
+            raise ValueError(f"PREGONERO_SCALE: {kind} needs a count from 1 to {MAX_REPLICAS}, not {count!r}")
+        scale[kind] = int(count)
+    return scale
 
 
 @contextlib.contextmanager
@@ -501,7 +548,7 @@ def main() -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     token = dev_admin_token(data_dir)
     static = os.environ.get("PREGONERO_STATIC_TOKENS", "")
-    stack = Stack(data_dir=data_dir, echo=True)
+    stack = Stack(data_dir=data_dir, echo=True, scale=parse_scale(os.environ.get("PREGONERO_SCALE", "")))
     stack.extra_env["PREGONERO_STATIC_TOKENS"] = ",".join(filter(None, [static, f"{token}=admin"]))
     stopping = threading.Event()
 
@@ -518,7 +565,7 @@ def main() -> int:
         )
         stack.start_services(http_port=http_port, listen_host=listen_host)
         base = f"http://{'localhost' if listen_host in ('127.0.0.1', '0.0.0.0') else listen_host}:{http_port}"
-        metrics = "\n               ".join(f"{p.name:<11}{p.metrics_url}" for p in stack.procs if p.metrics_url)
+        metrics = "\n               ".join(f"{p.name:<13}{p.metrics_url}" for p in stack.procs if p.metrics_url)
         print(
             "\n"
             f"  Pregonero is up ({time.monotonic() - started:.1f}s).\n"

@@ -148,12 +148,16 @@ def outgoing_metadata(caller: identity.Caller | None = None) -> tuple[tuple[str,
     return tuple(md)
 
 
-# Large enough for upload chunks and big pages; keepalive so idle channels survive proxies.
+# Large enough for upload chunks and big pages; keepalive so idle channels survive proxies;
+# round robin over every address a target resolves to (several replicas: `ipv4:a,b` in
+# `make run` with PREGONERO_SCALE, a headless Service's DNS in a cluster), so calls spread
+# over them instead of sticking to the first.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 32 * 1024 * 1024),
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.lb_policy_name", "round_robin"),
 ]
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 32 * 1024 * 1024),
