@@ -148,16 +148,23 @@ def outgoing_metadata(caller: identity.Caller | None = None) -> tuple[tuple[str,
     return tuple(md)
 
 
-# Large enough for upload chunks and big pages; keepalive so idle channels survive proxies;
-# round robin over every address a target resolves to (several replicas: `ipv4:a,b` in
-# `make run` with PREGONERO_SCALE, a headless Service's DNS in a cluster), so calls spread
-# over them instead of sticking to the first.
+# Large enough for upload chunks and big pages; keepalive so idle channels survive proxies.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 32 * 1024 * 1024),
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
+]
+# A target of several addresses (replicas: `ipv4:a,b` in `make run` with PREGONERO_SCALE) is
+# balanced round robin, so calls spread over them instead of sticking to the first. Round
+# robin reconnects a lost replica with back-off (calls meanwhile go to the others), so the
+# back-off is kept short: a replica restarted in place is used again within a second or two.
+# One address keeps pick_first, which reconnects on the next call at once: with a single
+# backend, round robin's back-off would fail calls for seconds after it came back.
+BALANCED_OPTIONS = [
     ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 32 * 1024 * 1024),
@@ -223,4 +230,5 @@ def channel(target: str, *, audience: str, keyring: Keyring) -> grpc.aio.Channel
     this process for that service alone."""
     shapes = (_SignUnaryUnary, _SignUnaryStream, _SignStreamUnary, _SignStreamStream)
     interceptors = [*tracing.grpc_client_interceptors(), *(shape(keyring, audience) for shape in shapes)]
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    options = CHANNEL_OPTIONS + (BALANCED_OPTIONS if "," in target else [])
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
