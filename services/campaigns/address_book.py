@@ -49,6 +49,9 @@ _ID = re.compile(r"[0-9]{1,19}")
 # A shape check, not RFC 5322: one @, no spaces, a dot in the domain.
 _EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(?:\.[^@\s.]+)+")
 _NOT_DIGIT = re.compile(r"\D")
+# A search is matched against phones only when it reads as a number ("+56 9 8123", "8123-45"):
+# "Juan 2" or a name with digits in it must not bring every phone that contains a 2.
+_PHONE_LIKE = re.compile(r"[\d\s+().-]+")
 _LIKE_SPECIAL = re.compile(r"([\\%_])")
 _WHY_IMPOSSIBLE = {
     ValidationResult.TOO_SHORT: "too short",
@@ -294,7 +297,7 @@ class AddressBook:
         search = search.strip()
         if len(search) > MAX_SEARCH:
             raise InvalidArgument(f"search is longer than {MAX_SEARCH} characters")
-        digits = _NOT_DIGIT.sub("", search)
+        digits = _NOT_DIGIT.sub("", search) if _PHONE_LIKE.fullmatch(search) else ""
         return await self.repo.list_contacts(
             scope=scope,
             name_pattern=like_pattern(search) if search else "",

@@ -829,7 +829,6 @@ def own_import(member: httpx.Client, admin: httpx.Client, world: World) -> None:
     r = member.post("/api/contacts/import", files={"file": ("own.csv", csv, "text/csv")})
     assert r.status_code == 200, r.text
     assert (r.json()["created"], r.json()["invalid"]) == (1, 0), r.text
-    # The search also matches phones by the name's digits (a hex suffix has some): by name.
     (own,) = [c for c in member.get("/api/contacts", params={"search": name}).json() if c["name"] == name]
     assert own["account_id"] == MEMBER_ACCOUNT and own["id"] not in world.ids["contact_id"], own
     assert member.delete(f"/api/contacts/{own['id']}").status_code == 204
