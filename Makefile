@@ -7,7 +7,7 @@ UV := $(VENV)/bin/uv
 PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := gen/.stamp
 export PYTHONPATH := $(CURDIR)/gen:$(CURDIR)
-BENCH_SCENARIOS := fanout ledger excel voice crash faults contact_import
+BENCH_SCENARIOS := fanout ledger excel voice crash faults scale_out contact_import
 
 .PHONY: run test bench protos lint fmt clean install lock $(BENCH_SCENARIOS)
 
@@ -45,8 +45,13 @@ $(GEN_STAMP): $(PROTOS) $(STAMP)
 run: $(GEN_STAMP)
 	$(PY) -m services.runtime.devstack run
 
+# The whole suite runs as two processes (tests/parallel.py); PYTEST_ARGS runs pytest as given.
 test: $(GEN_STAMP)
+ifeq ($(strip $(PYTEST_ARGS)),)
+	$(PY) -m tests.parallel
+else
 	$(PY) -m pytest $(PYTEST_ARGS)
+endif
 
 # `make bench` runs the default scenarios; `make bench faults crash` runs those instead.
 bench: $(GEN_STAMP)

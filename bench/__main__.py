@@ -4,8 +4,9 @@ Writes bench/results/latest.json and appends a line to bench/results/history.jso
 `python -m bench [scenario ...]` (or `make bench scenario ...`) runs some; default: fanout
 (upload and fan-out), ledger, excel (workbook ingest), voice (status poll and dashboard over a
 million calls). Extra: `contact_import` (an address-book CSV through the API). Extra (slow):
-`faults` (every fault case of the send path at 100,000 recipients, see bench/faults.py) and
-`crash` (its dispatcher case alone)."""
+`faults` (every fault case of the send path at 100,000 recipients, see bench/faults.py),
+`crash` (its dispatcher case alone) and `scale_out` (two processes of each kind, one of each
+stopped mid-job, see bench/scale_out.py)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import httpx
 import psutil
 from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
-from bench import contact_import, excel_ingest, faults, voice_reads
+from bench import contact_import, excel_ingest, faults, scale_out, voice_reads
 from bench.stack import (
     LEDGER_DRIFT,
     H,
@@ -260,6 +261,8 @@ SCENARIOS = {
     "crash": lambda: faults.bench(int(os.environ.get("BENCH_CRASH_ROWS", "50000")), ("dispatcher_killed",)),
     # Every fault case of the send path (tests/faults at 20,000).
     "faults": lambda: faults.bench(int(os.environ.get("BENCH_FAULTS_RECIPIENTS", "100000"))),
+    # Two processes of each kind, one of each stopped mid-job (tests/faults at 50,000).
+    "scale_out": lambda: scale_out.bench(int(os.environ.get("BENCH_SCALE_RECIPIENTS", "100000"))),
     "ledger": ledger,
     "excel": lambda: excel_ingest.measure(int(os.environ.get("BENCH_EXCEL_ROWS", "100000"))),
     "voice": lambda: voice_reads.measure(start, H, int(os.environ.get("BENCH_VOICE_JOBS", "1000000"))),

@@ -144,8 +144,8 @@ class FaultStack:
     data: its own PostgreSQL and NATS (never the ones DATABASE_URL / NATS_URL name, which a
     case would stop), the simulator server, the four services and Envoy."""
 
-    def __init__(self, data_dir: Path, *, echo: bool = False) -> None:
-        self.stack = Stack(data_dir=data_dir, echo=echo, fast_postgres=True)
+    def __init__(self, data_dir: Path, *, echo: bool = False, scale: dict[str, int] | None = None) -> None:
+        self.stack = Stack(data_dir=data_dir, echo=echo, fast_postgres=True, scale=scale or {})
         self.stack.extra_env.update(SERVICE_ENV)
         self.pg_port = 0
         self.nats_port = 0
@@ -714,123 +714,161 @@ def attempts(database_url: str, batch_id: str) -> list[asyncpg.Record]:
         return runner.run(_attempts(database_url, batch_id))
 
 
-def run_voice_case(fs: FaultStack, calls: int, first: int) -> Row:
-    """A call batch; the dispatcher is killed while calls are up and started again."""
-    started = time.perf_counter()
-    case = "voice_dispatcher_killed"
-    row = Row(case, calls)
-    account_id, key = credit_account(
+def voice_account(fs: FaultStack, lines: int) -> tuple[str, dict[str, str]]:
+    return credit_account(
         fs.base,
         "1000000",
         account_id=f"fault-voice-{uuid.uuid4().hex[:6]}",
         country="AR",
         timezone="America/Argentina/Buenos_Aires",
-        features={"max_concurrent_calls": VOICE_LINES},
+        features={"max_concurrent_calls": lines},
     )
-    r = httpx.post(
-        f"{fs.base}/api/v1/batches/argentina/marketing",
-        headers=key,
-        files={"file": ("clientes.csv", contacts_csv(calls, first), "text/csv")},
-        data={"account_id": account_id, "call_settings_json": json.dumps(ALL_DAY), "batch_name": case},
-        timeout=600,
-    )
-    if r.status_code != 200 or r.json().get("jobs_created") != calls:
-        raise CaseFailed(f"voice upload: {r.status_code} {r.text[:2000]}")
-    batch_id = r.json()["batch_id"]
 
-    def batch() -> dict[str, Any]:
-        got = httpx.get(f"{fs.base}/api/v1/batches/{batch_id}", headers=key, timeout=30)
+
+@dataclass
+class VoiceBatch:
+    """One call batch on a FaultStack: its upload, its state, and the verdict on it."""
+
+    fs: FaultStack
+    account_id: str
+    key: dict[str, str]
+    calls: int
+    batch_id: str = ""
+
+    def upload(self, name: str, first: int, **form: str) -> None:
+        r = httpx.post(
+            f"{self.fs.base}/api/v1/batches/argentina/marketing",
+            headers=self.key,
+            files={"file": ("clientes.csv", contacts_csv(self.calls, first), "text/csv")},
+            data={"account_id": self.account_id, "call_settings_json": json.dumps(ALL_DAY), "batch_name": name, **form},
+            timeout=600,
+        )
+        if r.status_code != 200 or r.json().get("jobs_created") != self.calls:
+            raise CaseFailed(f"voice upload: {r.status_code} {r.text[:2000]}")
+        self.batch_id = r.json()["batch_id"]
+
+    def get(self) -> dict[str, Any]:
+        got = httpx.get(f"{self.fs.base}/api/v1/batches/{self.batch_id}", headers=self.key, timeout=30)
         got.raise_for_status()
         return dict(got.json())
 
-    def require(ok: bool, what: str) -> None:
+    def ended(self) -> int:
+        b = self.get()
+        return int(b["completed_jobs"] + b["failed_jobs"])
+
+    def require(self, ok: bool, what: str) -> None:
         if not ok:
-            raise CaseFailed(f"{what}\nvoice batch {batch_id}: {batch()}\nprocess log tails:\n{fs.tails()}")
+            state = f"voice batch {self.batch_id}: {self.get()}"
+            raise CaseFailed(f"{what}\n{state}\nprocess log tails:\n{self.fs.tails()}")
 
-    ended = 0
-    deadline = time.monotonic() + 120 + calls / 10
-    while time.monotonic() < deadline:
-        b = batch()
-        ended = b["completed_jobs"] + b["failed_jobs"]
-        if ended >= calls * STRIKE_AT:
-            break
-        time.sleep(0.05)
-    require(ended >= calls * STRIKE_AT, f"{int(calls * STRIKE_AT)} calls ended not reached")
-    fs.kill_service("dispatcher")
-    up_when_killed = {a["attempt_id"] for a in attempts(fs.stack.database_url, batch_id) if a["status"] == "sending"}
-    require(bool(up_when_killed), "no call was up when the dispatcher was killed: the case tested nothing")
-    fs.restart_service("dispatcher")
+    def wait_ended(self, at_least: float) -> None:
+        deadline = time.monotonic() + 120 + self.calls / 10
+        while time.monotonic() < deadline and self.ended() < at_least:
+            time.sleep(0.05)
+        self.require(self.ended() >= at_least, f"{int(at_least)} calls ended not reached")
 
-    deadline = time.monotonic() + 600 + calls / 5
-    last: tuple[int, ...] = ()
-    moved = time.monotonic()
-    done: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        done = batch()
-        if done["status"] in ("completed", "failed", "cancelled"):
-            break
-        counters = tuple(done[k] for k in ("completed_jobs", "failed_jobs", "in_progress_jobs", "pending_jobs"))
-        if counters != last:
-            last, moved = counters, time.monotonic()
-        require(time.monotonic() - moved < STALL_S, f"the batch stands still for {STALL_S:.0f}s")
-        time.sleep(0.25)
-    require(done.get("status") in ("completed", "failed", "cancelled"), "the batch did not finish")
+    def calls_up(self) -> set[str]:
+        rows = attempts(self.fs.stack.database_url, self.batch_id)
+        return {a["attempt_id"] for a in rows if a["status"] == "sending"}
 
-    problems = row.problems
-    if done["status"] != "completed":
-        problems.append(f"the batch ended {done['status']!r}, not completed")
-    stuck = {k: done[k] for k in ("in_progress_jobs", "pending_jobs", "scheduled_jobs", "suspended_jobs") if done[k]}
-    if stuck:
-        problems.append(f"jobs left unfinished: {stuck}")
-    finished = done["completed_jobs"] + done["failed_jobs"] + done["cancelled_jobs"]
-    row.lost = max(calls - finished, 0)
-    if finished != calls:
-        problems.append(f"completed + failed + cancelled = {finished} != {calls}")
-    rows = attempts(fs.stack.database_url, batch_id)
-    status_of = {a["attempt_id"]: a["status"] for a in rows}
-    counts = Counter(status_of.values())
-    row.sent, row.unknown = counts["completed"], counts["unknown"]
-    row.failed = sum(c for s, c in counts.items() if s not in ("completed", "unknown"))
-    if counts["sending"]:
-        problems.append(f"{counts['sending']} call attempts still 'sending' after the batch ended")
-    # The line's record died with the process: a call that was up then and ended any other way
-    # than `unknown` was placed again by the new dispatcher.
-    placed_again = sorted(a for a in up_when_killed if status_of.get(a) != "unknown")
-    row.doubled = len(placed_again)
-    if placed_again:
-        problems.append(
-            f"{len(placed_again)} calls that were up when the dispatcher died ended "
-            f"{Counter(status_of.get(a) for a in placed_again)}, not unknown: placed again, e.g. {placed_again[:3]}"
+    def wait_finished(self) -> dict[str, Any]:
+        deadline = time.monotonic() + 600 + self.calls / 5
+        last: tuple[int, ...] = ()
+        moved = time.monotonic()
+        done: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            done = self.get()
+            if done["status"] in ("completed", "failed", "cancelled"):
+                return done
+            counters = tuple(done[k] for k in ("completed_jobs", "failed_jobs", "in_progress_jobs", "pending_jobs"))
+            if counters != last:
+                last, moved = counters, time.monotonic()
+            self.require(time.monotonic() - moved < STALL_S, f"the batch stands still for {STALL_S:.0f}s")
+            time.sleep(0.25)
+        self.require(False, "the batch did not finish")
+        return done
+
+    def judge(self, done: dict[str, Any], row: Row, up_when_stopped: set[str], *, killed: bool) -> None:
+        """Each job called once in its one round, every call ended and charged its own cost.
+        A call that was up when a dispatcher was killed must end `unknown` (the line's record
+        died with the process; any other ending means it was placed again); one up when a
+        dispatcher was stopped (SIGTERM) is let end and reports as any other."""
+        problems, calls = row.problems, self.calls
+        if done["status"] != "completed":
+            problems.append(f"the batch ended {done['status']!r}, not completed")
+        waiting = ("in_progress_jobs", "pending_jobs", "scheduled_jobs", "suspended_jobs")
+        stuck = {k: done[k] for k in waiting if done[k]}
+        if stuck:
+            problems.append(f"jobs left unfinished: {stuck}")
+        finished = done["completed_jobs"] + done["failed_jobs"] + done["cancelled_jobs"]
+        row.lost = max(calls - finished, 0)
+        if finished != calls:
+            problems.append(f"completed + failed + cancelled = {finished} != {calls}")
+        rows = attempts(self.fs.stack.database_url, self.batch_id)
+        status_of = {a["attempt_id"]: a["status"] for a in rows}
+        counts = Counter(status_of.values())
+        row.sent, row.unknown = counts["completed"], counts["unknown"]
+        row.failed = sum(c for s, c in counts.items() if s not in ("completed", "unknown"))
+        if counts["sending"]:
+            problems.append(f"{counts['sending']} call attempts still 'sending' after the batch ended")
+        if killed:
+            placed_again = sorted(a for a in up_when_stopped if status_of.get(a) != "unknown")
+            row.doubled = len(placed_again)
+            if placed_again:
+                problems.append(
+                    f"{len(placed_again)} calls that were up when the dispatcher died ended "
+                    f"{Counter(status_of.get(a) for a in placed_again)}, not unknown: placed again, "
+                    f"e.g. {placed_again[:3]}"
+                )
+        per_job = Counter(a["job_id"] for a in rows)
+        again = {j: c for j, c in per_job.items() if c > 1}
+        row.doubled += len(again)
+        if again:
+            problems.append(
+                f"{len(again)} jobs called more than once in their one round, e.g. {list(again.items())[:3]}"
+            )
+        if len(per_job) != calls:
+            problems.append(f"{calls - len(per_job)} jobs have no call on record")
+
+        charged = sum(
+            (
+                Decimal((json.loads(a["result"]) if isinstance(a["result"], str) else a["result"]).get("_cost") or "0")
+                for a in rows
+                if a["result"]
+            ),
+            Decimal(0),
         )
-    per_job = Counter(a["job_id"] for a in rows)
-    again = {j: c for j, c in per_job.items() if c > 1}
-    if again:
-        problems.append(f"{len(again)} jobs called more than once in their one round, e.g. {list(again.items())[:3]}")
-    if len(per_job) != calls:
-        problems.append(f"{calls - len(per_job)} jobs have no call on record")
+        b = settled(self.fs.base, self.account_id)
+        cost = Decimal(str(done["total_cost"]))
+        row.charge_drift = str(b["credit_used"] - charged)
+        if b["credit_used"] != charged or cost != charged:
+            problems.append(f"credit used {b['credit_used']}, batch total_cost {cost}, the calls' own costs {charged}")
+        if b["credit_reserved"] != 0:
+            problems.append(f"{b['credit_reserved']} credit still reserved after the batch ended")
+        if problems:
+            problems.append(f"{len(up_when_stopped)} calls were up when the dispatcher was stopped")
 
-    charged = sum(
-        (
-            Decimal((json.loads(a["result"]) if isinstance(a["result"], str) else a["result"]).get("_cost") or "0")
-            for a in rows
-            if a["result"]
-        ),
-        Decimal(0),
-    )
-    b = settled(fs.base, account_id)
-    cost = Decimal(str(done["total_cost"]))
-    row.charge_drift = str(b["credit_used"] - charged)
-    if b["credit_used"] != charged or cost != charged:
-        problems.append(f"credit used {b['credit_used']}, batch total_cost {cost}, the calls' own costs {charged}")
-    if b["credit_reserved"] != 0:
-        problems.append(f"{b['credit_reserved']} credit still reserved after the batch ended")
+
+def run_voice_case(fs: FaultStack, calls: int, first: int) -> Row:
+    """A call batch; the dispatcher is killed while calls are up and started again."""
+    started = time.perf_counter()
+    case = "voice_dispatcher_killed"
+    row = Row(case, calls)
+    batch = VoiceBatch(fs, *voice_account(fs, VOICE_LINES), calls)
+    batch.upload(case, first)
+    batch.wait_ended(calls * STRIKE_AT)
+    fs.kill_service("dispatcher")
+    up_when_killed = batch.calls_up()
+    batch.require(bool(up_when_killed), "no call was up when the dispatcher was killed: the case tested nothing")
+    fs.restart_service("dispatcher")
+    done = batch.wait_finished()
+    batch.judge(done, row, up_when_killed, killed=True)
     ledger = drift(fs.stack.database_url)
     if ledger:
-        problems.append(f"{ledger} accounts whose cached balance differs from their ledger entries")
+        row.problems.append(f"{ledger} accounts whose cached balance differs from their ledger entries")
     row.seconds = round(time.perf_counter() - started, 1)
-    if problems:
-        problems.append(f"{len(up_when_killed)} calls were up when the dispatcher was killed")
-        row.evidence = f"voice batch {batch_id}: {done}\n{fs.tails()}"
+    if row.problems:
+        row.evidence = f"voice batch {batch.batch_id}: {done}\n{fs.tails()}"
     return row
 
 

@@ -155,7 +155,8 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-# A target of several addresses (replicas: `ipv4:a,b` in `make run` with PREGONERO_SCALE) is
+# A target of several addresses (replicas: `ipv4:a,b` in `make run` with PREGONERO_SCALE, or
+# a `dns:///` name, which in Kubernetes is a headless Service: one address per ready pod) is
 # balanced round robin, so calls spread over them instead of sticking to the first. Round
 # robin reconnects a lost replica with back-off (calls meanwhile go to the others), so the
 # back-off is kept short: a replica restarted in place is used again within a second or two.
@@ -166,11 +167,18 @@ BALANCED_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+# A client resolves a `dns:///` name again only when a connection closes, so without an end
+# to each connection, replicas added by the autoscalers would get no calls. After about five
+# minutes a connection is asked to close (GOAWAY): the client re-resolves and spreads over the
+# pods there are now. Calls in flight keep the old connection for the grace, which outlasts the
+# longest deadline a caller sets (uploads, 300 s), so none is cut by it.
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 32 * 1024 * 1024),
     ("grpc.max_receive_message_length", 32 * 1024 * 1024),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_connection_age_ms", 5 * 60_000),
+    ("grpc.max_connection_age_grace_ms", 6 * 60_000),
 ]
 
 
@@ -230,5 +238,6 @@ def channel(target: str, *, audience: str, keyring: Keyring) -> grpc.aio.Channel
     this process for that service alone."""
     shapes = (_SignUnaryUnary, _SignUnaryStream, _SignStreamUnary, _SignStreamStream)
     interceptors = [*tracing.grpc_client_interceptors(), *(shape(keyring, audience) for shape in shapes)]
-    options = CHANNEL_OPTIONS + (BALANCED_OPTIONS if "," in target else [])
+    several = "," in target or target.startswith("dns:")
+    options = CHANNEL_OPTIONS + (BALANCED_OPTIONS if several else [])
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -261,6 +261,34 @@ def test_service_selects_its_deployment_pods(name: str) -> None:
     assert not others, f"Service {name} also selects pods of {others}"
 
 
+@pytest.mark.parametrize("overlay", sorted(RENDERED))
+def test_grpc_callers_resolve_every_pod_of_a_headless_service(overlay: str) -> None:
+    """A gRPC client keeps one connection: through a Service's virtual IP all its calls would
+    go to one pod. Callers dial `dns:///` names of headless Services instead (runtime/rpc.py
+    balances those over every address), straight to the pods' own port."""
+    services = _of_kind("Service", RENDERED[overlay])
+    addrs = {f"{name.upper()}_ADDR": name for name in GRPC_SERVICES}
+    config = _of_kind("ConfigMap", RENDERED[overlay])["pregonero-config"]["data"]
+    assert addrs.keys() <= config.keys()
+    dialed: set[str] = set()
+    for deployment in _of_kind("Deployment", RENDERED[overlay]):
+        for container in _containers(deployment, overlay):
+            for env in container.get("env", []):
+                if env["name"] not in addrs:
+                    continue
+                value = _env_value(env, overlay) or ""
+                assert value.startswith("dns:///"), f"{overlay}: {deployment}: {env['name']}={value!r}"
+                host, _, port = value.removeprefix("dns:///").rpartition(":")
+                name, _, domain = host.partition(".")
+                assert name == addrs[env["name"]], f"{overlay}: {deployment}: {env['name']} names {host}"
+                assert not domain or domain.split(".")[0] == NAMESPACE
+                assert int(port) == _target_container_port(name), f"{env['name']}: not the pods' port"
+                dialed.add(name)
+    assert dialed == set(GRPC_SERVICES)
+    for name in dialed:
+        assert services[name]["spec"].get("clusterIP") == "None", f"{overlay}: Service {name} is not headless"
+
+
 # Consumers whose lag is the work a service has to do: its replicas follow it (KEDA). The
 # request-driven services follow CPU (HPA): accounts' own consumers only write ledger rows.
 SCALED_ON_LAG = {"dispatcher": ("DISPATCH", "dispatch-whatsapp"), "campaigns": ("EVENTS", "campaigns-results")}

@@ -57,6 +57,12 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[faults.SharedSt
 
 
 @pytest.fixture
+def record_row(request: pytest.FixtureRequest) -> Callable[[faults.Row], None]:
+    """Adds a case's row to the closing table."""
+    return request.config.stash[ROWS].append
+
+
+@pytest.fixture
 def fault_case(shared: faults.SharedStack, request: pytest.FixtureRequest) -> Iterator[Callable[[str], None]]:
     """Runs a case on the shared stack, records its row for the closing table, and fails the
     test with the row, its problems and the evidence when the promise was broken."""

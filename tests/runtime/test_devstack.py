@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -45,17 +47,62 @@ def test_websocket_upgrades_are_enabled_in_envoy() -> None:
 
 def test_envoy_closes_idle_gateway_connections_first_and_resends_only_gets() -> None:
     """Envoy's idle timeout for its connections to the gateway is below the gateway's
-    keep-alive (otherwise a request sent as the gateway closes one is lost: a 503), and only
-    a GET is sent again after a reset."""
+    keep-alive (otherwise a request sent as the gateway closes one is lost: a 503); a request
+    whose connection was reset is sent again only if it is a GET, one whose connection was
+    never made (nothing sent) whatever its method."""
     config = yaml.safe_load(render_envoy_config(listen_host="127.0.0.1", listen_port=1, gateway_port=2, admin_port=3))
     (cluster,) = config["static_resources"]["clusters"]
     options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
     idle = options["common_http_protocol_options"]["idle_timeout"]
     assert int(idle.removesuffix("s")) < GatewaySettings.model_fields["http_keep_alive_seconds"].default
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    (route,) = manager["route_config"]["virtual_hosts"][0]["routes"]
-    retry = route["route"]["retry_policy"]
-    assert retry["retriable_request_headers"] == [{"name": ":method", "string_match": {"exact": "GET"}}]
+    gets, others = manager["route_config"]["virtual_hosts"][0]["routes"]
+    assert gets["match"]["headers"] == [{"name": ":method", "string_match": {"exact": "GET"}}]
+    assert gets["route"]["retry_policy"]["retry_on"] == "connect-failure,reset"
+    assert "headers" not in others["match"] and others["route"]["retry_policy"]["retry_on"] == "connect-failure"
+
+
+def test_a_gateway_gone_costs_no_request_while_another_serves(tmp_path: Path) -> None:
+    """Two gateway endpoints, one of them stopped (nothing listens on its port): every
+    request, a POST included, is answered by the other, as when a replica is scaled down."""
+    upstream = FastAPI()
+
+    @upstream.post("/jobs")
+    async def create() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    @upstream.get("/jobs")
+    async def listing() -> list[str]:
+        return []
+
+    with edge(tmp_path, upstream, dead_ports=1) as base, httpx.Client(base_url=base, timeout=5) as client:
+        statuses = [client.post("/jobs").status_code for _ in range(20)]
+        statuses += [client.get("/jobs").status_code for _ in range(20)]
+    assert statuses == [200] * 40, statuses
+
+
+@contextlib.contextmanager
+def edge(tmp_path: Path, upstream: FastAPI, *, dead_ports: int = 0, limits: EdgeLimits | None = None) -> Iterator[str]:
+    """A real Envoy with the repository's config in front of `upstream` (and of `dead_ports`
+    gateway ports nothing listens on): its base URL."""
+    admin, listen = free_port(), free_port()
+    with serving_in_thread(upstream) as gateway:
+        config = tmp_path / "envoy.yaml"
+        config.write_text(
+            render_envoy_config(
+                listen_host="127.0.0.1",
+                listen_port=listen,
+                gateway_port=[int(gateway.rpartition(":")[2]), *(free_port() for _ in range(dead_ports))],
+                admin_port=admin,
+                limits=limits or EdgeLimits(),
+            )
+        )
+        proc = spawn("edge-envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"])
+        try:
+            wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), timeout=30, what="envoy", proc=proc)
+            yield f"http://127.0.0.1:{listen}"
+        finally:
+            proc.stop()
 
 
 def test_envoy_limits_requests_per_client_with_a_bucket_for_all_behind_it() -> None:
@@ -89,50 +136,34 @@ def test_one_client_past_its_bucket_gets_429_and_another_goes_on(tmp_path: Path)
         return {}
 
     limits = EdgeLimits(client_per_second=1, client_burst=3, total_per_second=1, total_burst=20)
-    admin, listen = free_port(), free_port()
-    with serving_in_thread(upstream) as gateway:
-        config = tmp_path / "envoy.yaml"
-        config.write_text(
-            render_envoy_config(
-                listen_host="127.0.0.1",
-                listen_port=listen,
-                gateway_port=int(gateway.rpartition(":")[2]),
-                admin_port=admin,
-                limits=limits,
-            )
-        )
-        proc = spawn("edge-envoy", [envoy_binary(), "-c", str(config), "--disable-hot-restart", "--log-level", "warn"])
-        try:
-            wait_until(lambda: http_ok(f"http://127.0.0.1:{admin}/ready"), timeout=30, what="envoy", proc=proc)
+    with edge(tmp_path, upstream, limits=limits) as base:
 
-            def client(source: str) -> httpx.Client:
-                transport = httpx.HTTPTransport(local_address=source)
-                return httpx.Client(base_url=f"http://127.0.0.1:{listen}", transport=transport, timeout=5)
+        def client(source: str) -> httpx.Client:
+            transport = httpx.HTTPTransport(local_address=source)
+            return httpx.Client(base_url=base, transport=transport, timeout=5)
 
-            with client("127.0.0.2") as a, client("127.0.0.3") as b:
-                replies = [a.get("/", headers={"X-Forwarded-For": f"198.51.100.{i}"}) for i in range(10)]
-                statuses = [r.status_code for r in replies]
-                # The burst of three, then refused (each second that turns meanwhile gives one back).
-                assert statuses[:3] == [200] * 3 and 429 in statuses, statuses
-                refused = next(r for r in replies if r.status_code == 429)
-                assert refused.headers["retry-after"] == "1"
-                assert refused.json()["code"] == "too_many_requests"
-                assert b.get("/").status_code == 200  # another client has its own bucket
+        with client("127.0.0.2") as a, client("127.0.0.3") as b:
+            replies = [a.get("/", headers={"X-Forwarded-For": f"198.51.100.{i}"}) for i in range(10)]
+            statuses = [r.status_code for r in replies]
+            # The burst of three, then refused (each second that turns meanwhile gives one back).
+            assert statuses[:3] == [200] * 3 and 429 in statuses, statuses
+            refused = next(r for r in replies if r.status_code == 429)
+            assert refused.headers["retry-after"] == "1"
+            assert refused.json()["code"] == "too_many_requests"
+            assert b.get("/").status_code == 200  # another client has its own bucket
 
-            # What the gateway, trusting Envoy alone, makes of the forged header: Envoy's peer.
-            trusted = parse_networks(ENVOY_PEER)
-            assert {client_address("127.0.0.1", hops, trusted) for hops in seen} == {"127.0.0.2", "127.0.0.3"}
+        # What the gateway, trusting Envoy alone, makes of the forged header: Envoy's peer.
+        trusted = parse_networks(ENVOY_PEER)
+        assert {client_address("127.0.0.1", hops, trusted) for hops in seen} == {"127.0.0.2", "127.0.0.3"}
 
-            # Fresh clients until the bucket for all (20, some spent above) runs out.
-            fresh = []
-            for n in range(4, 40):
-                with client(f"127.0.0.{n}") as c:
-                    fresh.append(c.get("/").status_code)
-                if fresh[-1] == 429:
-                    break
-            assert fresh[0] == 200 and fresh[-1] == 429, fresh
-        finally:
-            proc.stop()
+        # Fresh clients until the bucket for all (20, some spent above) runs out.
+        fresh = []
+        for n in range(4, 40):
+            with client(f"127.0.0.{n}") as c:
+                fresh.append(c.get("/").status_code)
+            if fresh[-1] == 429:
+                break
+        assert fresh[0] == 200 and fresh[-1] == 429, fresh
 
 
 def test_dev_admin_token_is_generated_once(tmp_path: Path) -> None:

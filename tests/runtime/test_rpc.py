@@ -5,6 +5,7 @@ out, calling what its service may call, is served."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import grpc
@@ -264,3 +265,39 @@ def test_outside_development_a_service_needs_its_own_nats_login(url: str) -> Non
         BaseServiceSettings(database_url="postgresql://unused/x", nats_url=url, environment="production")
     assert "changeme" not in str(refused.value)  # settings errors never echo what was given
     assert BaseServiceSettings(database_url="postgresql://unused/x", nats_url=url).nats_url == url
+
+
+@pytest.mark.parametrize(
+    ("target", "balanced"),
+    [
+        ("dns:///accounts:50051", True),  # a headless Service: every ready pod
+        ("ipv4:127.0.0.1:50051,127.0.0.1:50061", True),
+        ("accounts:50051", False),
+        ("127.0.0.1:50051", False),
+    ],
+)
+def test_targets_that_may_name_several_replicas_are_balanced(
+    monkeypatch: pytest.MonkeyPatch, target: str, balanced: bool
+) -> None:
+    from services.runtime import rpc
+
+    opened: list[list[tuple[str, Any]]] = []
+    monkeypatch.setattr(rpc.grpc.aio, "insecure_channel", lambda _, options, interceptors: opened.append(options))
+    rpc.channel(target, audience="accounts", keyring=signing.RINGS["gateway"])
+    (options,) = opened
+    # Not balanced: pick_first, the default, which reconnects a lone backend at once.
+    assert set(rpc.BALANCED_OPTIONS) <= set(options) if balanced else not set(rpc.BALANCED_OPTIONS) & set(options)
+
+
+def test_servers_end_connections_so_clients_find_new_replicas(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.runtime import lifecycle
+    from services.runtime.settings import BaseServiceSettings
+
+    created: list[dict[str, Any]] = []
+    monkeypatch.setattr(lifecycle.grpc.aio, "server", lambda **kw: created.append(dict(kw["options"])))
+    settings = BaseServiceSettings(database_url="postgresql://unused/x", nats_url="nats://accounts:s3cret@nats:4222")
+    lifecycle.grpc_server(settings, signing.RINGS["accounts"])
+    (options,) = created
+    assert 0 < options["grpc.max_connection_age_ms"] <= 10 * 60_000
+    # Uploads have 300 s: one begun just before the server asks to close must still finish.
+    assert options["grpc.max_connection_age_grace_ms"] >= 300_000
