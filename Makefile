@@ -7,7 +7,7 @@ UV := $(VENV)/bin/uv
 PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := gen/.stamp
 export PYTHONPATH := $(CURDIR)/gen:$(CURDIR)
-BENCH_SCENARIOS := fanout ledger excel voice crash faults scale_out contact_import
+BENCH_SCENARIOS := fanout ledger excel voice crash faults scale_out contact_import exports
 
 .PHONY: run test bench protos lint fmt clean install lock $(BENCH_SCENARIOS)
 
@@ -15,10 +15,15 @@ install: $(STAMP)
 
 # The venv holds exactly requirements-dev.lock (runtime + dev + build tools), hash-checked. uv
 # (pinned in requirements-build.lock, installed by pip) installs it: a minute faster than pip.
+# The project itself is not installed (it runs from PYTHONPATH), so the operator's CLI,
+# .venv/bin/pregonero, is a script that runs pregonero_cli from this checkout.
 $(STAMP): requirements-dev.lock requirements-build.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --require-hashes --no-deps -r requirements-build.lock
 	$(UV) pip sync -q --python $(PY) --require-hashes --strict --no-build requirements-dev.lock
+	printf '#!/bin/sh\nPYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" exec "$(CURDIR)/$(PY)" -m pregonero_cli "$$@"\n' \
+		>$(VENV)/bin/pregonero
+	chmod +x $(VENV)/bin/pregonero
 	touch $@
 
 # The lock files, from pyproject.toml: requirements.lock is the runtime set (the image's),
@@ -62,11 +67,11 @@ $(BENCH_SCENARIOS):
 	@:
 
 lint: $(GEN_STAMP)
-	$(PY) -m ruff check services tests bench
+	$(PY) -m ruff check services tests bench pregonero_cli
 	$(PY) -m mypy services
 
 fmt: $(STAMP)
-	$(PY) -m ruff format services tests bench
+	$(PY) -m ruff format services tests bench pregonero_cli
 
 clean:
 	rm -rf gen .pytest_cache

@@ -3,7 +3,8 @@
 Writes bench/results/latest.json and appends a line to bench/results/history.jsonl.
 `python -m bench [scenario ...]` (or `make bench scenario ...`) runs some; default: fanout
 (upload and fan-out), ledger, excel (workbook ingest), voice (status poll and dashboard over a
-million calls). Extra: `contact_import` (an address-book CSV through the API). Extra (slow):
+million calls). Extra: `contact_import` (an address-book CSV through the API), `exports` (a
+million-row bulk job's results downloaded as CSV and XLSX, see bench/exports.py). Extra (slow):
 `faults` (every fault case of the send path at 100,000 recipients, see bench/faults.py),
 `crash` (its dispatcher case alone) and `scale_out` (two processes of each kind, one of each
 stopped mid-job, see bench/scale_out.py)."""
@@ -28,7 +29,7 @@ import httpx
 import psutil
 from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
-from bench import contact_import, excel_ingest, faults, scale_out, voice_reads
+from bench import contact_import, excel_ingest, exports, faults, scale_out, voice_reads
 from bench.stack import (
     LEDGER_DRIFT,
     H,
@@ -268,6 +269,8 @@ SCENARIOS = {
     "voice": lambda: voice_reads.measure(start, H, int(os.environ.get("BENCH_VOICE_JOBS", "1000000"))),
     # The address book's import of a 100,000-row CSV through the API (issue 11: at most 10 s).
     "contact_import": lambda: contact_import.measure(int(os.environ.get("BENCH_CONTACT_ROWS", "100000"))),
+    # A million-row bulk job's results as CSV and XLSX through Envoy (issue 15).
+    "exports": lambda: exports.measure(int(os.environ.get("BENCH_EXPORT_ROWS", "1000000")), RssSampler),
 }
 
 

@@ -32,6 +32,7 @@ from .credit import Credit
 from .delivery import DeliveryApplier
 from .device_events import RETRY_WAITING_S, DeviceEvents
 from .dialer import Dialer
+from .exports import Exports
 from .feeder import Feeder
 from .messages_repo import MessagesRepo
 from .messages_repo import Q as MessagesQ
@@ -83,14 +84,18 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
         channel(settings.dispatcher_addr, audience="dispatcher", keyring=rt.keyring)
     )
     voice = VoiceBatches(calls, batches, credit)
-    campaigns_pb2_grpc.add_CampaignsServiceServicer_to_server(CampaignsServicer(batches, voice, dispatcher), server)
+    await check_queries(rt.pool, address_book_repo.Q)
+    book_repo = address_book_repo.AddressBookRepo(rt.pool)
+    exports = Exports(batches=batches, voice=voice, repo=repo, calls=calls, book=book_repo)
+    campaigns_pb2_grpc.add_CampaignsServiceServicer_to_server(
+        CampaignsServicer(batches, voice, dispatcher, exports), server
+    )
     await check_queries(rt.pool, MessagesQ)
     messages_repo = MessagesRepo(rt.pool)
     devices = Devices(dispatcher)
     messages = ScheduledMessages(messages_repo, batches, notifier, credit, devices)
     messages_pb2_grpc.add_ScheduledMessagesServiceServicer_to_server(ScheduledMessagesServicer(messages), server)
-    await check_queries(rt.pool, address_book_repo.Q)
-    book = AddressBook(address_book_repo.AddressBookRepo(rt.pool), AccountCountry(credit.account))
+    book = AddressBook(book_repo, AccountCountry(credit.account))
     address_book_pb2_grpc.add_AddressBookServiceServicer_to_server(AddressBookServicer(book), server)
     rt.spawn(DueMessages(messages_repo, notifier, devices, on_started=feeder.wake).run(), name="due-messages")
     return [

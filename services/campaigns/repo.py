@@ -249,6 +249,14 @@ class Q:
                delivery, delivered_at, read_at, delivery_error FROM jobs
         WHERE batch_id = $1 AND job_id > $2 AND ($3 = '' OR status = $3)
         ORDER BY job_id LIMIT $4"""
+    # An export's page of a batch's results, along the primary key. The recipient's values
+    # come padded or cut to the $4 the template uses, so every row has as many cells.
+    EXPORT_RESULTS = """
+        SELECT job_id, phone, status, sender_id, error, attempts, finished_at,
+               delivery, delivered_at, read_at, delivery_error,
+               (vals || array_fill(''::text, ARRAY[$4::int]))[1:$4] AS vals
+        FROM jobs WHERE batch_id = $1 AND job_id > $2
+        ORDER BY job_id LIMIT $3"""
 
     # A report only moves a sent message forward (delivered → read, or failed) and keeps the
     # earliest time of each step: reports come out of order and repeated, and a late
@@ -355,6 +363,9 @@ class CampaignsRepo:
 
     async def list_results(self, *, batch_id: UUID, after: int, status: str, limit: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(Q.LIST_RESULTS, batch_id, after, status, limit)
+
+    async def export_results(self, *, batch_id: UUID, after: int, limit: int, values: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(Q.EXPORT_RESULTS, batch_id, after, limit, values)
 
     async def apply_delivery(self, *, rows: Sequence[tuple[UUID, int, str, Any, Any, str | None]]) -> int:
         """rows: (batch_id, job_id, status, delivered_at, read_at, error), one per job."""

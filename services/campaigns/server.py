@@ -20,6 +20,7 @@ from services.runtime.rpc import outgoing_metadata
 
 from .batches import Batches, SenderChoice
 from .calling import DEFAULT_TIMEZONE, legal_window
+from .exports import Exports
 from .voice import SAMPLE_ROWS, Checked, Upload, VoiceBatches, job_ids, sample_of, waiting_jobs
 
 
@@ -187,11 +188,16 @@ async def _upload(
 
 class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
     def __init__(
-        self, batches: Batches, voice: VoiceBatches, dispatcher: dispatcher_pb2_grpc.DispatcherServiceStub
+        self,
+        batches: Batches,
+        voice: VoiceBatches,
+        dispatcher: dispatcher_pb2_grpc.DispatcherServiceStub,
+        exports: Exports,
     ) -> None:
         self.batches = batches
         self.voice = voice
         self.dispatcher = dispatcher
+        self.exports = exports
 
     async def UploadBulkFile(
         self, request_iterator: AsyncIterator[campaigns_pb2.UploadBulkFileRequest], context: grpc.aio.ServicerContext
@@ -294,6 +300,22 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
             ],
             next_after=rows[-1]["job_id"] if len(rows) == limit else 0,
         )
+
+    async def ExportRows(
+        self, request: campaigns_pb2.ExportRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[campaigns_pb2.ExportChunk]:
+        export = await self.exports.open(
+            current_caller(),
+            kind=request.kind,
+            fmt=request.format,
+            batch_id=request.batch_id,
+            account_id=request.account_id,
+        )
+        # Scoped and found: the name goes first, so the download starts before any row is read.
+        yield campaigns_pb2.ExportChunk(file_name=export.file_name, content_type=export.content_type)
+        async for data in export.chunks():
+            if data:
+                yield campaigns_pb2.ExportChunk(data=data)
 
     async def _key(self, batch_id: str) -> str:
         """The batch id behind either of its forms (`batch_id` or `_id`)."""

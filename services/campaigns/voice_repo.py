@@ -227,6 +227,19 @@ class Q:
         WHERE j.call_ended_at IS NOT NULL AND ($1::uuid IS NULL OR j.batch_id = $1) AND ($2 = '' OR j.status = $2)
         ORDER BY j.call_ended_at DESC LIMIT $3 OFFSET $4"""
     )
+    # An export's page of a batch's jobs, along voice_jobs_batch. The outcome, summary and
+    # sentiment are taken out of call_result here: a transcript never leaves the database.
+    # The first phone has a cell of its own: a plain number, which a spreadsheet shows as is.
+    EXPORT_JOBS = """
+        SELECT 'job-' || id AS job_id, name, dni, phones[1] AS phone, array_to_string(phones[2:], ' ') AS other_phones,
+               CASE WHEN status = 'pending' AND next_attempt_at > now() THEN 'scheduled' ELSE status END AS status,
+               call_result #>> '{summary,call_status}' AS outcome, attempts, max_attempts,
+               call_started_at, call_ended_at, call_duration_seconds, cost,
+               call_result #>> '{summary,call_analysis,call_summary}' AS summary,
+               call_result #>> '{summary,call_analysis,user_sentiment}' AS sentiment,
+               fecha_pago_cliente, monto_pago_cliente, finished_at, cancellation_reason, id
+        FROM voice_jobs WHERE batch_id = $1 AND id > $2
+        ORDER BY id LIMIT $3"""
     COUNT_CALLS = """
         SELECT count(*) FROM voice_jobs j
         WHERE ($1 = '' OR j.account_id = $1) AND ($2::uuid IS NULL OR j.batch_id = $2) AND ($3 = '' OR j.status = $3)
@@ -438,6 +451,9 @@ class VoiceRepo:
         """Sum up the per-minute deltas (see migration 006); returns 0: nothing to hurry."""
         await self.pool.execute(Q.FOLD_WAITING)
         return 0
+
+    async def export_jobs(self, *, batch_id: UUID, after: int, limit: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(Q.EXPORT_JOBS, batch_id, after, limit)
 
     async def cancel_job(self, *, job_id: int, scope: str, reason: str) -> asyncpg.Record | None:
         async with self.pool.acquire() as conn, conn.transaction():

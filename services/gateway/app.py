@@ -15,7 +15,7 @@ from services.runtime import bus, tracing
 from services.runtime.lifecycle import Runtime
 from services.runtime.logs import REQUEST_ID_KEY, new_request_id, request_id_var
 
-from . import errors
+from . import docs, errors
 from .auth import Authenticator, GrpcDirectory
 from .body_limits import BodyLimits
 from .clients import Backends
@@ -31,6 +31,7 @@ from .routes import (
     bulk,
     dashboard,
     devices,
+    exports,
     jobs,
     notifications,
     system,
@@ -83,7 +84,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         description="Outbound campaigns: AI voice calls and bulk WhatsApp, with prepaid credits.",
         lifespan=lifespan,
         responses=errors.ERROR_RESPONSES,
+        docs_url=None,  # served from the suite's own files (docs.py)
+        redoc_url=None,
     )
+    docs.install(app)
     app.state.settings = settings
     # Built here, not in lifespan, so a malformed token list fails the start at once.
     app.state.auth = Authenticator(settings)
@@ -129,6 +133,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(devices.router)
     app.include_router(bulk.router)
+    app.include_router(exports.router)
     app.include_router(accounts.router)
     app.include_router(ws.router)
     app.include_router(notifications.router)

@@ -100,6 +100,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/jobs/{job_id}/cancel"): RESOURCE,
     ("POST", "/jobs/{job_id}/retry-failed"): RESOURCE,
     ("GET", "/jobs/{job_id}/results"): RESOURCE,
+    ("GET", "/jobs/{job_id}/results/export"): RESOURCE,
     # SpeechAI accounts and their ledger
     ("POST", "/api/v1/accounts"): ADMIN_ONLY,
     ("GET", "/api/v1/accounts"): LIST,
@@ -134,6 +135,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/batches/{batch_id}/status"): RESOURCE,
     ("GET", "/api/v1/batches/{batch_id}/summary"): RESOURCE,
     ("GET", "/api/v1/batches/{batch_id}/jobs"): RESOURCE,
+    ("GET", "/api/v1/batches/{batch_id}/export"): RESOURCE,
     ("PUT", "/api/v1/batches/{batch_id}/pause"): RESOURCE,
     ("PUT", "/api/v1/batches/{batch_id}/resume"): RESOURCE,
     ("POST", "/api/v1/batches/{batch_id}/cancel"): RESOURCE,
@@ -186,6 +188,10 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/api/messages/{message_id}/duplicate"): RESOURCE,
     ("GET", "/api/messages/{message_id}/preview"): RESOURCE,
     ("GET", "/api/messages/{message_id}/stats"): RESOURCE,
+    # Exports (issue 15): a file of the caller's own. Its first type is the address book, whose
+    # rows must be the member's alone; the batch types name their batch as /jobs/{job_id} and
+    # /api/v1/batches/{batch_id}/export do, which are walked as resources above.
+    ("GET", "/api/reports/export"): SELF,
 }
 
 # Path parameters of OWN routes that are not ids: the value to call with.
@@ -580,12 +586,15 @@ def test_member_reaches_nothing_of_another_account(
             assert 200 <= r.status_code < 300, f"{method} {path}: {r.status_code} {r.text[:300]}"
             for secret in world.secrets:
                 assert secret not in r.text, f"{method} {path} leaks {secret}: {r.text[:300]}"
-            if r.content and isinstance(r.json(), dict) and "account_id" in r.json():
+            # (A file, such as an export, is checked by the secrets above alone.)
+            json_body = r.content and r.headers.get("content-type", "").startswith("application/json")
+            if json_body and isinstance(r.json(), dict) and "account_id" in r.json():
                 assert r.json()["account_id"] == MEMBER_ACCOUNT, r.json()
             if "account_id" in query_params(op):
                 for account_id in world.ids["account_id"]:
                     kwargs = request_kwargs(world.doc, op)
-                    other = member.request(method, path, **{**kwargs, "params": {"account_id": account_id}})
+                    params = {**kwargs["params"], "account_id": account_id}  # beside any required ones
+                    other = member.request(method, path, **{**kwargs, "params": params})
                     assert_hidden(other, world, f"{method} {path}?account_id={account_id}")
             if (method, path) == ("POST", "/api/sync"):
                 sync_reaches_nothing(member, world)
