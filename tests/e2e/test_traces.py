@@ -143,10 +143,18 @@ def test_one_bulk_upload_is_one_trace_from_the_gateway_to_the_providers_request(
         lambda: ("campaigns", "campaigns-results") in {(sv, s.name) for sv, s in collector.trace(spans[0][1].trace_id)},
         timeout=15,
     )
-    # Every span of the trace hangs from another of it, but for the gateway's request.
-    ids = {s.span_id for _, s in collector.trace(spans[0][1].trace_id)}
-    roots = [(service, s.name) for service, s in collector.trace(spans[0][1].trace_id) if s.parent_span_id not in ids]
-    assert [service for service, _ in roots] == ["gateway"], roots
+
+    # Every span of the trace hangs from another of it, but for the gateway's request. A span
+    # is exported when it ends, after its children: a parent may come a batch after them.
+    def roots() -> list[tuple[str, str]]:
+        trace = collector.trace(spans[0][1].trace_id)
+        ids = {s.span_id for _, s in trace}
+        return [(service, s.name) for service, s in trace if s.parent_span_id not in ids]
+
+    try:
+        wait_for("only the gateway's request without a parent", lambda: [sv for sv, _ in roots()] == ["gateway"], 30)
+    except AssertionError:
+        raise AssertionError(f"spans whose parent is not in the trace: {roots()}") from None
 
 
 def test_a_batch_keeps_its_uploads_request_id_and_trace_for_the_feeder(traced: Stack) -> None:
