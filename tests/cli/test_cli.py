@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -22,11 +21,12 @@ from typing import Any
 import httpx
 import openpyxl
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pregonero_cli.api import Api
 from pregonero_cli.config import Target
 from pregonero_cli.live import Counts, JobFollower
-from services.runtime.devstack import free_port
+from services.runtime.devstack import Stack, free_port
 from tests.conftest import ADMIN_TOKEN, REPO, wait_for
 from tests.e2e.test_bulk import add_device, deactivate_all, get_job, make_file, phones, send_file
 
@@ -168,8 +168,19 @@ def test_unreachable_is_3_usage_is_2_and_flags_win(cli: Cli, base_url: str, cli_
         config.unlink()
 
 
+def job_sockets(suite: Stack) -> float:
+    """WebSockets open on the gateway for jobs, as its own metric counts them."""
+    text = httpx.get(suite.metrics_urls["gateway"], timeout=5).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "pregonero_websocket_connections" and "job" in s.labels.get("route", "")
+    )
+
+
 def test_ctrl_c_detaches_and_leaves_the_job_running(
-    cli: Cli, cli_env: dict[str, str], base_url: str, tmp_path: Path
+    cli: Cli, cli_env: dict[str, str], base_url: str, suite: Stack, tmp_path: Path
 ) -> None:
     deactivate_all(base_url)
     add_device(base_url, rate_per_minute=600)  # 10 a second: 100 recipients take 10 s
@@ -177,6 +188,7 @@ def test_ctrl_c_detaches_and_leaves_the_job_running(
         r = cli("send", str(contacts(tmp_path, phones(61, 100))), "-m", "Hola", "--no-wait")
         assert r.returncode == 0, r.stderr
         job_id = job_id_in(r.stderr)
+        open_before = job_sockets(suite)
         watcher = subprocess.Popen(
             [sys.executable, "-m", "pregonero_cli", "watch", job_id],
             env=cli_env,
@@ -186,7 +198,7 @@ def test_ctrl_c_detaches_and_leaves_the_job_running(
             text=True,
         )
         wait_for("sending starts", lambda: get_job(base_url, job_id)["progress"]["sent"] >= 5, 20, every=0.1)
-        time.sleep(0.5)  # the watcher is on the socket by now
+        wait_for("the watcher on the job's socket", lambda: job_sockets(suite) > open_before, 20, every=0.1)
         watcher.send_signal(signal.SIGINT)
         _, stderr = watcher.communicate(timeout=15)
         assert watcher.returncode == 130, stderr
