@@ -3,7 +3,8 @@
 Writes bench/results/latest.json and appends a line to bench/results/history.jsonl.
 `python -m bench [scenario ...]` (or `make bench scenario ...`) runs some; default: fanout
 (upload and fan-out), ledger, excel (workbook ingest), voice (status poll and dashboard over a
-million calls). Extra: `contact_import` (an address-book CSV through the API), `exports` (a
+million calls). Extra: `analytics` (the analytics over a month of a million results, see
+bench/analytics.py), `contact_import` (an address-book CSV through the API), `exports` (a
 million-row bulk job's results downloaded as CSV and XLSX, see bench/exports.py). Extra (slow):
 `faults` (every fault case of the send path at 100,000 recipients, see bench/faults.py),
 `crash` (its dispatcher case alone) and `scale_out` (two processes of each kind, one of each
@@ -29,7 +30,7 @@ import httpx
 import psutil
 from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc
 
-from bench import contact_import, excel_ingest, exports, faults, scale_out, voice_reads
+from bench import analytics, contact_import, excel_ingest, exports, faults, scale_out, voice_reads
 from bench.stack import (
     LEDGER_DRIFT,
     H,
@@ -50,11 +51,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class RssSampler:
-    """Peak RSS per process of the stack (a postgres backend counts as its own process)."""
+    """Peak RSS per process of the stack (a postgres backend counts as its own process), and
+    peak USS (the memory a process alone holds): a postgres backend's RSS counts the pages of
+    shared_buffers it has touched, which all backends share."""
 
     def __init__(self, stack: Stack) -> None:
         self.stack = stack
         self.peaks: dict[str, float] = {}
+        self.unique: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -68,6 +72,8 @@ class RssSampler:
                     for name, p in members:
                         mb = p.memory_info().rss / 2**20
                         self.peaks[name] = max(self.peaks.get(name, 0.0), mb)
+                        uss = p.memory_full_info().uss / 2**20
+                        self.unique[name] = max(self.unique.get(name, 0.0), uss)
                     times = [p.cpu_times() for _, p in members]
                     self.cpu[proc.name] = sum(t.user + t.system for t in times)
                 except psutil.Error:
@@ -84,6 +90,9 @@ class RssSampler:
 
     def report(self) -> dict[str, float]:
         return {k: round(v, 1) for k, v in sorted(self.peaks.items())}
+
+    def report_unique(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in sorted(self.unique.items())}
 
 
 def upload_and_fanout(rows: int) -> dict[str, Any]:
@@ -267,6 +276,8 @@ SCENARIOS = {
     "ledger": ledger,
     "excel": lambda: excel_ingest.measure(int(os.environ.get("BENCH_EXCEL_ROWS", "100000"))),
     "voice": lambda: voice_reads.measure(start, H, int(os.environ.get("BENCH_VOICE_JOBS", "1000000"))),
+    # Analytics over a month of a million recipients and a million calls (issue 15: p99 <= 50 ms).
+    "analytics": lambda: analytics.measure(start, H, int(os.environ.get("BENCH_ANALYTICS_RECIPIENTS", "1000000"))),
     # The address book's import of a 100,000-row CSV through the API (issue 11: at most 10 s).
     "contact_import": lambda: contact_import.measure(int(os.environ.get("BENCH_CONTACT_ROWS", "100000"))),
     # A million-row bulk job's results as CSV and XLSX through Envoy (issue 15).

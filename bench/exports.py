@@ -5,7 +5,8 @@ RSS at 150 MB or less), downloaded through Envoy as a client would.
 The million results are written straight into the campaigns schema (a finished job: nine in ten
 sent, one in ten failed with an error, two values a row), as bench/voice_reads.py does for
 calls: seconds instead of the minutes a million sends take. The export under test is the
-product's own: campaigns reads the pages and writes the file, the gateway forwards it.
+product's own: campaigns reads the pages and writes the file (services/runtime/exports.py), the
+gateway forwards it. The workbook is checked for every row, counted in its sheets' XML.
 """
 
 from __future__ import annotations
@@ -76,6 +77,21 @@ def _download(client: httpx.Client, url: str, into: Path, **params: str) -> dict
     }
 
 
+def _sheet_rows(path: Path) -> int:
+    """Rows in the workbook's sheets, counted as their XML inflates (a million rows' XML is
+    hundreds of MB: never held whole)."""
+    count = 0
+    with zipfile.ZipFile(path) as book:
+        for name in book.namelist():
+            if name.startswith("xl/worksheets/sheet"):
+                with book.open(name) as part:
+                    tail = b""
+                    while block := part.read(1 << 20):
+                        count += (tail + block).count(b"<row ")
+                        tail = block[-4:]
+    return count
+
+
 def _cpu_seconds(stack: Stack, names: tuple[str, ...]) -> dict[str, float]:
     """CPU time each service has used so far: what an export costs, whatever else the machine runs."""
     times = {name: psutil.Process(stack.service_procs[name].popen.pid).cpu_times() for name in names}
@@ -103,8 +119,7 @@ def measure(rows: int, sampler: Callable[[Stack], Any]) -> dict[str, Any]:
                     if fmt == "csv":
                         assert got["lines"] == rows + 1, got  # the header and each row, once
                     else:
-                        with zipfile.ZipFile(Path(tmp) / "export.xlsx") as book:
-                            assert "xl/worksheets/sheet1.xml" in book.namelist(), book.namelist()
+                        assert _sheet_rows(Path(tmp) / "export.xlsx") == rows + 1  # the header and each row
                     results[fmt] = {
                         "seconds": round(got["seconds"], 2),
                         "rows_per_s": round(rows / got["seconds"]),
@@ -112,11 +127,23 @@ def measure(rows: int, sampler: Callable[[Stack], Any]) -> dict[str, Any]:
                         "first_byte_ms": got["first_byte_ms"],
                         "mb": got["mb"],
                         "peak_rss_mb": rss.report(),
+                        "peak_uss_mb": rss.report_unique(),
                         # The rate campaigns would reach with a core of its own (it makes the file).
                         "cpu_seconds": cpu,
                         "rows_per_campaigns_cpu_s": round(rows / cpu["campaigns"]) if cpu["campaigns"] else None,
                     }
-            results["targets"] = {"csv_rows_per_s": 100_000, "xlsx_rows_per_s": 30_000, "peak_rss_mb": 150}
+            targets = {"csv_rows_per_s": 100_000, "xlsx_rows_per_s": 30_000, "peak_rss_mb": 150}
+            results["targets"] = targets
+            # RSS of every process, and USS beside it: postgres backends' RSS holds the shared
+            # buffers they touched (shared_buffers is 256 MB), not memory of their own.
+            results["met"] = {
+                fmt: {
+                    "rows_per_s": results[fmt]["rows_per_s"] >= targets[f"{fmt}_rows_per_s"],
+                    "peak_rss_mb": max(results[fmt]["peak_rss_mb"].values()) <= targets["peak_rss_mb"],
+                    "peak_uss_mb": max(results[fmt]["peak_uss_mb"].values()) <= targets["peak_rss_mb"],
+                }
+                for fmt in ("csv", "xlsx")
+            }
             return results
         finally:
             stack.stop()

@@ -38,7 +38,7 @@ from typing import Any, NoReturn
 import asyncpg
 import httpx
 
-from bench.stack import TOKEN, H, add_devices, bulk_file, credit_account, ledger_drift, phone
+from bench.stack import TOKEN, H, add_devices, bulk_file, credit_account, ledger_drift, phone, phone_index
 from services.runtime.devstack import (
     PG_USER_WHEN_ROOT,
     Proc,
@@ -533,7 +533,7 @@ class Run:
 
         entries, last_page = record(self.fs.simulator, self.record_from)
         first, end = self.first, self.first + self.total
-        ours = [e for e in entries if e[2].startswith("+569") and first <= int(e[2][4:]) < end]
+        ours = [e for e in entries if first <= (phone_index(e[2]) or -1) < end]
         accepted = Counter(e[2] for e in ours)
         twice = {p: c for p, c in accepted.items() if c > 1}
         row.doubled = len(twice)
@@ -692,7 +692,10 @@ MESSAGE_CASES: dict[str, Strike] = {
 def contacts_csv(n: int, first: int) -> bytes:
     """An Argentine marketing list: one mobile per debtor."""
     lines = ["nombre,telefono,dni"]
-    lines += [f"Cliente {i},11{first + i:08d},{20_000_000 + i}" for i in range(n)]
+    # Buenos Aires mobiles 11 42… to 11 59… (phonenumbers refuses 11 9x), a million per case:
+    # each case's `first` (a multiple of 5,000,000) picks its own.
+    block = 40_000_000 + first // 5_000_000 * 1_000_000
+    lines += [f"Cliente {i},11{block + i},{20_000_000 + i}" for i in range(n)]
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -18,8 +18,32 @@ TOKEN = "bench-admin-token"
 H = {"Authorization": f"Bearer {TOKEN}"}
 
 
+# Chilean numbers `phonenumbers` takes as valid, a million to a block: mobiles first, then
+# Santiago and Valparaíso-region landlines (+569 00 and 91 are not allocated, so are refused).
+_BLOCKS = (
+    *(b for b in range(980, 1000) if b not in (991, 992)),
+    *(b for b in range(920, 980) if b not in (936, 969, 970)),
+    *range(220, 230),
+    *range(320, 360),
+)
+
+
 def phone(i: int) -> str:
-    return f"+569{i:08d}"
+    """The i-th recipient (i below 125,000,000), "+56" and nine digits."""
+    block, rest = divmod(i, 1_000_000)
+    return f"+56{_BLOCKS[block]}{rest:06d}"
+
+
+_BLOCK_INDEX = {block: n for n, block in enumerate(_BLOCKS)}
+
+
+def phone_index(text: str) -> int | None:
+    """The i of phone(i); None for a number phone() does not make (a judge's way back from the
+    provider's record to the recipients it expected)."""
+    if len(text) != 12 or not text.startswith("+56") or not text[3:].isdigit():
+        return None
+    block = _BLOCK_INDEX.get(int(text[3:6]))
+    return None if block is None else block * 1_000_000 + int(text[6:])
 
 
 def bulk_file(n: int, first: int = 0) -> bytes:

@@ -55,6 +55,20 @@ class UseCase(StrEnum):
     marketing = "marketing"
 
 
+class Report(StrEnum):
+    messages = "messages"
+    voice = "voice"
+
+
+class Bucket(StrEnum):
+    hour = "hour"
+    day = "day"
+    week = "week"
+
+
+ANALYTICS_PATHS = {Report.messages: "/api/analytics/messages", Report.voice: "/api/v1/reports/analytics"}
+
+
 class ExportFormat(StrEnum):
     csv = "csv"
     xlsx = "xlsx"
@@ -277,6 +291,30 @@ def campaign_create(
 
 
 # --- devices and accounts --------------------------------------------------------------------
+
+
+@app.command()
+def analytics(
+    ctx: typer.Context,
+    report: Annotated[Report, typer.Argument(help="WhatsApp messages or voice calls.")] = Report.messages,
+    since: Annotated[
+        str | None, typer.Option("--from", help="A date (YYYY-MM-DD) or ISO 8601 time; default 30 days ago.")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--to", help="A date (its whole day) or time; default now.")] = None,
+    bucket: Annotated[Bucket, typer.Option(help="One row per hour, day or week.")] = Bucket.day,
+    timezone: Annotated[str | None, typer.Option(help="The zone buckets are cut in; default yours.")] = None,
+    account: Annotated[str | None, typer.Option(help="Only this account (admins).")] = None,
+    as_json: Json = False,
+) -> None:
+    """What was sent (or called) per day, hour or week, as a bar chart, with its totals."""
+    body = client(ctx).get(
+        ANALYTICS_PATHS[report],
+        **{"from": since, "to": until, "bucket": bucket.value, "timezone": timezone, "account_id": account},
+    )
+    if as_json:
+        print_json(body)
+    else:
+        views.print_series(body, report.value)
 
 
 @app.command()

@@ -258,3 +258,50 @@ def print_preview(preview: dict[str, Any]) -> None:
             err.print(Text(f"  row {problem.get('row')}: {problem.get('reason')}", style="dim"))
         if len(problems) > 10:
             err.print(Text(f"  ... and {len(problems) - 10} more {kind.replace('_', ' ')}", style="dim"))
+
+
+# --- analytics -------------------------------------------------------------------------------
+
+# Per report: the figure the bars draw first, then the other columns of the series.
+SERIES_COLUMNS = {
+    "messages": ("sent", ("failed", "delivered", "read")),
+    "voice": ("calls", ("answered", "no_answer", "busy", "voicemail", "failed", "minutes", "promises")),
+}
+BAR_WIDTH = 16
+
+
+def bucket_label(bucket: str, size: str) -> str:
+    """A bucket's start as a person reads it: the day, or the day and hour."""
+    return bucket[:10] if size != "hour" else f"{bucket[:10]} {bucket[11:16]}"
+
+
+def print_series(body: dict[str, Any], report: str) -> None:
+    """An analytics reply as a table with a bar per bucket, then its totals."""
+    drawn, others = SERIES_COLUMNS[report]
+    series = body["series"]
+    top = max((p[drawn] for p in series), default=0)
+    table = Table(
+        title=f"{report} {body['from'][:16]} → {body['to'][:16]} ({body['timezone']}, by {body['bucket']})",
+        title_justify="left",
+        header_style="bold",
+    )
+    # Figures are never wrapped; on a narrow terminal the bars are cut first.
+    table.add_column(body["bucket"], no_wrap=True)
+    table.add_column(drawn, justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True, overflow="crop", min_width=4)
+    for name in others:
+        table.add_column(name.replace("_", " "), justify="right", no_wrap=True)
+    for point in series:
+        bar = "█" * round(BAR_WIDTH * point[drawn] / top) if top else ""
+        table.add_row(
+            bucket_label(point["bucket"], body["bucket"]),
+            cell(point[drawn]),
+            Text(bar, style="cyan"),
+            *(cell(point[name]) for name in others),
+        )
+    out.print(table)
+    totals = body["totals"]
+    rates = [
+        f"{k.replace('_', ' ')} {totals[k]}%" for k in ("delivery_rate", "read_rate", "answer_rate") if k in totals
+    ]
+    out.print(f"total {drawn}: {cell(totals[drawn])}" + (f" · {' · '.join(rates)}" if rates else ""))

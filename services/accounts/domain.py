@@ -8,13 +8,13 @@ import re
 import secrets
 from decimal import Decimal
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import asyncpg
 
 from services.runtime.errors import AlreadyExists, InvalidArgument, NotFound, PermissionDenied
 from services.runtime.identity import Caller, is_account_id
 from services.runtime.protos import json_object
+from services.runtime.validation import known_zone
 
 from .ledger import CREDITS, MINUTES, parse_amount
 from .repo import AccountsRepo, NewEntry
@@ -54,11 +54,7 @@ def _check_features(features: dict[str, Any]) -> None:
 
 
 def _check_timezone(name: str) -> str:
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise InvalidArgument(f"unknown timezone {name!r}") from exc
-    return name
+    return known_zone(name).key
 
 
 def _price(value: object, field: str) -> Decimal | None:

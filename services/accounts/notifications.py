@@ -10,6 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+from cachetools import LRUCache
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from pregonero.events.v1 import events_pb2
@@ -23,6 +24,8 @@ from .ledger import Balance, unit_of
 from .notify_repo import NotifyRepo
 
 log = logging.getLogger("pregonero.accounts.notifications")
+# Credit notices created today by this process, remembered to spare the database an insert.
+DONE_KEYS = 10_000
 
 # Below this many credits (or minutes) available an account is told its credit is low.
 LOW_CREDIT = Decimal(10)
@@ -46,7 +49,9 @@ class Notifications:
         self.repo = repo
         self.on_created = on_created
         # Credit-level keys already written: a capture on a low account costs no query.
-        self._done: set[str] = set()
+        # Keys of the day's credit notices already created here (the database's unique key is
+        # the guarantee; this spares it the insert): the oldest go first when it is full.
+        self._done: LRUCache[str, bool] = LRUCache(maxsize=DONE_KEYS)
 
     async def create(
         self,
@@ -145,9 +150,7 @@ class Notifications:
             source_key=key,
             data={"available": str(available)},
         )
-        if len(self._done) > 10_000:
-            self._done.clear()
-        self._done.add(key)
+        self._done[key] = True
         return row
 
     async def balance_level(self, balance: Balance) -> None:

@@ -133,6 +133,13 @@ class Q:
         SELECT * FROM ledger_entries WHERE account_id = $1
         ORDER BY id DESC LIMIT $2 OFFSET $3"""
     COUNT_ENTRIES = "SELECT count(*) FROM ledger_entries WHERE account_id = $1"
+    # An export's page of entries along their id ($1 the account, '' for every account): the
+    # primary key for an admin's every account, ledger_entries_account_idx for one.
+    EXPORT_ENTRIES = """
+        SELECT id, account_id, created_at, kind, unit, amount, held_change, used_change, balance_after,
+               held_after, requested, cause, hold_id, note
+        FROM ledger_entries WHERE ($1 = '' OR account_id = $1) AND id > $2
+        ORDER BY id LIMIT $3"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,3 +398,6 @@ class LedgerRepo:
             rows = await conn.fetch(Q.LIST_ENTRIES, account_id, limit, skip)
             total = await conn.fetchval(Q.COUNT_ENTRIES, account_id)
         return rows, int(total)
+
+    async def export_entries(self, *, scope: str, after: int, limit: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(Q.EXPORT_ENTRIES, scope, after, limit)

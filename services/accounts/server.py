@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -16,6 +17,7 @@ from services.runtime.protos import to_timestamp
 
 from .domain import Accounts
 from .ledger import Balance, CaptureItem, Entry, Ledger, LedgerResult
+from .ledger_export import LedgerExport
 
 
 def dec(value: Decimal | None) -> str:
@@ -121,6 +123,9 @@ CALLERS = {
     _ACCOUNTS + "Capture": frozenset({"campaigns"}),
     _ACCOUNTS + "Release": frozenset({"campaigns"}),
     _ACCOUNTS + "ReleaseHolds": frozenset({"campaigns"}),
+    # Named although unlisted RPCs are the gateway's alone anyway: a download of every
+    # account's ledger is for no other service.
+    _ACCOUNTS + "ExportTransactions": frozenset({"gateway"}),
 }
 
 
@@ -128,6 +133,7 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
     def __init__(self, accounts: Accounts, ledger: Ledger) -> None:
         self.accounts = accounts
         self.ledger = ledger
+        self.ledger_export = LedgerExport(ledger.repo)
 
     async def GetAccount(
         self, request: accounts_pb2.GetAccountRequest, context: grpc.aio.ServicerContext
@@ -263,3 +269,13 @@ class AccountsServicer(accounts_pb2_grpc.AccountsServiceServicer):
             current_caller(), account_id=request.account_id, limit=request.limit or 50, skip=request.skip
         )
         return accounts_pb2.ListTransactionsResponse(transactions=[transaction_pb(e) for e in entries], total=total)
+
+    async def ExportTransactions(
+        self, request: accounts_pb2.ExportTransactionsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[accounts_pb2.ExportChunk]:
+        export = await self.ledger_export.open(current_caller(), fmt=request.format, account_id=request.account_id)
+        # Scoped and found: the name goes first, so the download starts before any entry is read.
+        yield accounts_pb2.ExportChunk(file_name=export.file_name, content_type=export.content_type)
+        async for data in export.chunks():
+            if data:
+                yield accounts_pb2.ExportChunk(data=data)

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import grpc
-import phonenumbers
-from phonenumbers import NumberParseException, PhoneNumberFormat, ValidationResult
 
+from services.runtime import phones
 from services.runtime.errors import AlreadyExists, InvalidArgument, NotFound
 from services.runtime.identity import Caller
 
@@ -33,7 +32,6 @@ DEFAULT_COUNTRY = "CL"
 MAX_NAME = 200
 MAX_EMAIL = 254  # RFC 5321's limit on a forward path
 MAX_DESCRIPTION = 2000
-MAX_PHONE_TEXT = 64
 MAX_SEARCH = 200
 MAX_IDS = 1000  # contact ids per AddGroupContacts, and groups per contact
 MAX_INVALID_SAMPLES = 100
@@ -53,46 +51,13 @@ _NOT_DIGIT = re.compile(r"\D")
 # "Juan 2" or a name with digits in it must not bring every phone that contains a 2.
 _PHONE_LIKE = re.compile(r"[\d\s+().-]+")
 _LIKE_SPECIAL = re.compile(r"([\\%_])")
-_WHY_IMPOSSIBLE = {
-    ValidationResult.TOO_SHORT: "too short",
-    ValidationResult.TOO_LONG: "too long",
-    ValidationResult.INVALID_LENGTH: "wrong number of digits",
-    ValidationResult.INVALID_COUNTRY_CODE: "unknown country code",
-    ValidationResult.IS_POSSIBLE_LOCAL_ONLY: "a local number without its area code",
-}
-_WHY_UNPARSED = {
-    NumberParseException.INVALID_COUNTRY_CODE: "unknown country code",
-    NumberParseException.NOT_A_NUMBER: "not a phone number",
-    NumberParseException.TOO_SHORT_AFTER_IDD: "too short",
-    NumberParseException.TOO_SHORT_NSN: "too short",
-    NumberParseException.TOO_LONG: "too long",
-}
-
-
 # --- single values ------------------------------------------------------------------------------
 
 
 def phone_e164(text: str, country: str) -> str:
     """E.164 of a written phone, national numbers read in `country`; ValueError with the reason
     ("invalid for CL: too short") when `phonenumbers` finds it invalid."""
-    text = text.strip()
-    if not text:
-        raise ValueError("no phone")
-    if len(text) > MAX_PHONE_TEXT:
-        raise ValueError(f"invalid for {country}: too long")
-    try:
-        number = phonenumbers.parse(text, country)
-    except NumberParseException as exc:
-        raise ValueError(f"invalid for {country}: {_WHY_UNPARSED.get(exc.error_type, 'not a phone number')}") from None
-    if phonenumbers.is_valid_number(number):
-        return phonenumbers.format_number(number, PhoneNumberFormat.E164)
-    # The reason is worked out only for the few numbers that need one: an import checks 100,000.
-    region = phonenumbers.region_code_for_country_code(number.country_code or 0)
-    where = region if region != "ZZ" else country
-    possible = phonenumbers.is_possible_number_with_reason(number)
-    if possible != ValidationResult.IS_POSSIBLE:
-        raise ValueError(f"invalid for {where}: {_WHY_IMPOSSIBLE.get(possible, 'not a possible number')}")
-    raise ValueError(f"invalid for {where}: not a valid number")
+    return phones.e164(text, country)
 
 
 def checked_email(text: str) -> str:

@@ -63,6 +63,11 @@ class Q:
         ORDER BY c.contact_id LIMIT $3"""
 
     # --- groups ---
+    # An export's page of the groups, along the primary key.
+    EXPORT_GROUPS = """
+        SELECT group_id, account_id, name, description, contact_count, created_at, updated_at
+        FROM contact_groups WHERE ($1 = '' OR account_id = $1) AND group_id > $2
+        ORDER BY group_id LIMIT $3"""
     GET_GROUP = "SELECT * FROM contact_groups WHERE group_id = $1 AND ($2 = '' OR account_id = $2)"
     GROUP_BY_NAME = "SELECT group_id FROM contact_groups WHERE account_id = $1 AND name = $2"
     GROUPS_OF_ACCOUNT = """
@@ -176,6 +181,9 @@ class AddressBookRepo:
 
     async def export_contacts(self, *, scope: str, after: int, limit: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(Q.EXPORT_CONTACTS, scope, after, limit)
+
+    async def export_groups(self, *, scope: str, after: int, limit: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(Q.EXPORT_GROUPS, scope, after, limit)
 
     async def contact_by_phone(self, *, account_id: str, phone: str) -> asyncpg.Record | None:
         return await self.pool.fetchrow(Q.CONTACT_BY_PHONE, account_id, phone)

@@ -1,20 +1,25 @@
-"""Batch rules: ingest a bulk file into jobs, and pause / resume / cancel / retry."""
+"""Batch rules: ingest a bulk file into jobs, and pause / resume / cancel / retry.
+
+A bulk file's national numbers are read in the account's country (CL when it has none): the
+upload's header has no country of its own.
+"""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
 
 from services.runtime.errors import Conflict, InvalidArgument, NotFound
 from services.runtime.identity import Caller
+from services.runtime.phones import DEFAULT_REGION
 
+from .batch_publisher import Notifier
 from .bulkfile import BulkFileParser, InvalidRow
 from .campaign_metrics import count_ingest
-from .notify import Notifier
 from .repo import CampaignsRepo
 from .template import MAX_MESSAGE_CHARS, compile_template
 
@@ -76,9 +81,12 @@ def parse_batch_id(text: str) -> uuid.UUID:
 
 
 class Batches:
-    def __init__(self, repo: CampaignsRepo, notifier: Notifier) -> None:
+    def __init__(
+        self, repo: CampaignsRepo, notifier: Notifier, *, country_of: Callable[[str], Awaitable[str]] | None = None
+    ) -> None:
         self.repo = repo
         self.notifier = notifier
+        self._country_of = country_of
 
     async def ingest_bulk_file(
         self,
@@ -103,7 +111,8 @@ class Batches:
                 f"message is {len(template):,} characters long; WhatsApp takes at most {MAX_MESSAGE_CHARS:,}"
             )
         chosen = senders[: min(devices_limit, len(senders))]
-        parser = BulkFileParser(max_recipients=MAX_RECIPIENTS, template=compile_template(template))
+        country = await self._country_of(account_id) if self._country_of is not None else DEFAULT_REGION
+        parser = BulkFileParser(max_recipients=MAX_RECIPIENTS, template=compile_template(template), country=country)
         async with self.repo.pool.acquire() as conn, conn.transaction():
             batch = await self.repo.insert_batch(
                 conn,

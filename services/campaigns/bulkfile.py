@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 from services.campaigns.template import MAX_MESSAGE_CHARS, Template
 from services.runtime.errors import InvalidArgument, PayloadTooLarge
+from services.runtime.phones import DEFAULT_REGION, PhoneReader, argentine_mobile
+from services.runtime.phones import reader as phone_reader
 
 MAX_RECIPIENTS = 1_000_000
 SNIFF_BYTES = 8192
@@ -56,25 +58,43 @@ class InvalidRow(NamedTuple):
 _new_row = tuple.__new__
 
 
-def normalize_phone(raw: str) -> str | None:
-    """E.164 (`+` and 8 to 15 digits) from a written phone number, or None when it is not one."""
-    digits = _phone_digits(raw.strip())
-    return None if digits is None else "+" + digits
+def normalize_phone(raw: str, reader: PhoneReader | None = None) -> str | None:
+    """E.164 of a written phone (national numbers read in the reader's country, CL by default),
+    or None when `phonenumbers` does not take it as a valid number."""
+    return _read_phone(raw.strip(), reader or phone_reader())
 
 
-def _phone_digits(text: str) -> str | None:
-    if text.endswith(".0") and _SPREADSHEET_FLOAT.fullmatch(text):
-        text = text[:-2]
-    # Chained replaces cost a third of the regex, which is kept for tabs and no-break spaces.
-    cleaned = text.replace(" ", "").replace("-", "").replace(".", "").replace("(", "").replace(")", "")
-    text = cleaned if cleaned.lstrip("+").isdigit() else _PHONE_PUNCTUATION.sub("", text)
-    if text.startswith("+"):
-        text = text[1:]
-    elif text.startswith("00"):
-        text = text[2:]
-    if not (text.isascii() and text.isdigit() and 8 <= len(text) <= 15) or text[0] == "0":
-        return None
-    return text
+def _read_phone(raw: str, reader: PhoneReader) -> str | None:
+    text = raw[:-2] if raw.endswith(".0") and _SPREADSHEET_FLOAT.fullmatch(raw) else raw
+    # The punctuation `parse` would drop, dropped first ("9 8123-4567"): the digits left take the
+    # reader's fast path instead of a parse each. Chained replaces cost a third of the regex.
+    digits = text.replace(" ", "").replace("-", "").replace(".", "").replace("(", "").replace(")", "")
+    if not (digits.lstrip("+").isdigit() and digits.isascii()):
+        digits = _PHONE_PUNCTUATION.sub("", text)
+    rule = reader.plain_national.get(len(digits))
+    if rule is not None and rule.fullmatch(digits) and not reader.national_guard.match(digits):
+        return "+" + reader.code + digits  # national digits of the reader's country, as `e164` reads them
+    phone = reader.valid(digits if digits.lstrip("+").isdigit() and digits.isascii() else text)
+    if phone is None:
+        # Exports often drop the "+" of an international number ("5491136530246"): digits that
+        # are no number of the country are read with their own country code, if that is valid.
+        if text[:1] == "+" or digits[:1] in ("", "0") or not (digits.isascii() and digits.isdigit()):
+            return None
+        phone = reader.valid("+" + digits)
+        if phone is None:
+            return None
+    # WhatsApp reaches Argentine numbers in their mobile form (FORMATS.md's generic column).
+    return argentine_mobile(phone)
+
+
+def _why(raw: str, reader: PhoneReader) -> str:
+    """The library's reason for a first column that is no valid phone ("invalid for CL: too short")."""
+    text = raw[:-2] if raw.endswith(".0") and _SPREADSHEET_FLOAT.fullmatch(raw) else raw
+    try:
+        reader.e164(text)
+    except ValueError as exc:
+        return str(exc)
+    return "invalid phone"
 
 
 def _line_breaks(text: str) -> int:
@@ -95,9 +115,16 @@ class BulkFileParser:
     """Streaming parser: bytes in, `Row`s out, with counters for the upload's summary."""
 
     def __init__(
-        self, *, max_recipients: int = MAX_RECIPIENTS, sniff_bytes: int = SNIFF_BYTES, template: Template | None = None
+        self,
+        *,
+        max_recipients: int = MAX_RECIPIENTS,
+        sniff_bytes: int = SNIFF_BYTES,
+        template: Template | None = None,
+        country: str = DEFAULT_REGION,
     ) -> None:
         self.max_recipients = max_recipients
+        # National numbers are read in `country` (the account's); `phonenumbers` decides validity.
+        self._phones = phone_reader(country.upper())
         self.sniff_bytes = sniff_bytes
         # A row whose text would render longer than MAX_MESSAGE_CHARS is invalid. Only a line
         # longer than the template's safe length is measured, and only in a chunk that has one
@@ -237,6 +264,14 @@ class BulkFileParser:
         limit = self.max_recipients
         safe_line_chars = self._safe_line_chars
         accepted = len(seen)
+        phones = self._phones
+        plain = phones.plain_international
+        code = phones.code
+        national = phones.plain_national
+        national_code = "+" + code
+        guard = phones.national_guard.match
+        read_phone = _read_phone
+        phone: str | None
         for line in lines:
             line_no += 1
             fields = line.split("|")
@@ -244,17 +279,27 @@ class BulkFileParser:
             if not raw and len(fields) == 1:
                 continue
             total += 1
-            # Fast path for the clean "+51987654321" or "51987654321" of the browser and most exports.
-            phone, digits = (raw, raw[1:]) if raw[:1] == "+" else ("", raw)
-            if not (digits.isdigit() and digits.isascii() and 8 <= len(digits) <= 15 and digits[0] != "0"):
-                phone, digits = "", _phone_digits(raw) or ""
-                if not digits:
-                    self._reject(line_no, raw)
+            # Fast path for the clean "+56981234567" of the browser and most exports: one match of
+            # the library's patterns for the account's country (services/runtime/phones.py).
+            rule = plain.get(len(raw))
+            if rule is not None and rule.fullmatch(raw):
+                phone = raw
+            elif raw[:1] == "+":
+                if rule is not None and raw.startswith(code, 1) and raw.isascii() and raw[1:].isdigit():
+                    self._reject(line_no, raw)  # the country's digits, which its patterns refuse
                     continue
+                phone = read_phone(raw, phones)
+            elif (rule := national.get(len(raw))) is not None and rule.fullmatch(raw) and not guard(raw):
+                phone = national_code + raw  # "981234567" read in the account's country
+            else:
+                phone = read_phone(raw, phones)
+            if phone is None:
+                self._reject(line_no, raw)
+                continue
             if measure and len(line) > safe_line_chars and (too_long := self._too_long(fields)):
                 self._reject(line_no, raw, too_long)
                 continue
-            add(int(digits))
+            add(int(phone[1:]))
             if len(seen) == accepted:
                 duplicates += 1
                 continue
@@ -268,7 +313,7 @@ class BulkFileParser:
             # isprintable() is False for every whitespace character but " ": such lines need no strip.
             if " " in line or not line.isprintable():
                 fields = list(map(strip, fields))
-            append(_new_row(Row, (line_no, phone or "+" + digits, fields)))
+            append(_new_row(Row, (line_no, phone, fields)))
         self._line_no = line_no
         self.total_lines = total
         self.accepted = accepted
@@ -290,7 +335,7 @@ class BulkFileParser:
     def _reject(self, line_no: int, raw: str, reason: str = "") -> None:
         self.invalid += 1
         if len(self.invalid_samples) < MAX_INVALID_SAMPLES:
-            reason = reason or ("invalid phone" if raw else "missing phone")
+            reason = reason or (_why(raw, self._phones) if raw else "missing phone")
             self.invalid_samples.append(InvalidRow(line_no, _shown(raw, MAX_SAMPLE_VALUE), reason))
 
     def _validate(self) -> None:
@@ -306,7 +351,7 @@ class BulkFileParser:
                 )
             if not self.has_header:
                 raise InvalidArgument("no phone column: the first column must hold phone numbers")
-            problem = f"{first.reason} '{_shown(first.value)}'" if first.value else first.reason
+            problem = f"phone '{_shown(first.value)}' is {first.reason}" if first.value else first.reason
             raise InvalidArgument(
                 f"no valid phone numbers: all {self.invalid:,} rows are invalid (line {first.line}: {problem})"
             )

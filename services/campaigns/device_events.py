@@ -1,7 +1,7 @@
 """What the dispatchers say of WhatsApp devices, applied to the batches that wait for them.
 
 A batch none of whose devices could send (disconnected, waiting for a QR scan, at its daily
-cap) is suspended by the results (results.py, NO_CONNECTED_DEVICES). It resumes when one of
+cap) is suspended by the results (results_applier.py, NO_CONNECTED_DEVICES). It resumes when one of
 its devices connects again: a `DeviceEvent` connected on `events.device.<account_id>`, which
 the dispatcher also publishes when a capped device's local day turns. Device events are best
 effort and a device may connect between the hand-back and the suspension, so a batch that

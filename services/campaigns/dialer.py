@@ -30,7 +30,8 @@ from pregonero.events.v1 import events_pb2
 from services.runtime import bus, tracing
 from services.runtime.lifecycle import Rounds
 
-from .calling import (
+from .batch_publisher import Notifier
+from .calling_rules import (
     CallSettings,
     dynamic_variables,
     in_window,
@@ -40,7 +41,6 @@ from .calling import (
 )
 from .campaign_metrics import MESSAGES_RELEASED
 from .credit import AccountInfo, Credit, NoCredit, Price, reserve
-from .notify import Notifier
 from .repo import CampaignsRepo
 from .voice_repo import VoiceRepo
 

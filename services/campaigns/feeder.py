@@ -36,10 +36,10 @@ from pregonero.events.v1 import events_pb2
 from services.runtime import bus, tracing
 from services.runtime.lifecycle import Rounds
 
+from .batch_publisher import Notifier
 from .batches import Batches
 from .campaign_metrics import MESSAGES_RELEASED
 from .credit import ChargesPending, Cover, Credit, reserve
-from .notify import Notifier
 from .repo import NO_CONNECTED_DEVICES, CampaignsRepo
 from .template import Template, compile_for
 

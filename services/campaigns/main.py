@@ -21,12 +21,14 @@ from services.runtime.db import check_queries
 from services.runtime.lifecycle import Rounds, Runtime, serve_grpc
 from services.runtime.rpc import channel
 
-from . import address_book_repo, voice_repo
+from . import address_book_repo, analytics_repo, voice_repo
 from .account_events import AccountEvents
 from .address_book import AccountCountry, AddressBook
 from .address_book_server import AddressBookServicer
+from .analytics import Analytics
+from .batch_publisher import Notifier
 from .batches import Batches
-from .call_results import CallResults
+from .call_outcomes import CallResults
 from .config import CampaignsSettings
 from .credit import Credit
 from .delivery import DeliveryApplier
@@ -37,15 +39,15 @@ from .feeder import Feeder
 from .messages_repo import MessagesRepo
 from .messages_repo import Q as MessagesQ
 from .messages_server import ScheduledMessagesServicer
-from .notify import Notifier
 from .repo import CampaignsRepo, Q
-from .results import ResultsApplier
+from .results_applier import ResultsApplier
 from .scheduled_messages import Devices, DueMessages, ScheduledMessages
 from .server import CampaignsServicer
-from .voice import VoiceBatches
+from .voice_batches import VoiceBatches
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 WAITING_FOLD_S = 5.0
+ACTIVITY_FOLD_S = 10.0
 
 
 async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
@@ -55,10 +57,12 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     await check_queries(rt.pool, Q)
     repo = CampaignsRepo(rt.pool)
     notifier = Notifier(rt.nc, rt.js, await rt.js.key_value(BATCH_STATE_BUCKET))
-    batches = Batches(repo, notifier)
     credit = Credit(
         accounts_pb2_grpc.AccountsServiceStub(channel(settings.accounts_addr, audience="accounts", keyring=rt.keyring))
     )
+    # One account-country cache for the bulk file's and the address book's national numbers.
+    account_country = AccountCountry(credit.account)
+    batches = Batches(repo, notifier, country_of=account_country)
     feeder = Feeder(repo, rt.js, notifier, credit, batches)
     await check_queries(rt.pool, voice_repo.Q)
     await check_queries(rt.pool, voice_repo.DialQ)
@@ -86,16 +90,21 @@ async def setup(rt: Runtime, server: grpc.aio.Server) -> list[str]:
     voice = VoiceBatches(calls, batches, credit)
     await check_queries(rt.pool, address_book_repo.Q)
     book_repo = address_book_repo.AddressBookRepo(rt.pool)
-    exports = Exports(batches=batches, voice=voice, repo=repo, calls=calls, book=book_repo)
-    campaigns_pb2_grpc.add_CampaignsServiceServicer_to_server(
-        CampaignsServicer(batches, voice, dispatcher, exports), server
-    )
     await check_queries(rt.pool, MessagesQ)
     messages_repo = MessagesRepo(rt.pool)
+    exports = Exports(batches=batches, voice=voice, repo=repo, calls=calls, book=book_repo, messages=messages_repo)
+    await check_queries(rt.pool, analytics_repo.Q)
+    analytics = Analytics(analytics_repo.AnalyticsRepo(rt.pool))
+    # The WhatsApp figures' deltas grow a row per batch, hour and results statement: folded
+    # every few seconds, so a chart over a year reads a row per batch and hour.
+    rt.spawn(Rounds(analytics.fold, name="activity-fold", idle_wait=ACTIVITY_FOLD_S).run(), name="activity-fold")
+    campaigns_pb2_grpc.add_CampaignsServiceServicer_to_server(
+        CampaignsServicer(batches, voice, dispatcher, exports, analytics), server
+    )
     devices = Devices(dispatcher)
     messages = ScheduledMessages(messages_repo, batches, notifier, credit, devices)
     messages_pb2_grpc.add_ScheduledMessagesServiceServicer_to_server(ScheduledMessagesServicer(messages), server)
-    book = AddressBook(book_repo, AccountCountry(credit.account))
+    book = AddressBook(book_repo, account_country)
     address_book_pb2_grpc.add_AddressBookServiceServicer_to_server(AddressBookServicer(book), server)
     rt.spawn(DueMessages(messages_repo, notifier, devices, on_started=feeder.wake).run(), name="due-messages")
     return [

@@ -1,5 +1,6 @@
 """SQL of scheduled messages. Every query names the account it runs for: a message, its
-groups and its recipients are read only within their own account."""
+groups and its recipients are read only within their own account (an admin's export names
+'', every account, and reads each message's groups within the message's account)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,22 @@ class Q:
                count(*) FILTER (WHERE delivery = 'failed') AS delivery_failed
         FROM jobs WHERE batch_id = ANY($1::uuid[]) AND status = 'sent' GROUP BY batch_id"""
     FIRST_JOBS = "SELECT phone, vals FROM jobs WHERE batch_id = $1 ORDER BY job_id LIMIT $2"
+
+    # --- exports: $1 the account, or '' for an admin's every account ---
+    # A page of messages along the primary key, their groups by name in one cell; the counts
+    # are their batches' own counters (delivery would take a scan of each batch's jobs).
+    EXPORT_MESSAGES = """
+        SELECT m.message_id, m.account_id, m.content, m.state, m.scheduled_for, m.started_at, m.finished_at,
+               m.late,
+               array_to_string(array(SELECT g.name FROM message_groups mg
+                                     JOIN contact_groups g ON g.group_id = mg.group_id AND g.account_id = m.account_id
+                                     WHERE mg.message_id = m.message_id ORDER BY g.name), ', ') AS groups,
+               m.total_jobs, m.sent_jobs, m.failed_jobs, m.cancelled_jobs,
+               coalesce(nullif(m.error, ''), m.batch_error) AS error, m.created_at, m.updated_at
+        FROM message_states m WHERE ($1 = '' OR m.account_id = $1) AND m.message_id > $2
+        ORDER BY m.message_id LIMIT $3"""
+    # The batch whose results are a message's (NULL before it started).
+    EXPORT_MESSAGE = "SELECT message_id, batch_id FROM messages WHERE message_id = $1 AND ($2 = '' OR account_id = $2)"
 
     # --- the due loop ---
     # SKIP LOCKED: each due message is claimed by one replica; the others pass it by.
@@ -216,6 +233,12 @@ class MessagesRepo:
 
     async def first_jobs(self, *, batch_id: UUID, limit: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(Q.FIRST_JOBS, batch_id, limit)
+
+    async def export_messages(self, *, scope: str, after: int, limit: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(Q.EXPORT_MESSAGES, scope, after, limit)
+
+    async def export_message(self, *, message_id: int, scope: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(Q.EXPORT_MESSAGE, message_id, scope)
 
     # --- the due loop: called inside its transaction ---
 

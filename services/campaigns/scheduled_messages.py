@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import grpc
@@ -28,11 +28,12 @@ from services.runtime.errors import Conflict, InvalidArgument, NotFound
 from services.runtime.identity import MEMBER, Caller
 from services.runtime.lifecycle import Rounds
 from services.runtime.rpc import outgoing_metadata
+from services.runtime.validation import known_zone
 
+from .batch_publisher import Notifier
 from .batches import Batches, SenderChoice, window_for
 from .credit import Credit, NoCredit
 from .messages_repo import MessagesRepo
-from .notify import Notifier
 from .template import UnknownVariable, compile_named
 
 log = logging.getLogger("pregonero.campaigns.messages")
@@ -229,10 +230,7 @@ class ScheduledMessages:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
                 name = DEFAULT_ZONE  # an operator's account that accounts does not keep
-        try:
-            return ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
-            raise InvalidArgument(f"unknown timezone {name[:64]!r}: use an IANA name such as America/Santiago") from exc
+        return known_zone(name)
 
     async def _when(self, caller: Caller, text: str, timezone: str) -> datetime:
         if timezone.strip():

@@ -18,10 +18,11 @@ from services.runtime.identity import MEMBER, Caller, current_caller
 from services.runtime.protos import from_timestamp, json_object, to_timestamp
 from services.runtime.rpc import outgoing_metadata
 
+from .analytics import Analytics, report_json
 from .batches import Batches, SenderChoice
-from .calling import DEFAULT_TIMEZONE, legal_window
+from .calling_rules import DEFAULT_TIMEZONE, legal_window
 from .exports import Exports
-from .voice import SAMPLE_ROWS, Checked, Upload, VoiceBatches, job_ids, sample_of, waiting_jobs
+from .voice_batches import SAMPLE_ROWS, Checked, Upload, VoiceBatches, job_ids, sample_of, waiting_jobs
 
 
 def batch_pb(row: asyncpg.Record, scheduled: int = 0) -> campaigns_pb2.Batch:
@@ -77,7 +78,7 @@ def batch_pb(row: asyncpg.Record, scheduled: int = 0) -> campaigns_pb2.Batch:
 
 
 def _legal_window_json(row: asyncpg.Record) -> str:
-    """The legal window a voice batch is held to besides its call_settings (see calling.py)."""
+    """The legal window a voice batch is held to besides its call_settings (see calling_rules.py)."""
     if row["channel"] != "voice":
         return ""
     stored = row["call_settings"]
@@ -193,11 +194,13 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
         voice: VoiceBatches,
         dispatcher: dispatcher_pb2_grpc.DispatcherServiceStub,
         exports: Exports,
+        analytics: Analytics,
     ) -> None:
         self.batches = batches
         self.voice = voice
         self.dispatcher = dispatcher
         self.exports = exports
+        self.analytics = analytics
 
     async def UploadBulkFile(
         self, request_iterator: AsyncIterator[campaigns_pb2.UploadBulkFileRequest], context: grpc.aio.ServicerContext
@@ -309,6 +312,7 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
             kind=request.kind,
             fmt=request.format,
             batch_id=request.batch_id,
+            message_id=request.message_id,
             account_id=request.account_id,
         )
         # Scoped and found: the name goes first, so the download starts before any row is read.
@@ -316,6 +320,20 @@ class CampaignsServicer(campaigns_pb2_grpc.CampaignsServiceServicer):
         async for data in export.chunks():
             if data:
                 yield campaigns_pb2.ExportChunk(data=data)
+
+    async def GetAnalytics(
+        self, request: campaigns_pb2.AnalyticsRequest, context: grpc.aio.ServicerContext
+    ) -> campaigns_pb2.AnalyticsReply:
+        report = await self.analytics.report(
+            current_caller(),
+            request.report,
+            account_id=request.account_id,
+            start=getattr(request, "from"),  # `from` is a Python keyword
+            end=request.to,
+            timezone=request.timezone,
+            bucket=request.bucket,
+        )
+        return campaigns_pb2.AnalyticsReply(report_json=report_json(report))
 
     async def _key(self, batch_id: str) -> str:
         """The batch id behind either of its forms (`batch_id` or `_id`)."""

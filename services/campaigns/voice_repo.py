@@ -171,7 +171,7 @@ class Q:
     LOCK_JOB = "SELECT * FROM voice_jobs WHERE id = $1 AND ($2 = '' OR account_id = $2) FOR UPDATE"
     DELETE_JOB = "DELETE FROM voice_jobs WHERE id = $1"
     # A job being called is not deleted under its call: it is marked, and its result cancels it
-    # (call_results). A reason on a job in progress means exactly this (MARK_CALLING clears it).
+    # (call_outcomes). A reason on a job in progress means exactly this (MARK_CALLING clears it).
     CANCEL_AFTER_CALL = "UPDATE voice_jobs SET cancellation_reason = $2, updated_at = now() WHERE id = $1 RETURNING *"
     RETRY_JOB = """
         UPDATE voice_jobs SET status = 'pending', attempts = 0, next_phone_index = 0, next_attempt_at = now(),
@@ -294,11 +294,17 @@ class ResultQ:
     CANCEL_HANDED_BACK = """
         UPDATE voice_jobs SET status = 'cancelled', current_attempt = NULL, finished_at = now(), updated_at = now()
         WHERE id = $1"""
+    # One ended call in its batch's hour: the analytics read these rows, never the jobs.
+    # $7.. the account, then 1/0 for no answer, busy and voicemail (failed counts them too),
+    # then the promise to pay the call collected (1/0 and its amount).
     ADD_HOUR = """
-        INSERT INTO batch_hours AS h (batch_id, hour, calls, completed, failed, cost, seconds)
-        VALUES ($1, $2, 1, $3, $4, $5, $6)
+        INSERT INTO batch_hours AS h (batch_id, hour, calls, completed, failed, cost, seconds, account_id,
+                                      no_answer, busy, voicemail, promises, promised_amount)
+        VALUES ($1, $2, 1, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
         ON CONFLICT (batch_id, hour) DO UPDATE SET calls = h.calls + 1, completed = h.completed + $3,
-               failed = h.failed + $4, cost = h.cost + $5, seconds = h.seconds + $6"""
+               failed = h.failed + $4, cost = h.cost + $5, seconds = h.seconds + $6,
+               no_answer = h.no_answer + $8, busy = h.busy + $9, voicemail = h.voicemail + $10,
+               promises = h.promises + $11, promised_amount = h.promised_amount + $12"""
     ANSWERED = (
         "INSERT INTO debtor_contacts (account_id, debtor_key, answered_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING"
     )
@@ -572,15 +578,32 @@ class VoiceRepo:
     async def add_hour(
         self,
         conn: asyncpg.Connection,
+        job: asyncpg.Record,
         *,
-        batch_id: UUID,
-        hour: datetime,
-        completed: int,
-        failed: int,
+        at: datetime,
+        outcome: str,
         cost: Decimal,
         seconds: Decimal,
+        promise: tuple[date | None, Decimal | None],
     ) -> None:
-        await conn.execute(ResultQ.ADD_HOUR, batch_id, hour, completed, failed, cost, seconds)
+        """One ended call in its batch's hour: `outcome` is the call's (completed = answered;
+        anything else failed), `promise` the date and amount the debtor promised, if any."""
+        when, amount = promise
+        await conn.execute(
+            ResultQ.ADD_HOUR,
+            job["batch_id"],
+            at.replace(minute=0, second=0, microsecond=0),
+            int(outcome == "completed"),
+            int(outcome != "completed"),
+            cost,
+            seconds,
+            job["account_id"],
+            int(outcome == "no_answer"),
+            int(outcome == "busy"),
+            int(outcome == "voicemail"),
+            int(when is not None or amount is not None),
+            amount or 0,
+        )
 
     async def answered(self, conn: asyncpg.Connection, *, account_id: str, debtor_key: str, at: datetime) -> None:
         await conn.execute(ResultQ.ANSWERED, account_id, debtor_key, at)

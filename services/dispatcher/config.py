@@ -136,7 +136,10 @@ class DispatcherSettings(GrpcServiceSettings):
             config = json.loads(self.simulated_voice_config or "{}")
         except ValueError as exc:
             raise ValueError(f"SIMULATED_VOICE_CONFIG is not JSON: {exc}") from exc
-        SimulatedVoiceBehaviour.from_config(config)  # says which key is wrong
+        try:
+            SimulatedVoiceBehaviour.from_config(config)
+        except ValueError as exc:  # it says which key is wrong, as a device's provider_config
+            raise ValueError(f"SIMULATED_VOICE_CONFIG: {exc}") from None
         return self
 
     @model_validator(mode="after")

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+from cachetools import TTLCache
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -119,21 +120,16 @@ class SenderCache:
 
     def __init__(self, load: LoadSenders, ttl: float = 2.0, size: int = 1000) -> None:
         self.load = load
-        self.ttl = ttl
-        self.size = size
-        self.cache: dict[tuple[int, ...], tuple[float, dict[int, SenderConfig]]] = {}
+        # Expired entries go at their TTL, and the least recently used first when it is full.
+        self.cache: TTLCache[tuple[int, ...], dict[int, SenderConfig]] = TTLCache(size, ttl, timer=time.monotonic)
 
     async def get(self, ids: Sequence[int]) -> dict[int, SenderConfig]:
         key = tuple(sorted(ids))
         hit = self.cache.get(key)
-        now = time.monotonic()
-        if hit is not None and now - hit[0] < self.ttl:
-            return hit[1]
+        if hit is not None:
+            return hit
         value = await self.load(key)
-        self.cache.pop(key, None)
-        self.cache[key] = (now, value)
-        while len(self.cache) > self.size:  # the oldest entry goes first (dicts keep insertion order)
-            del self.cache[next(iter(self.cache))]
+        self.cache[key] = value
         return value
 
     def forget(self) -> None:

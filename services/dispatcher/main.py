@@ -12,7 +12,7 @@ from services.runtime.bus import BATCH_STATE_BUCKET
 from services.runtime.db import check_queries
 from services.runtime.lifecycle import Runtime, serve_grpc
 
-from .calls import CallEngine
+from .call_engine import CallEngine
 from .config import SIMULATED_DEVICES_REFUSED, DispatcherSettings
 from .connections import Connections
 from .crypto import SecretBox

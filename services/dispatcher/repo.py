@@ -11,11 +11,17 @@ import asyncpg
 
 from services.runtime.db import planned_each_time
 
+# What a sender is read as everywhere but where it is sent through (see SenderQ).
+SENDER = """id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
+    rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at, connection,
+    connection_reason, quota_left, connection_checked_at, daily_limit, session,
+    sender_sent_today(id, provider_config) AS sent_today"""
+
 
 class SenderQ:
     # Every query but LOAD_FOR_DISPATCH leaves secret_enc out: the ciphertext is read only
     # where it is decrypted to send.
-    INSERT_SENDER = """
+    INSERT_SENDER = f"""
         INSERT INTO senders (account_id, channel, provider, device_name, token, secret_enc, secret_hint,
                              is_receiver, phone, rate_per_minute, jitter_ms, concurrency, provider_config, status,
                              daily_limit)
@@ -24,58 +30,40 @@ class SenderQ:
                 -- repeating a name still shown on past attempts.
                 COALESCE(NULLIF($4, ''), 'Device ' || (SELECT count(*) + 1 FROM senders WHERE account_id = $1)),
                 $5, $6, $7, $8, $9, $10, $11, $12, $13::jsonb, $14, $15)
-        RETURNING id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-                  rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
-                  connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
-                  sender_sent_today(id, provider_config) AS sent_today"""
-    GET_SENDER = """
-        SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
-               connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
-               sender_sent_today(id, provider_config) AS sent_today
+        RETURNING {SENDER}"""
+    GET_SENDER = f"""
+        SELECT {SENDER}
         FROM senders
         WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL"""
     # Row lock for read-merge-write updates: a concurrent patch of the provider cannot slip
     # between validating a provider_config and writing it.
-    GET_SENDER_FOR_UPDATE = """
-        SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
-               connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
-               sender_sent_today(id, provider_config) AS sent_today
+    GET_SENDER_FOR_UPDATE = f"""
+        SELECT {SENDER}
         FROM senders
         WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
         FOR UPDATE"""
     # An empty channel means every channel.
-    LIST_SENDERS = """
-        SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
-               connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
-               sender_sent_today(id, provider_config) AS sent_today
+    LIST_SENDERS = f"""
+        SELECT {SENDER}
         FROM senders
         WHERE account_id = $1 AND ($2 = '' OR channel = $2) AND deleted_at IS NULL
         ORDER BY id"""
-    LIST_ACTIVE = """
-        SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
-               connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
-               sender_sent_today(id, provider_config) AS sent_today
+    LIST_ACTIVE = f"""
+        SELECT {SENDER}
         FROM senders
         WHERE account_id = $1 AND ($2 = '' OR channel = $2) AND status = 'active' AND deleted_at IS NULL
         ORDER BY id"""
     # The live senders behind a business number ($3 '' = every account's): an inbound webhook
     # names the number, not the account. An account has a handful of senders, so the
     # provider's senders are read whole rather than indexed on their config.
-    BY_NUMBER = """
-        SELECT id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-               rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
-               connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
-               sender_sent_today(id, provider_config) AS sent_today
+    BY_NUMBER = f"""
+        SELECT {SENDER}
         FROM senders
         WHERE provider = $1 AND provider_config->>'phone_number_id' = $2 AND ($3 = '' OR account_id = $3)
           AND deleted_at IS NULL
         ORDER BY id LIMIT 100"""
     # A NULL secret keeps the stored one (and its hint).
-    UPDATE_SENDER = """
+    UPDATE_SENDER = f"""
         UPDATE senders
         SET provider = $3, device_name = $4, token = $5,
             secret_enc = COALESCE($6, secret_enc), secret_hint = COALESCE($7, secret_hint),
@@ -83,10 +71,7 @@ class SenderQ:
             concurrency = $13, provider_config = $14::jsonb, daily_limit = $15, updated_at = now(),
             version = version + 1
         WHERE id = $1 AND account_id = $2 AND deleted_at IS NULL
-        RETURNING id, account_id, channel, provider, device_name, token, secret_hint, status, is_receiver, phone,
-                  rate_per_minute, jitter_ms, concurrency, provider_config, created_at, updated_at,
-                  connection, connection_reason, quota_left, connection_checked_at, daily_limit, session,
-                  sender_sent_today(id, provider_config) AS sent_today"""
+        RETURNING {SENDER}"""
     # Marking a receiver serialises on its account for the rest of the transaction: two
     # concurrent marks then run one after the other, and the second unmarks the first instead
     # of failing on senders_one_receiver. Taken before any row lock, so it cannot deadlock.

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from services.runtime import phones
 from services.runtime.errors import InvalidArgument, NotFound
 from services.runtime.identity import Caller
 from services.runtime.protos import json_object
@@ -44,8 +45,6 @@ MAX_TOKEN = 1024
 MAX_SECRET = 4096
 MAX_DEVICE_NAME = 100
 MAX_CONFIG_BYTES = 16_384
-_PHONE_SEPARATORS = re.compile(r"[\s().-]")
-_PHONE = re.compile(r"^\+?\d{6,15}$")
 _PHONE_NUMBER_ID = re.compile(r"[0-9]{1,32}")
 
 UPDATABLE = frozenset(
@@ -130,13 +129,15 @@ def _choice(value: object, field: str, allowed: Sequence[str]) -> str:
 
 
 def _phone(value: object) -> str:
+    """The device's own number as E.164. The dispatcher does not know the account's country, so a
+    national number is read in Chile's (the operator's): other countries' devices give the +."""
     text = _text(value, "phone", max_len=32)
     if not text:
         return ""
-    digits = _PHONE_SEPARATORS.sub("", text)
-    if not _PHONE.match(digits):
-        raise InvalidArgument("phone must be 6 to 15 digits, optionally starting with +")
-    return digits
+    try:
+        return phones.e164(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"phone {exc}") from None
 
 
 def _config_object(value: object) -> dict[str, Any]:

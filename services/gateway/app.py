@@ -20,8 +20,7 @@ from .auth import Authenticator, GrpcDirectory
 from .body_limits import BodyLimits
 from .clients import Backends
 from .config import GatewaySettings
-from .live import LiveHub
-from .notify_live import NotificationHub
+from .job_socket import LiveHub
 from .request_metrics import RequestMetrics
 from .routes import (
     accounts,
@@ -34,6 +33,7 @@ from .routes import (
     exports,
     jobs,
     notifications,
+    reports,
     system,
     wablas_webhook,
     waha_webhook,
@@ -47,6 +47,7 @@ from .routes import sync as sync_routes
 from .socket_auth import SocketWatch
 from .socket_limit import SocketLimit
 from .stream_metrics import sample_streams_forever
+from .user_socket import NotificationHub
 
 log = logging.getLogger("pregonero.gateway.access")
 
@@ -134,6 +135,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(devices.router)
     app.include_router(bulk.router)
     app.include_router(exports.router)
+    app.include_router(reports.router)
     app.include_router(accounts.router)
     app.include_router(ws.router)
     app.include_router(notifications.router)

@@ -10,7 +10,10 @@ session at once.
 
 The caller's time zone comes with those answers (a session's user's, an API key's account's),
 at no extra call; a static token's is its account's, asked once a minute at most. It travels
-on to the services as `Caller.timezone`; empty when accounts could not say."""
+on to the services as `Caller.timezone`; empty when accounts could not say.
+
+Once a dependency has authenticated the caller, the request acts for it (`acting_for`): the
+backend calls its route makes carry that caller, and routes name none themselves."""
 
 from __future__ import annotations
 
@@ -28,12 +31,13 @@ from typing import Any, Protocol
 
 import grpc
 import jwt
+from cachetools import TTLCache
 from fastapi import Request
 from fastapi.requests import HTTPConnection
 from pregonero.accounts.v1 import accounts_pb2, accounts_pb2_grpc, auth_pb2, auth_pb2_grpc
 
+from services.runtime import identity
 from services.runtime.identity import ADMIN, MEMBER, Caller
-from services.runtime.rpc import outgoing_metadata
 
 from .config import GatewaySettings
 from .errors import ApiError
@@ -118,22 +122,21 @@ class GrpcDirectory:
         self.accounts = accounts
 
     async def jwks(self) -> dict[str, Any]:
-        reply = await self.stub.GetJwks(
-            auth_pb2.GetJwksRequest(), metadata=outgoing_metadata(), timeout=DIRECTORY_TIMEOUT_S
-        )
+        reply = await self.stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=DIRECTORY_TIMEOUT_S)
         return dict(json.loads(reply.jwks_json))
 
     async def session_timezone(self, session_id: str) -> str | None:
         request = auth_pb2.CheckSessionRequest(session_id=session_id)
-        reply = await self.stub.CheckSession(request, metadata=outgoing_metadata(), timeout=DIRECTORY_TIMEOUT_S)
+        reply = await self.stub.CheckSession(request, timeout=DIRECTORY_TIMEOUT_S)
         return reply.timezone if reply.active else None
 
     async def account_timezone(self, caller: Caller) -> str:
         if self.accounts is None:
             return ""
+        # Asked while the caller is being authenticated, before the request acts for it: named.
         reply = await self.accounts.GetAccount(
             accounts_pb2.GetAccountRequest(account_id=caller.account_id),
-            metadata=outgoing_metadata(caller),
+            metadata=caller.metadata(),
             timeout=ACCOUNT_ZONE_TIMEOUT_S,
         )
         return str(reply.timezone)
@@ -141,7 +144,7 @@ class GrpcDirectory:
     async def api_key(self, secret: str) -> KeyOwner | None:
         try:
             reply = await self.stub.ResolveApiKey(
-                auth_pb2.ResolveApiKeyRequest(secret=secret), metadata=outgoing_metadata(), timeout=DIRECTORY_TIMEOUT_S
+                auth_pb2.ResolveApiKeyRequest(secret=secret), timeout=DIRECTORY_TIMEOUT_S
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -154,37 +157,23 @@ _MISSING: Any = object()
 
 
 class TtlCache:
-    """Answers trusted for `ttl` seconds; bounded, and emptied rather than grown past the bound."""
+    """Answers trusted for `ttl` seconds; bounded: when full, the least recently used goes."""
 
     def __init__(self, ttl: float, clock: Callable[[], float], max_entries: int = CACHE_MAX_ENTRIES) -> None:
-        self.ttl = ttl
-        self.clock = clock
-        self.max_entries = max_entries
-        self._data: dict[str, tuple[float, Any]] = {}
+        self._data: TTLCache[str, Any] = TTLCache(max_entries, ttl, timer=clock)
 
     def get(self, key: str, default: Any = None) -> Any:
-        hit = self._data.get(key)
-        if hit is None:
-            return default
-        if self.clock() - hit[0] >= self.ttl:
-            del self._data[key]
-            return default
-        return hit[1]
+        return self._data.get(key, default)
 
     def put(self, key: str, value: Any) -> None:
-        if len(self._data) >= self.max_entries:
-            now = self.clock()
-            self._data = {k: v for k, v in self._data.items() if now - v[0] < self.ttl}
-            if len(self._data) >= self.max_entries:
-                self._data.clear()
-        self._data[key] = (self.clock(), value)
+        self._data[key] = value
 
     def drop(self, key: str) -> None:
         self._data.pop(key, None)
 
     def drop_values(self, predicate: Callable[[Any], bool]) -> None:
-        for key in [k for k, (_, v) in self._data.items() if predicate(v)]:
-            del self._data[key]
+        for key in [k for k, v in self._data.items() if predicate(v)]:
+            self._data.pop(key, None)
 
 
 def bearer_token(authorization: str) -> str:
@@ -469,11 +458,19 @@ class Authenticator:
         )
 
 
+def acting_for(request: HTTPConnection, principal: Principal) -> Principal:
+    """From here on the request (or socket) acts for `principal`'s caller: every backend call
+    it makes carries that caller (the channels read identity.caller_var, runtime/rpc.py). Set
+    in the request's own task (the dependencies are async, so FastAPI awaits them there, not in
+    a thread), it holds for the route's body and ends with the request."""
+    request.state.principal = principal
+    identity.caller_var.set(principal.caller)
+    return principal
+
+
 async def require_principal(request: Request) -> Principal:
     auth: Authenticator = request.app.state.auth
-    principal = await auth.authenticate(request.headers.get("authorization"))
-    request.state.principal = principal
-    return principal
+    return acting_for(request, await auth.authenticate(request.headers.get("authorization")))
 
 
 async def require_caller(request: Request) -> Caller:
@@ -485,5 +482,4 @@ async def caller_or_anonymous(request: Request) -> Caller:
     """For the account-less WhatsApp bulk sender routes, which the operator may open up."""
     auth: Authenticator = request.app.state.auth
     principal = await auth.authenticate(request.headers.get("authorization"), allow_anonymous=True)
-    request.state.principal = principal
-    return principal.caller
+    return acting_for(request, principal).caller

@@ -33,14 +33,14 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import WebSocket
 from starlette.types import Message
 
-from .auth import API_KEY, JWT, Authenticator, Principal
+from .auth import API_KEY, JWT, Authenticator, Principal, acting_for
 from .errors import ApiError
 from .socket_limit import admit, socket_client
 
@@ -70,6 +70,18 @@ def decoded(message: Message) -> dict[str, Any] | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
+
+
+async def client_messages(websocket: WebSocket) -> AsyncIterator[dict[str, Any]]:
+    """What the socket's client sends, as JSON objects (anything else is skipped), until it
+    goes away."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        data = decoded(message)
+        if data is not None:
+            yield data
 
 
 async def refuse(websocket: WebSocket, code: int, error: str, message: str) -> None:
@@ -124,6 +136,8 @@ async def open_socket(websocket: WebSocket, *, allow_anonymous: bool = False) ->
     except ApiError as exc:
         await refuse(websocket, CLOSE_UNAUTHORIZED, "unauthorized", exc.message)
         return None
+    # The socket's handler runs in a task of its own: its backend calls act for this caller.
+    acting_for(websocket, principal)
     return OpenSocket(principal, authorization, client)
 
 

@@ -1,6 +1,7 @@
 """gRPC plumbing shared by every service: the server interceptor (request id, the caller's
 signed identity and what it may call, domain errors → status codes) and client channels that
-sign the caller onward (see service_auth.py)."""
+carry the request on: its request id, the caller it acts for (signed, see service_auth.py) and
+a default deadline, so that code calling a stub passes none of them unless it means another."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import grpc
 from . import identity, metrics, tracing
 from .errors import ERROR_REASON_KEY, DomainError, Unauthenticated
 from .logs import REQUEST_ID_KEY, new_request_id, request_id_var
-from .service_auth import TOKEN_KEY, Callers, Keyring
+from .service_auth import CALLER_KEYS, TOKEN_KEY, Callers, Keyring
 
 log = logging.getLogger("pregonero.rpc")
 
@@ -139,13 +140,31 @@ def _served(service: str, method: str, context: grpc.aio.ServicerContext, starte
     metrics.GRPC_SERVER_SECONDS.labels(service, method).observe(time.perf_counter() - started)
 
 
+# A unary call that sets no deadline of its own gets this one, so a backend that hangs fails
+# the request instead of holding it open. Streams (uploads, exports, watches) last as long as
+# their callers say, so they get none: the long ones pass their own.
+DEFAULT_DEADLINE_S = 10.0
+
+
+def _in_context(metadata: Any) -> list[tuple[str, Any]]:
+    """A call's metadata with what it carries while serving a request: the request's id, and
+    the caller the request acts for (identity.caller_var). What the call names itself wins:
+    a call that acts for another caller keeps that caller, never a second one beside it."""
+    pairs = list(metadata or ())
+    named = {key for key, _ in pairs}
+    if REQUEST_ID_KEY not in named:
+        pairs.append((REQUEST_ID_KEY, request_id_var.get() or new_request_id()))
+    if not named & CALLER_KEYS:
+        who = identity.caller_var.get()
+        if who is not None:
+            pairs.extend(who.metadata())
+    return pairs
+
+
 def outgoing_metadata(caller: identity.Caller | None = None) -> tuple[tuple[str, str], ...]:
-    """Metadata for a call made while serving another: same request id, given caller."""
-    md: list[tuple[str, str]] = [(REQUEST_ID_KEY, request_id_var.get() or new_request_id())]
-    who = caller if caller is not None else identity.caller_var.get()
-    if who is not None:
-        md.extend(who.metadata())
-    return tuple(md)
+    """Metadata for a call made while serving another: same request id, given caller. The
+    channel adds both by itself; name a caller only to act for another than the request's."""
+    return tuple(_in_context(caller.metadata() if caller is not None else ()))
 
 
 # Large enough for upload chunks and big pages; keepalive so idle channels survive proxies.
@@ -183,16 +202,20 @@ SERVER_OPTIONS = [
 
 
 class _Signing:
-    """Turns the caller described in a call's metadata into a token signed for the service
-    at the other end of the channel."""
+    """Completes a call with the request's context (see _in_context), then turns the caller
+    described in its metadata into a token signed for the service at the other end of the
+    channel."""
 
     def __init__(self, keyring: Keyring, audience: str) -> None:
         self.keyring, self.audience = keyring, audience
 
-    def signed(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*self.keyring.sign_metadata(self.audience, details.metadata))
+    def signed(
+        self, details: grpc.aio.ClientCallDetails, *, deadline: float | None = None
+    ) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*self.keyring.sign_metadata(self.audience, _in_context(details.metadata)))
+        timeout = deadline if details.timeout is None else details.timeout
         return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+            details.method, timeout, metadata, details.credentials, details.wait_for_ready
         )
 
 
@@ -212,7 +235,8 @@ async def _answered(call: Any, method: str | bytes, started: float) -> Any:
 class _SignUnaryUnary(_Signing, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         started = time.perf_counter()
-        return await _answered(await continuation(self.signed(details), request), details.method, started)
+        signed = self.signed(details, deadline=DEFAULT_DEADLINE_S)
+        return await _answered(await continuation(signed, request), details.method, started)
 
 
 class _SignUnaryStream(_Signing, grpc.aio.UnaryStreamClientInterceptor):
@@ -234,8 +258,9 @@ class _SignStreamStream(_Signing, grpc.aio.StreamStreamClientInterceptor):
 
 
 def channel(target: str, *, audience: str, keyring: Keyring) -> grpc.aio.Channel:
-    """A channel to the service named `audience`; every call on it carries a token signed by
-    this process for that service alone."""
+    """A channel to the service named `audience`; every call on it carries the request id, a
+    token signed by this process for that service alone (acting for the request's caller
+    unless the call names another), and a unary call DEFAULT_DEADLINE_S unless it sets one."""
     shapes = (_SignUnaryUnary, _SignUnaryStream, _SignStreamUnary, _SignStreamStream)
     interceptors = [*tracing.grpc_client_interceptors(), *(shape(keyring, audience) for shape in shapes)]
     several = "," in target or target.startswith("dns:")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cachetools import TTLCache
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -140,7 +141,8 @@ class Keyring:
             if self.kid not in self.trusted:
                 # A key nobody trusts would make every call of this service fail at its peers.
                 raise ValueError(f"{service}'s signing key is not among SERVICE_PUBLIC_KEYS")
-        self._signed: dict[tuple[str, Caller | None], tuple[float, str]] = {}
+        # A token per (target, caller), reused for REUSE_S; a flood of callers evicts the oldest.
+        self._signed: TTLCache[tuple[str, Caller | None], str] = TTLCache(VERIFIED_MAX, REUSE_S, timer=self.clock)
         self._verified: OrderedDict[str, tuple[float, Verified]] = OrderedDict()
 
     @classmethod
@@ -163,17 +165,15 @@ class Keyring:
         now = self.clock()
         cache_key = (audience, caller)
         hit = self._signed.get(cache_key)
-        if hit is not None and now - hit[0] < REUSE_S:
-            return hit[1]
+        if hit is not None:
+            return hit
         claims: dict[str, Any] = {"iss": self.service, "aud": audience, "iat": int(now), "exp": int(now + TOKEN_TTL_S)}
         if caller is not None:
             claims.update(role=caller.role, acct=caller.account_id, sub=caller.user_id)
             if caller.timezone:
                 claims["tz"] = caller.timezone
         token = jwt.encode(claims, self._key, algorithm=ALGORITHM, headers={"kid": self.kid})
-        if len(self._signed) >= VERIFIED_MAX:  # callers are few; a flood of accounts empties it
-            self._signed.clear()
-        self._signed[cache_key] = (now, token)
+        self._signed[cache_key] = token
         return token
 
     def sign_metadata(self, audience: str, metadata: Any) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from services.campaigns.bulkfile import MAX_LINE_CHARS, BulkFileParser, InvalidRow, Row, normalize_phone
 from services.campaigns.template import MAX_MESSAGE_CHARS, compile_template
 from services.runtime.errors import DomainError, InvalidArgument, PayloadTooLarge
+from services.runtime.phones import reader as phone_reader
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -92,20 +93,31 @@ def test_phone_headers(header: str) -> None:
 @pytest.mark.parametrize(
     ("written", "normalised"),
     [
-        ("+51123123123", "+51123123123"),
-        ("51 123-123-123", "+51123123123"),
-        ("0051123123123", "+51123123123"),
-        ("(51) 123.123.123", "+51123123123"),
-        (" +56 9 1234 5678 ", "+56912345678"),
+        # National numbers are read in the account's country (CL here), as `phonenumbers` reads them.
+        ("981234567", "+56981234567"),
+        (" +56 9 8123 4567 ", "+56981234567"),
+        ("56981234567", "+56981234567"),
+        ("56981234567.0", "+56981234567"),  # a spreadsheet number cell, not an extra digit
+        ("221234567", "+56221234567"),  # Santiago
+        ("(2) 2123-4567", "+56221234567"),
+        ("322123456", "+56322123456"),  # Valparaíso
+        ("41 212 3456", "+56412123456"),  # Concepción
+        # International numbers, with their "+", the "00" prefix, or (as exports drop it) neither.
+        ("+51987654321", "+51987654321"),
+        ("51 987-654-321", "+51987654321"),
+        ("0051987654321", "+51987654321"),
+        ("(51) 987.654.321", "+51987654321"),
         ("+54\u00a09\u00a0351\u00a0555-0101", "+5493515550101"),
-        ("12345678", "+12345678"),
-        ("123456789012345", "+123456789012345"),
-        ("51987654321.0", "+51987654321"),  # a spreadsheet number cell, not an extra digit
+        ("5491136530246", "+5491136530246"),
+        ("+54 11 3653-0246", "+5491136530246"),  # WhatsApp reaches Argentine numbers as mobiles
+        # Issue 16: a Chilean national number is not an Indian one, 8 digits are not +1.
+        ("912345678", None),  # a range Chile has not allocated, refused rather than read as +91
+        ("12345678", None),
+        ("123456789012345", None),
+        ("+51123123123", None),  # right length, no Peruvian range
         ("12", None),
         ("abc", None),
         ("", None),
-        ("1234567", None),
-        ("1234567890123456", None),
         ("0987654321", None),
         ("+0051123123123", None),
         ("51+123123123", None),
@@ -117,6 +129,32 @@ def test_normalize_phone(written: str, normalised: str | None) -> None:
     assert normalize_phone(written) == normalised
 
 
+@pytest.mark.parametrize(
+    ("written", "normalised"),
+    [
+        # An Argentine account's bulk file: a generic phone column is read as a mobile (FORMATS.md).
+        ("11 4444 5555", "+5491144445555"),
+        ("011 15 4444-5555", "+5491144445555"),
+        ("0351 15 555-0101", "+5493515550101"),  # Córdoba
+        ("0341 421-2345", "+5493414212345"),  # Rosario
+        ("0294 15 4123456", "+5492944123456"),  # Bariloche
+        ("0298 15 4123456", "+5492984123456"),  # General Roca
+        ("+54 9 11 4444 5555", "+5491144445555"),
+        ("+56 9 8123 4567", "+56981234567"),
+        ("36530246", None),  # a local number without its area code
+        ("123", None),
+    ],
+)
+def test_normalize_phone_in_argentina(written: str, normalised: str | None) -> None:
+    assert normalize_phone(written, phone_reader("AR")) == normalised
+
+
+def test_an_argentine_account_reads_national_numbers_in_argentina() -> None:
+    rows, parser = parse(b"phone|v\n11 4444 5555|a\n0294 15 4123456|b\n+56981234567|c\n123|d\n", country="AR")
+    assert [row.phone for row in rows] == ["+5491144445555", "+5492944123456", "+56981234567"]
+    assert parser.invalid_samples == [(5, "123", "invalid for AR: too short")]
+
+
 def test_invalid_phones_are_skipped_and_sampled() -> None:
     lines = ["phone|v", "+51987654321|ok", "abc|x", "12|y", "|z", "+51 987 654 322|ok"]
     lines += [f"bad{i}|x" for i in range(30)]
@@ -124,8 +162,8 @@ def test_invalid_phones_are_skipped_and_sampled() -> None:
     assert [row.phone for row in rows] == ["+51987654321", "+51987654322"]
     assert (parser.total_lines, parser.accepted, parser.invalid) == (35, 2, 33)
     assert parser.invalid_samples[:3] == [
-        (3, "abc", "invalid phone"),
-        (4, "12", "invalid phone"),
+        (3, "abc", "invalid for CL: not a phone number"),
+        (4, "12", "invalid for CL: too short"),
         (5, "", "missing phone"),
     ]
     assert len(parser.invalid_samples) == 33  # up to MAX_INVALID_SAMPLES (100) are kept for the reply
@@ -136,9 +174,9 @@ def test_invalid_samples_stop_at_one_hundred_and_cut_long_values() -> None:
     rows, parser = parse("\n".join(lines).encode())
     assert parser.invalid == 150 and len(parser.invalid_samples) == 100
     assert [s.line for s in parser.invalid_samples] == list(range(2, 102))
-    assert parser.invalid_samples[-1] == (101, "bad99", "invalid phone")
+    assert parser.invalid_samples[-1] == (101, "bad99", "invalid for CL: too short")
     _, long = parse(("+51987654321|ok\n" + "9x" * 250 + "|y\n").encode())
-    assert long.invalid_samples == [(2, "9x" * 48 + "9...", "invalid phone")]
+    assert long.invalid_samples == [(2, "9x" * 48 + "9...", "invalid for CL: too long")]
 
 
 def test_duplicates_keep_the_first_row() -> None:
@@ -241,7 +279,10 @@ def test_no_valid_phone_without_a_header_is_no_phone_column() -> None:
 def test_no_valid_phone_under_a_phone_header() -> None:
     error = rejection(b"phone|a\n\n12345|a\nabc|b\n")
     assert isinstance(error, InvalidArgument)
-    assert error.message == "no valid phone numbers: all 2 rows are invalid (line 3: invalid phone '12345')"
+    assert (
+        error.message
+        == "no valid phone numbers: all 2 rows are invalid (line 3: phone '12345' is invalid for CL: too short)"
+    )
 
 
 def test_line_too_long() -> None:
@@ -287,11 +328,21 @@ class Line:
     blank: bool = False
 
 
+# Ranges `phonenumbers` takes as valid whatever the digits drawn after them: (country code, the
+# national number's leading digits, how many digits follow).
+_RANGES = [("56", "98", 7), ("56", "22", 7), ("54", "9113", 7), ("51", "9", 8), ("34", "6", 8)]
+
+
 @st.composite
 def valid_phones(draw: st.DrawFn) -> tuple[str, str]:
-    digits = draw(st.sampled_from("123456789")) + draw(st.text("0123456789", min_size=7, max_size=14))
-    style = draw(st.sampled_from(["+", "00", "", "formatted"]))
-    if style != "formatted":
+    code, lead, rest = draw(st.sampled_from(_RANGES))
+    national = lead + draw(st.text("0123456789", min_size=rest, max_size=rest))
+    # Chilean numbers (the default country's) may also be written nationally.
+    style = draw(st.sampled_from(["+", "00", "", "formatted"] + (["national"] if code == "56" else [])))
+    digits = code + national
+    if style == "national":
+        written = national
+    elif style != "formatted":
         written = style + digits
     else:
         # No separator before the last two digits: "12345678.0" reads as a spreadsheet number.
@@ -444,22 +495,22 @@ def test_a_row_whose_message_would_be_too_long_is_invalid_with_the_reason() -> N
     template = compile_template("Hola @valor1, pedido @valor2 (@valor1)")
     data = (
         "phone|@valor1|@valor2\n"
-        "+56911111111|ana|7\n"
-        f"+56922222222|{'a' * 2040}|{'b' * 10}\n"  # 4,107 characters once rendered
-        f"+56933333333|{'a' * 2020}|{'b' * 10}\n"  # 4,067: long, within the limit
-        "+56922222222|ana|8\n"  # the phone is free again: the row before sends nothing
+        "+56981111111|ana|7\n"
+        f"+56982222222|{'a' * 2040}|{'b' * 10}\n"  # 4,107 characters once rendered
+        f"+56983333333|{'a' * 2020}|{'b' * 10}\n"  # 4,067: long, within the limit
+        "+56982222222|ana|8\n"  # the phone is free again: the row before sends nothing
     ).encode()
     rows, parser = parse(data, template=template)
-    assert [(r.line_no, r.phone) for r in rows] == [(2, "+56911111111"), (4, "+56933333333"), (5, "+56922222222")]
+    assert [(r.line_no, r.phone) for r in rows] == [(2, "+56981111111"), (4, "+56983333333"), (5, "+56982222222")]
     assert all(len(template.render(r.values)) <= MAX_MESSAGE_CHARS for r in rows)
     assert parser.invalid == 1 and parser.duplicates == 0
     assert parser.invalid_samples == [
         InvalidRow(
-            3, "+56922222222", "message too long: 4,107 characters with this row's values, WhatsApp takes at most 4,096"
+            3, "+56982222222", "message too long: 4,107 characters with this row's values, WhatsApp takes at most 4,096"
         )
     ]
 
 
 def test_a_file_of_rows_too_long_is_refused() -> None:
-    error = rejection(f"+56911111111|{'a' * 5000}\n".encode(), template=compile_template("@valor1"))
+    error = rejection(f"+56981111111|{'a' * 5000}\n".encode(), template=compile_template("@valor1"))
     assert isinstance(error, InvalidArgument) and "message too long: 5,000 characters" in error.message

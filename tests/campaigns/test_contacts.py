@@ -7,6 +7,7 @@ earliest due date + its days late + 7.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +28,7 @@ from services.campaigns.contacts import (
     chile_phone,
     normalise_header,
     parse_amount,
+    parse_argentine_id,
     parse_contacts,
     parse_date,
     parse_rut,
@@ -78,12 +80,19 @@ def test_chile_basic_fixture() -> None:
         "due_date": "FechaVencimiento",
         "days_late": "diasRetraso",
     }
-    # 14 people, every third with 3 debts: 24 rows. Person 6 has no phone (3 rows).
-    assert (parsed.total_rows, len(parsed.contacts), parsed.duplicates) == (24, 13, 0)
-    assert parsed.invalid == [Problem(12, "no phone"), Problem(13, "no phone"), Problem(14, "no phone")]
+    # 14 people, every third with 3 debts: 24 rows. Person 6 has no phone (3 rows). The fixture's
+    # invented mobiles +569 14… and +569 15… are in ranges Chile has not allocated, which
+    # `phonenumbers` refuses: row 16's debtor has no other phone, row 6's keeps its landline.
+    assert (parsed.total_rows, len(parsed.contacts), parsed.duplicates) == (24, 12, 0)
+    assert parsed.invalid == [
+        Problem(12, "no phone"),
+        Problem(13, "no phone"),
+        Problem(14, "no phone"),
+        Problem(16, "no valid phone: phone '56914216016' is invalid for CL: not a valid number"),
+    ]
     assert parsed.warnings == [
+        Problem(6, "phone '56915641638' is invalid for CL: not a valid number"),
         Problem(15, "no RUT: the debtor is known only by their phone"),
-        Problem(16, "RUT 12.345.678-0: wrong check digit (expected 5)"),
     ]
     table = [
         (c.row, c.dni, c.phones, c.debt_amount, c.due_date, c.fecha_maxima, c.cantidad_cupones, c.days_late)
@@ -95,8 +104,8 @@ def test_chile_basic_fixture() -> None:
         (2, "5.944.938-9", ("+56986513102", "+56228908662"), m("175471"), d(2025, 9, 18), d(2025, 10, 20), 3, 42),
         # "25269059-K"; mobile 9 digits, landline "+56..."; "45.300,50".
         (5, "25.269.059-K", ("+56997853808", "+56228929172"), m("45300.50"), d(2025, 9, 5), d(2025, 9, 9), 1, 0),
-        # "250283172"; mobile "569..."; a Santiago landline of 8 digits gets the 2.
-        (6, "25.028.317-2", ("+56915641638", "+56225033810"), m("120500"), d(2025, 9, 6), d(2025, 9, 10), 1, 0),
+        # "250283172"; mobile "569..." not allocated; a Santiago landline of 8 digits gets the 2.
+        (6, "25.028.317-2", ("+56225033810",), m("120500"), d(2025, 9, 6), d(2025, 9, 10), 1, 0),
         # A number cell 105934688.0; mobile "09-..." (trunk 0); landline "(2) 914 9208".
         (7, "10.593.468-8", ("+56950798275", "+56229149208"), m("204781.50"), d(2025, 11, 2), d(2025, 9, 14), 3, 42),
         # Mobile "(9) 4202-4521".
@@ -105,8 +114,6 @@ def test_chile_basic_fixture() -> None:
         (11, "21.060.310-7", ("+56222726639",), m("120500"), d(2025, 9, 9), d(2025, 9, 13), 1, 0),
         # No RUT: a job of its own, known by its phone.
         (15, "", ("+56984699699",), m("15990"), d(2025, 9, 26), d(2025, 9, 30), 1, 15),
-        # Wrong check digit: kept, with a warning.
-        (16, "12.345.678-0", ("+56914216016",), m("120500"), d(2025, 10, 24), d(2025, 10, 28), 1, 42),
         (17, "17.050.392-9", ("+56945035464", "+56229708229"), m("204781.50"), d(2025, 9, 27), d(2025, 9, 20), 3, 42),
         # "58268844" is RUT 5.826.884-4.
         (20, "5.826.884-4", ("+56925120003", "+56225247830"), m("120500"), d(2025, 9, 29), d(2025, 10, 3), 1, 15),
@@ -122,7 +129,7 @@ def test_chile_basic_fixture() -> None:
         "",
         "5944938-9",
     )
-    assert [c.key for c in parsed.contacts][6:8] == ["+56984699699", "12345678-0"]
+    assert [c.key for c in parsed.contacts][6:8] == ["+56984699699", "17050392-9"]
 
 
 def test_chile_full_export_fixture() -> None:
@@ -141,10 +148,15 @@ def test_chile_full_export_fixture() -> None:
     }
     # 2000 debts drawn from 1000 people: 868 of them owe something.
     assert (parsed.total_rows, len(parsed.contacts), parsed.duplicates) == (2000, 868, 0)
-    assert parsed.invalid == [] and parsed.warnings == []
+    # The invented mobiles of unallocated ranges (+569 1…) are refused with the library's reason;
+    # every debtor still has its landline.
+    assert parsed.invalid == []
+    assert len(parsed.warnings) == 236
+    assert all(w.reason.endswith("is invalid for CL: not a valid number") for w in parsed.warnings)
     assert sum(c.cantidad_cupones for c in parsed.contacts) == 2000
     assert sum(c.debt_amount for c in parsed.contacts) == Decimal("890748083")
-    assert all(len(c.phones) == 2 and c.phones[0].startswith("+569") for c in parsed.contacts)
+    assert sum(len(c.phones) == 2 and c.phones[0].startswith("+569") for c in parsed.contacts) == 766
+    assert all(c.phones for c in parsed.contacts)
     # Row 2's debtor has rows due 2025-09-21 (late 170) and twice 2025-07-15 (late 47 and 33):
     # on the same earliest date, the row most overdue counts.
     assert parsed.contacts[0] == Contact(
@@ -172,11 +184,12 @@ def test_argentina_fixtures(name: str) -> None:
     assert parsed.invalid == [Problem(7, "no phone")]
     assert parsed.warnings == []
     assert [(c.row, c.name, c.dni, c.phones, c.key) for c in parsed.contacts] == [
-        (2, "Lucía Fernández", "30123456", ("+5491136530246",), "30123456"),
-        (3, "Martín Gómez", "28999111", ("+5491136530247",), "28999111"),
-        (4, "Carla Ruiz", "33444555", ("+5491136530248",), "33444555"),
-        (5, "Pablo Sosa", "40111222", ("+5491136530249",), "40111222"),
-        (6, "Ana Benítez", "27666777", ("+5493515550101",), "27666777"),
+        # DNIs written "30123456", formatted as python-stdnum formats them.
+        (2, "Lucía Fernández", "30.123.456", ("+5491136530246",), "30123456"),
+        (3, "Martín Gómez", "28.999.111", ("+5491136530247",), "28999111"),
+        (4, "Carla Ruiz", "33.444.555", ("+5491136530248",), "33444555"),
+        (5, "Pablo Sosa", "40.111.222", ("+5491136530249",), "40111222"),
+        (6, "Ana Benítez", "27.666.777", ("+5493515550101",), "27666777"),
     ]
     assert all(
         (c.debt_amount, c.due_date, c.fecha_maxima, c.cantidad_cupones, c.days_late) == (None, None, None, 0, None)
@@ -264,8 +277,8 @@ def test_chile_values_in_every_cell_type(tmp_path: Path) -> None:
         tmp_path,
         [
             ["Rut", "Nombre", "Empresa", "Saldo", "Fecha de Vencimiento", "Dias de atraso", "Celular", "Teléfono fijo"],
-            [213731017, "Ana", "Tienda Sur", 1000, datetime(2025, 9, 1), 2, 912345678, 221234567],
-            ["21.373.101-7", "", "", "$ 2.000", 45910, "5", "+56 9 1234 5678", ""],
+            [213731017, "Ana", "Tienda Sur", 1000, datetime(2025, 9, 1), 2, 981234567, 221234567],
+            ["21.373.101-7", "", "", "$ 2.000", 45910, "5", "+56 9 8123 4567", ""],
             ["21373101-7", "", "", 0.5, "20/09/2025", None, "", "(2) 123 4567"],
         ],
     )
@@ -275,7 +288,7 @@ def test_chile_values_in_every_cell_type(tmp_path: Path) -> None:
             row=2,
             name="Ana",
             dni="21.373.101-7",
-            phones=("+56912345678", "+56221234567"),
+            phones=("+56981234567", "+56221234567"),
             company="Tienda Sur",
             debt_amount=Decimal("3000.5"),
             # Latest: 2025-09-20, no days late given; earliest: 2025-09-01, 2 days late.
@@ -291,11 +304,11 @@ def test_chile_values_in_every_cell_type(tmp_path: Path) -> None:
 
 def test_unreadable_values_are_warnings(tmp_path: Path) -> None:
     text = "rut,nombre,saldo,vencimiento,dias de retraso,celular,telefono fijo\n"
-    text += "12345678-5,Ana,mucho,ayer,tres,912345678,12\n"
+    text += "12345678-5,Ana,mucho,ayer,tres,981234567,12\n"
     text += "12345678-5,Ana,1.000,2025-09-01,3,,\n"
     parsed = parse_text(tmp_path, text)
     assert parsed.warnings == [
-        Problem(2, "landline '12' is not a Chilean phone number"),
+        Problem(2, "landline '12' is invalid for CL: too short"),
         Problem(2, "'mucho' is not an amount: left out of the debt"),
         Problem(2, "days late 'tres' is not a number of days"),
         Problem(2, "due date 'ayer' is not a date"),
@@ -308,7 +321,7 @@ def test_a_debtor_without_any_phone_is_invalid_on_every_row(tmp_path: Path) -> N
     text = "rut,celular,telefono residencial\n12345678-5,123,\n12345678-5,,\n1-9,,221234567\n1-9,,\n"
     parsed = parse_text(tmp_path, text)
     assert parsed.invalid == [
-        Problem(2, "no valid phone: phone '123' is not a Chilean phone number"),
+        Problem(2, "no valid phone: phone '123' is invalid for CL: too short"),
         Problem(3, "no phone"),
     ]
     # The second debtor's phone comes from its other row.
@@ -403,6 +416,46 @@ def test_argentina_landline_column(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("value", "formatted", "key", "warning"),
+    [
+        ("30.123.456", "30.123.456", "30123456", ""),  # DNI
+        (30123456.0, "30.123.456", "30123456", ""),
+        ("7654321", "7.654.321", "7654321", ""),
+        ("20-30123456-3", "20-30123456-3", "20301234563", ""),  # CUIL of a person
+        ("20301234563", "20-30123456-3", "20301234563", ""),
+        ("30-70912345-5", "30-70912345-5", "30709123455", ""),  # CUIT of a company
+        ("20-30123456-7", "20-30123456-7", "20301234567", "CUIT/CUIL 20-30123456-7: wrong check digit (expected 3)"),
+        ("30709123451", "30-70912345-1", "30709123451", "CUIT/CUIL 30-70912345-1: wrong check digit (expected 5)"),
+        ("99-30123456-3", "99-30123456-3", "99301234563", "CUIT/CUIL 99-30123456-3: unknown type 99"),
+        ("A-12", "A-12", "A12", "id 'A-12' is not a DNI, CUIT or CUIL: kept as written"),
+        ("", "", "", ""),
+    ],
+)
+def test_parse_argentine_id(value: object, formatted: str, key: str, warning: str) -> None:
+    assert tuple(parse_argentine_id(value)) == (formatted, key, warning)
+
+
+def test_argentine_ids_with_a_wrong_check_digit_are_kept_with_a_warning(tmp_path: Path) -> None:
+    text = "nombre,cuil,celular\nAna,20-30123456-3,1136530246\nLuis,20-30123456-7,1136530247\n"
+    parsed = parse_text(tmp_path, text)
+    assert [(c.dni, c.key) for c in parsed.contacts] == [
+        ("20-30123456-3", "20301234563"),
+        ("20-30123456-7", "20301234567"),
+    ]
+    assert parsed.warnings == [Problem(3, "CUIT/CUIL 20-30123456-7: wrong check digit (expected 3)")]
+
+
+def test_a_rut_with_a_wrong_check_digit_is_kept_with_a_warning(tmp_path: Path) -> None:
+    text = "rut,celular\n12.345.678-5,981234567\n12.345.678-0,981234568\n25.269.059-1,981234569\n"
+    parsed = parse_text(tmp_path, text)
+    assert [c.dni for c in parsed.contacts] == ["12.345.678-5", "12.345.678-0", "25.269.059-1"]
+    assert parsed.warnings == [
+        Problem(3, "RUT 12.345.678-0: wrong check digit (expected 5)"),
+        Problem(4, "RUT 25.269.059-1: wrong check digit (expected K)"),
+    ]
+
+
 # --- duplicates and the form's day counts -------------------------------------------------------
 
 
@@ -417,15 +470,15 @@ def test_duplicates_in_the_file(tmp_path: Path) -> None:
 
 
 def test_chile_rows_of_one_rut_are_grouped_not_duplicates(tmp_path: Path) -> None:
-    text = "rut,celular\n12.345.678-5,912345678\n12345678-5,912345678\n,912345679\n,912345679\n"
+    text = "rut,celular\n12.345.678-5,981234567\n12345678-5,981234567\n,981234568\n,981234568\n"
     parsed = parse_text(tmp_path, text)
-    assert [(c.key, c.cantidad_cupones) for c in parsed.contacts] == [("12345678-5", 2), ("+56912345679", 1)]
+    assert [(c.key, c.cantidad_cupones) for c in parsed.contacts] == [("12345678-5", 2), ("+56981234568", 1)]
     assert parsed.duplicates == 1
     allowed = parse_text(tmp_path, text, allow_duplicates=True)
     assert [(c.key, c.cantidad_cupones) for c in allowed.contacts] == [
         ("12345678-5", 2),
-        ("+56912345679", 1),
-        ("+56912345679", 1),
+        ("+56981234568", 1),
+        ("+56981234568", 1),
     ]
 
 
@@ -486,39 +539,53 @@ def test_any_rut_formats_and_parses_back_to_itself(body: int) -> None:
 # --- phones -------------------------------------------------------------------------------------
 
 
+def read(phone: Callable[..., str], value: object, landline: bool) -> str | None:
+    """The E.164 a reader gives, None when it refuses the value (with a reason, checked elsewhere)."""
+    try:
+        return phone(value, landline=landline)
+    except ValueError as exc:
+        assert str(exc).startswith("invalid for ")
+        return None
+
+
 @pytest.mark.parametrize(
     ("value", "landline", "e164"),
     [
-        ("+56912345678", False, "+56912345678"),
-        ("56912345678", False, "+56912345678"),
-        ("912345678", False, "+56912345678"),
-        (912345678.0, False, "+56912345678"),
-        ("912345678.0", False, "+56912345678"),
-        ("09-12345678", False, "+56912345678"),
-        ("(9) 1234-5678", False, "+56912345678"),
-        ("+56 9 1234 5678", False, "+56912345678"),
-        ("91234567", False, "+56991234567"),  # an 8-digit 9xxxxxxx gets another 9
-        ("91234567", True, "+56991234567"),
+        ("+56981234567", False, "+56981234567"),
+        ("56981234567", False, "+56981234567"),
+        ("981234567", False, "+56981234567"),
+        (981234567.0, False, "+56981234567"),
+        ("981234567.0", False, "+56981234567"),
+        ("09-81234567", False, "+56981234567"),
+        ("(9) 8123-4567", False, "+56981234567"),
+        ("+56 9 8123 4567", False, "+56981234567"),
+        ("98123456", False, "+56998123456"),  # an 8-digit 9xxxxxxx gets another 9
+        ("98123456", True, "+56998123456"),
         ("81234567", False, "+56981234567"),  # in a mobile column, any old 8-digit mobile
         ("221234567", True, "+56221234567"),
         ("+56221234567", True, "+56221234567"),
         ("21234567", True, "+56221234567"),  # an 8-digit Santiago number gets the 2
         ("21234567", False, "+56221234567"),
-        ("81234567", True, "+56281234567"),
+        ("21234567", True, "+56221234567"),
         ("2345678", True, "+56222345678"),  # a 7-digit one gets the 22
         ("(2) 123 4567", True, "+56221234567"),
         ("02 2123 4567", True, "+56221234567"),
         ("322123456", True, "+56322123456"),  # Valparaíso
+        ("(32) 212 3456", True, "+56322123456"),
+        ("412123456", True, "+56412123456"),  # Concepción
+        ("041 212 3456", True, "+56412123456"),
         ("", False, None),
         ("12345", False, None),
-        ("812345678", False, None),
+        ("812345678", False, "+56812345678"),  # a fixed line of a range the library knows
+        ("912345678", False, None),  # no operator has this range: refused, with the library's reason
+        ("81234567", True, None),  # a Santiago number 2 8123 4567: not allocated
         ("+51987654321", False, None),
         ("9123456789", False, None),
         ("abc", False, None),
     ],
 )
 def test_chile_phone(value: object, landline: bool, e164: str | None) -> None:
-    assert chile_phone(value, landline=landline) == e164
+    assert read(chile_phone, value, landline) == e164
 
 
 @pytest.mark.parametrize(
@@ -534,11 +601,17 @@ def test_chile_phone(value: object, landline: bool, e164: str | None) -> None:
         ("15 3653-0246", False, "+5491136530246"),
         (1136530246.0, False, "+5491136530246"),
         ("+54 9 351 555-0101", False, "+5493515550101"),
-        ("0351 15 555-0101", False, "+5493515550101"),
+        ("0351 15 555-0101", False, "+5493515550101"),  # Córdoba
+        ("0341 15 421-2345", False, "+5493414212345"),  # Rosario
+        ("0294 15 4123456", False, "+5492944123456"),  # Bariloche: no hand-kept list misses it now
+        ("0298 15 4123456", False, "+5492984123456"),  # General Roca
+        ("294 15 4123456", False, "+5492944123456"),  # the 15 without the trunk 0
         ("02966 15 41-0101", False, "+5492966410101"),  # a four-digit area code
         ("011 4555-0101", True, "+541145550101"),
         ("36530246", True, "+541136530246"),
         ("+54 11 4555-0101", True, "+541145550101"),
+        ("0341 421-2345", True, "+543414212345"),
+        ("0294 442-1234", True, "+542944421234"),
         ("011 15 3653-0246", True, "+5491136530246"),  # written as a mobile, it stays one
         ("+54 9 11 3653-0246", True, "+5491136530246"),
         ("", False, None),
@@ -550,20 +623,37 @@ def test_chile_phone(value: object, landline: bool, e164: str | None) -> None:
     ],
 )
 def test_argentina_phone(value: object, landline: bool, e164: str | None) -> None:
-    assert argentina_phone(value, landline=landline) == e164
+    assert read(argentina_phone, value, landline) == e164
+
+
+@pytest.mark.parametrize(
+    ("phone", "value", "reason"),
+    [
+        (chile_phone, "12345", "invalid for CL: too short"),
+        (chile_phone, "912345678", "invalid for CL: not a valid number"),
+        (chile_phone, "+51987654321", "invalid for CL: a number of another country"),
+        (chile_phone, "abc", "invalid for CL: not a phone number"),
+        (argentina_phone, "12345", "invalid for AR: too short"),
+        (argentina_phone, "+56981234567", "invalid for AR: a number of another country"),
+    ],
+)
+def test_phone_reasons(phone: Callable[..., str], value: str, reason: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        phone(value)
+    assert str(caught.value) == reason
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(min_value=0, max_value=9_999_999))
-def test_any_8_digit_9_number_is_a_mobile(number: int) -> None:
-    digits = f"9{number:07d}"
+@given(st.integers(min_value=0, max_value=999_999))
+def test_any_8_digit_98_number_is_a_mobile(number: int) -> None:
+    digits = f"98{number:06d}"
     assert chile_phone(digits) == chile_phone(digits, landline=True) == "+569" + digits
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(min_value=10_000_000, max_value=99_999_999), st.integers(min_value=0, max_value=5))
+@given(st.integers(min_value=0, max_value=9_999_999), st.integers(min_value=0, max_value=5))
 def test_any_written_chilean_mobile_is_the_same_e164(number: int, style: int) -> None:
-    n = f"9{number}"
+    n = f"98{number:07d}"
     written = [f"+56{n}", n, f"56{n}", f"0{n[:1]}-{n[1:]}", f"({n[0]}) {n[1:5]}-{n[5:]}", float(n)][style]
     assert chile_phone(written) == "+56" + n
 

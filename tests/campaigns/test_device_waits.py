@@ -22,12 +22,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from services.campaigns.batch_publisher import Notifier
 from services.campaigns.batches import Batches
 from services.campaigns.device_events import DeviceEvents
 from services.campaigns.feeder import Feeder
-from services.campaigns.notify import Notifier
 from services.campaigns.repo import NO_CONNECTED_DEVICES, CampaignsRepo
-from services.campaigns.results import ResultsApplier
+from services.campaigns.results_applier import ResultsApplier
 from services.dispatcher.crypto import SecretBox
 from services.dispatcher.device_states import DeviceStates
 from services.dispatcher.engine import Engine, SenderCache

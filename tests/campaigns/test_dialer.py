@@ -19,9 +19,9 @@ import pytest
 from pregonero.events.v1 import events_pb2
 
 from services.campaigns import voice_repo
+from services.campaigns.batch_publisher import Notifier
 from services.campaigns.credit import AccountInfo, NoCredit
 from services.campaigns.dialer import Dialer
-from services.campaigns.notify import Notifier
 from services.campaigns.repo import CampaignsRepo
 from services.campaigns.voice_repo import VoiceRepo
 from tests.conftest import bus_client, collected, service_pool

@@ -24,10 +24,10 @@ from nats.js import JetStreamContext
 from pregonero.events.v1 import events_pb2
 
 from services.campaigns import feeder as feeder_module
+from services.campaigns.batch_publisher import Notifier
 from services.campaigns.batches import Batches
 from services.campaigns.credit import NoCredit, Price
 from services.campaigns.feeder import CHUNK_BYTES, Backoff, Feeder, pack
-from services.campaigns.notify import Notifier
 from services.campaigns.repo import CampaignsRepo
 from services.runtime.bus import BATCH_STATE_BUCKET, DISPATCH_STREAM
 from tests.conftest import bus_client, service_pool

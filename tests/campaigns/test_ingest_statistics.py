@@ -12,8 +12,8 @@ from uuid import UUID
 import asyncpg
 import pytest
 
+from services.campaigns.batch_publisher import Notifier
 from services.campaigns.batches import Batches, SenderChoice
-from services.campaigns.notify import Notifier
 from services.campaigns.repo import CampaignsRepo
 from services.runtime.bus import BATCH_STATE_BUCKET
 from tests.conftest import bus_client, service_pool
@@ -32,7 +32,8 @@ async def batches(fresh_db: str, own_nats: str) -> AsyncIterator[tuple[Batches, 
 
 async def upload(batches: Batches, rows: int, first: int = 0) -> UUID:
     async def chunks() -> AsyncIterator[bytes]:
-        yield "".join(f"+569{first + i:08d}|v{i}\n" for i in range(rows)).encode()
+        # Chilean mobiles +569 8…, a range `phonenumbers` takes as valid.
+        yield "".join(f"+5698{first + i:07d}|v{i}\n" for i in range(rows)).encode()
 
     ingested = await batches.ingest_bulk_file(
         account_id="stats-acc",

@@ -27,12 +27,12 @@ from nats.js import JetStreamContext
 from pregonero.events.v1 import events_pb2
 
 from services.campaigns import messages_repo, repo
+from services.campaigns.batch_publisher import Notifier
 from services.campaigns.batches import Batches, SenderChoice
 from services.campaigns.credit import AccountInfo, Price
 from services.campaigns.messages_repo import MessagesRepo
-from services.campaigns.notify import Notifier
 from services.campaigns.repo import CampaignsRepo
-from services.campaigns.results import ResultsApplier
+from services.campaigns.results_applier import ResultsApplier
 from services.campaigns.scheduled_messages import DueMessages, ScheduledMessages
 from services.campaigns.template import UnknownVariable, compile_for, compile_named
 from services.runtime.bus import BATCH_STATE_BUCKET

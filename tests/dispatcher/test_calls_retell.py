@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from pregonero.events.v1 import events_pb2
 
-from services.dispatcher.calls import CallEngine
+from services.dispatcher.call_engine import CallEngine
 from services.dispatcher.providers.retell import RetellVoiceProvider
 from services.dispatcher.repo import AttemptsRepo
 from services.runtime import bus

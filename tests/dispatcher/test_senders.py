@@ -111,13 +111,13 @@ def test_short_secrets_show_no_characters() -> None:
 
 async def test_create_fills_defaults_and_numbers_unnamed_devices(stub: Stub, senders: Senders) -> None:
     first = await create(stub)
-    second = await create(stub, phone="+56 9 1234-5678")
+    second = await create(stub, phone="9 8123-4567")  # national: read in Chile, the operator's country
     named = await create(stub, device_name="  Ventas  ")
     assert (first.device_name, second.device_name, named.device_name) == ("Device 1", "Device 2", "Ventas")
     assert first.account_id == "default" and first.channel == "whatsapp" and first.provider == "simulated"
     assert first.status == "active" and first.rate_per_minute == 60 and first.jitter_ms == 0
     assert not first.is_receiver and first.provider_config_json == "{}"
-    assert second.phone == "+56912345678"
+    assert second.phone == "+56981234567"
     assert first.created_at.seconds > 0 and first.updated_at.seconds > 0
     assert (await senders.load_for_dispatch([first.id]))[first.id].concurrency == 4
 
@@ -134,6 +134,8 @@ CREATE_ERRORS = [
     ({"provider": "twilio"}, "provider must be one of: simulated, whatsapp_cloud"),
     ({"channel": "sms"}, "channel"),
     ({"phone": "call me"}, "phone"),
+    ({"phone": "+56 9 1234 5678"}, "phone invalid for CL: not a valid number"),  # a range not allocated
+    ({"phone": "12345678"}, "phone invalid for CL: too short"),
     ({"provider_config_json": "nope"}, "provider_config is not valid JSON"),
     ({"provider_config_json": "[1, 2]"}, "provider_config must be a JSON object"),
     ({"provider_config_json": '{"failure_ratio": 2}'}, "failure_ratio"),
@@ -272,7 +274,7 @@ async def test_list_is_ordered_and_filters_active(stub: Stub, senders: Senders) 
 
 async def test_load_for_dispatch_decrypts_usable_senders_only(stub: Stub, pool: asyncpg.Pool, senders: Senders) -> None:
     usable = await create(
-        stub, phone="+56911112222", rate_per_minute=30, jitter_ms=100, provider_config_json='{"seed": 7}'
+        stub, phone="+56981112222", rate_per_minute=30, jitter_ms=100, provider_config_json='{"seed": 7}'
     )
     other_account = await create(stub, account_id="acme", secret="acme-secret-0000")
     inactive = await create(stub, status="inactive")
@@ -285,7 +287,7 @@ async def test_load_for_dispatch_decrypts_usable_senders_only(stub: Stub, pool: 
         "simulated",
         "tok-1",
         SECRET,
-        "+56911112222",
+        "+56981112222",
     )
     assert (cfg.rate_per_minute, cfg.jitter_ms, cfg.concurrency, cfg.config) == (30, 100, 4, {"seed": 7})
     assert loaded[other_account.id].secret == "acme-secret-0000"

@@ -46,7 +46,9 @@ def req(s: SenderConfig, attempt_id: str | None = None, to: str = "+56912345678"
 
 
 def test_behaviour_defaults_and_full_parse() -> None:
-    assert SimulatedBehaviour.from_config({}) == SimulatedBehaviour(0.0, 0.0, 0.0, 0.0, None)
+    assert SimulatedBehaviour.from_config({}) == SimulatedBehaviour(
+        latency_ms=0.0, latency_jitter_ms=0.0, failure_ratio=0.0, rate_limit_ratio=0.0, seed=None
+    )
     b = SimulatedBehaviour.from_config(
         {"latency_ms": 120, "latency_jitter_ms": 30.5, "failure_ratio": 0.1, "rate_limit_ratio": 0.25, "seed": 7}
     )

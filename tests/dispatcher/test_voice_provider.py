@@ -68,7 +68,16 @@ def without_times(result: CallResult) -> tuple:
 
 def test_behaviour_defaults_and_full_parse() -> None:
     assert SimulatedVoiceBehaviour.from_config(None) == SimulatedVoiceBehaviour.from_config({})
-    assert SimulatedVoiceBehaviour.from_config({}) == SimulatedVoiceBehaviour(0.6, 0.1, 0.1, 0.05, 60.0, 30.0, 1.0, 0)
+    assert SimulatedVoiceBehaviour.from_config({}) == SimulatedVoiceBehaviour(
+        answer_ratio=0.6,
+        busy_ratio=0.1,
+        voicemail_ratio=0.1,
+        failure_ratio=0.05,
+        duration_s=60.0,
+        duration_spread_s=30.0,
+        time_scale=1.0,
+        seed=0,
+    )
     parsed = SimulatedVoiceBehaviour.from_config(
         {
             "answer_ratio": 0.5,
@@ -81,7 +90,16 @@ def test_behaviour_defaults_and_full_parse() -> None:
             "seed": 7,
         }
     )
-    assert parsed == SimulatedVoiceBehaviour(0.5, 0.2, 0.1, 0.2, 90.0, 10.0, 0.01, 7)
+    assert parsed == SimulatedVoiceBehaviour(
+        answer_ratio=0.5,
+        busy_ratio=0.2,
+        voicemail_ratio=0.1,
+        failure_ratio=0.2,
+        duration_s=90.0,
+        duration_spread_s=10.0,
+        time_scale=0.01,
+        seed=7,
+    )
 
 
 def test_setting_one_ratio_zeroes_the_others() -> None:
@@ -93,7 +111,7 @@ def test_setting_one_ratio_zeroes_the_others() -> None:
     ("config", "message"),
     [
         ([], "must be an object"),
-        ({"answer_rate": 0.5}, "unknown simulated voice config keys: answer_rate"),
+        ({"answer_rate": 0.5}, "provider_config: unknown key answer_rate"),
         ({"answer_ratio": 1.5}, "answer_ratio"),
         ({"busy_ratio": -0.1}, "busy_ratio"),
         ({"failure_ratio": True}, "failure_ratio"),
@@ -114,7 +132,8 @@ def test_bad_behaviour_is_refused(config: Any, message: str) -> None:
 async def test_a_line_with_a_bad_config_places_no_call() -> None:
     provider = SimulatedVoiceProvider()
     result = await provider.call(request("a-1", {"answer_ratio": 2}))
-    assert result.status == "failed" and result.error.startswith("InvalidConfig: answer_ratio")
+    assert result.status == "failed"
+    assert result.error.startswith("InvalidConfig: provider_config.answer_ratio: must be at most 1")
     assert provider.calls == {} and await provider.lookup("a-1") is None
 
 

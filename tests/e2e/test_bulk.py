@@ -20,7 +20,9 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 def phones(prefix: int, n: int) -> list[str]:
-    return [f"+569{prefix:02d}{i:06d}" for i in range(n)]
+    """n Chilean mobiles of a test's own (prefix below 100, n up to 100,000), +569 4…: a range
+    `phonenumbers` takes as valid whatever the digits after it (+569 0… and 1… are not allocated)."""
+    return [f"+5694{prefix:02d}{i:05d}" for i in range(n)]
 
 
 def make_file(numbers: list[str], *, header: bool = True) -> bytes:
@@ -103,7 +105,7 @@ def test_bulk_file_completes_with_live_progress_and_no_duplicates(base_url: str,
     add_device(base_url, rate_per_minute=0, provider_config={"failure_ratio": 0.1, "seed": 7})
     add_device(base_url, rate_per_minute=0)
     numbers = phones(10, 1500)
-    data = make_file(numbers).replace(b"\n+56910000003|", b"\n\n+56910000003|") + b"not-a-phone|x\n"
+    data = make_file(numbers).replace(b"\n+56941000003|", b"\n\n+56941000003|") + b"not-a-phone|x\n"
     r = send_file(base_url, data, devices_limit=5)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -325,7 +327,7 @@ def test_paging_beyond_the_wire_limits_is_422(base_url: str, suite: Stack) -> No
 def test_more_than_a_million_recipients_is_413(base_url: str, suite: Stack) -> None:
     add_device(base_url, rate_per_minute=0)
     before = _counts(suite)
-    data = b"".join(b"+5691%07d\n" % i for i in range(1_000_001))
+    data = b"".join(b"+5698%07d\n" % i for i in range(1_000_001))
     r = send_file(base_url, data)
     assert r.status_code == 413, r.text
     assert "1,000,000" in r.json()["message"]

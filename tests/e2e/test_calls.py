@@ -55,9 +55,10 @@ def workbook(n: int) -> bytes:
             "Teléfono Residencial",
         ]
     )
+    # Mobiles +569 71…, a range `phonenumbers` takes as valid (+569 70… is not allocated).
     for i in range(n):
         ws.append(
-            [rut(15_000_000 + i), f"Deudor {i}", 10_000 + i, "15/10/2026", 5, f"9{70000000 + i}", f"22{3000000 + i}"]
+            [rut(15_000_000 + i), f"Deudor {i}", 10_000 + i, "15/10/2026", 5, f"9{71000000 + i}", f"22{3000000 + i}"]
         )
     out = io.BytesIO()
     wb.save(out)

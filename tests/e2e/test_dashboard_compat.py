@@ -111,7 +111,8 @@ def debtors_workbook(n: int, first: int) -> bytes:
     ws = wb.active
     ws.append(["RUT", "Nombre", "Saldo actualizado", "FechaVencimiento", "Teléfono móvil", "Teléfono Residencial"])
     for i in range(first, first + n):
-        ws.append([f"{i}-{rut_check(i)}", f"Deudor {i}", 10_000 + i, "15/10/2026", f"9{i % 100_000_000:08d}", ""])
+        # Mobiles +569 8…, a range `phonenumbers` takes as valid (+569 1… is not allocated).
+        ws.append([f"{i}-{rut_check(i)}", f"Deudor {i}", 10_000 + i, "15/10/2026", f"98{i % 10_000_000:07d}", ""])
     out = io.BytesIO()
     wb.save(out)
     return out.getvalue()

@@ -57,7 +57,7 @@ def test_device_crud_round_trip(base_url: str) -> None:
     r = httpx.post(
         f"{base_url}/devices",
         headers=ADMIN,
-        json={"token": "inst-42", "secret": "very-secret-key-7788", "device_name": "Ventas", "phone": "+56912345678"},
+        json={"token": "inst-42", "secret": "very-secret-key-7788", "device_name": "Ventas", "phone": "+56981234567"},
     )
     assert r.status_code == 200, r.text
     created = r.json()
@@ -67,7 +67,7 @@ def test_device_crud_round_trip(base_url: str) -> None:
     assert isinstance(device["id"], int)
     assert device["token"] == "inst-42" and device["secret_masked"] == "••••••7788"
     assert device["device_name"] == "Ventas" and device["status"] == "active"
-    assert device["is_receiver"] is False and device["phone"] == "+56912345678"
+    assert device["is_receiver"] is False and device["phone"] == "+56981234567"
     assert device["rate_per_minute"] == 60 and device["jitter_ms"] == 0 and device["provider"] == "simulated"
     assert device["created_at"].endswith("Z") and device["updated_at"].endswith("Z")
     assert "very-secret-key" not in r.text

@@ -2,16 +2,16 @@
 device and a small voice campaign called on the simulated line, each downloaded as CSV (read
 with the `csv` module) and as XLSX (opened with openpyxl), checked against what the API says
 of the same job, row by row; text a recipient supplied that a spreadsheet would run as a
-formula comes out neutralised. Another account's job is 404, a bad format or type 400."""
+formula comes out neutralised. A scheduled message sent to a group exports as messages, groups
+and message results, the ledger as transactions (made by accounts), each scoped to its
+account. Another account's job, message or ledger is 404, a bad format, type or a missing id
+400. A download given up stops its export."""
 
 from __future__ import annotations
 
 import asyncio
 import csv
-import glob
 import io
-import os
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -22,14 +22,16 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psutil
 import pytest
 from openpyxl import load_workbook
 
-from services.campaigns.exports import neutral
 from services.runtime.devstack import Stack
+from services.runtime.exports import neutral
 from tests.conftest import ADMIN_TOKEN, MEMBER_TOKEN, wait_for
 from tests.e2e.test_bulk import phones
 from tests.e2e.test_calls import ALL_DAY, completed, new_account, upload_campaign
+from tests.e2e.test_scheduled_messages import account, create, group, in_state, local_in
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 MEMBER = {"Authorization": f"Bearer {MEMBER_TOKEN}"}  # a member of "acme": none of the jobs below
@@ -188,6 +190,7 @@ def test_bulk_results_as_xlsx_have_typed_cells_a_frozen_header_and_every_row(
     assert len(rows) == RECIPIENTS + 1
     assert sheet.freeze_panes == "A2"
     assert sheet.column_dimensions["B"].width > 10  # phones fit
+    assert all(cell.font.b for cell in sheet[1])  # a bold header
 
     api = api_results(base_url, c)
     for n, row in enumerate(rows[1:], start=1):
@@ -202,6 +205,7 @@ def test_bulk_results_as_xlsx_have_typed_cells_a_frozen_header_and_every_row(
     by_phone = {row[1]: row for row in rows[1:]}
     for i, text in INJECTED.items():
         assert by_phone[c.numbers[i]][11] == "'" + text
+    assert sheet["G2"].number_format == "yyyy-mm-dd hh:mm:ss"
 
 
 def test_a_voice_campaign_exports_each_job_with_its_outcome(base_url: str, campaigns: Campaigns) -> None:
@@ -279,8 +283,15 @@ def test_a_bad_format_or_type_is_refused_with_the_allowed_values(base_url: str, 
         (f"/jobs/{c.job_id}/results/export", {"format": "pdf"}, "csv, xlsx"),
         (f"/api/v1/batches/{c.batch_id}/export", {"format": "xls"}, "csv, xlsx"),
         ("/api/reports/export", {"type": "bulk_job_results", "job_id": c.job_id, "format": "ods"}, "csv, xlsx"),
-        ("/api/reports/export", {"type": "invoices"}, "contacts, bulk_job_results, voice_batch_jobs"),
-        ("/api/reports/export", {"type": "bulk_job_results"}, "job_id is required"),
+        (
+            "/api/reports/export",
+            {"type": "invoices"},
+            "messages, contacts, groups, message_results, bulk_job_results, voice_batch_jobs, transactions",
+        ),
+        ("/api/reports/export", {"type": "bulk_job_results"}, "job_id is required for type=bulk_job_results"),
+        ("/api/reports/export", {"type": "message_results"}, "message_id is required for type=message_results"),
+        ("/api/reports/export", {"type": "voice_batch_jobs", "batch_id": " "}, "batch_id is required"),
+        ("/api/reports/export", {"type": "transactions", "format": "pdf"}, "csv, xlsx"),
     ):
         r = httpx.get(f"{base_url}{path}", headers=c.key, params=params, timeout=30)
         assert r.status_code == 400, (path, params, r.status_code, r.text[:300])
@@ -311,22 +322,151 @@ async def filled_job(database_url: str, rows: int) -> str:
         await conn.close()
 
 
-def export_dirs() -> set[str]:
-    """The workbooks being made on this machine (the services share its temporary directory)."""
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "pregonero-export-*")))
+def cpu_seconds(suite: Stack, name: str) -> float:
+    times = psutil.Process(suite.service_procs[name].popen.pid).cpu_times()
+    return float(times.user + times.system)
 
 
-def test_a_client_that_goes_away_stops_the_export(base_url: str, suite: Stack) -> None:
-    job_id = asyncio.run(filled_job(suite.database_url, 200_000))  # a workbook of seconds of work
-    before = export_dirs()
+def test_a_workbook_starts_at_once_and_a_client_that_goes_away_stops_it(base_url: str, suite: Stack) -> None:
+    job_id = asyncio.run(filled_job(suite.database_url, 400_000))  # a workbook of seconds of work
     with httpx.Client(base_url=base_url, headers=ADMIN, timeout=60) as client:
+        started = time.monotonic()
         with client.stream("GET", f"/jobs/{job_id}/results/export", params={"format": "xlsx"}) as r:
             assert r.status_code == 200
-            wait_for("the workbook is being made", lambda: export_dirs() - before, timeout=20, every=0.05)
-        gone = time.monotonic()
-        # Stopped where it was (the page being written ends), its directory removed.
-        wait_for("the export stops", lambda: not export_dirs() - before, timeout=20, every=0.05)
-        assert time.monotonic() - gone < 5
+            first = next(r.iter_raw())
+            # The zip's first header and the sheet's start, long before 400,000 rows are made.
+            assert first.startswith(b"PK\x03\x04"), first[:20]
+            assert time.monotonic() - started < 2
+        # Given up: campaigns stops making it (the page being written ends) and goes idle.
+        time.sleep(1.5)
+        before = cpu_seconds(suite, "campaigns")
+        time.sleep(2)
+        assert cpu_seconds(suite, "campaigns") - before < 1.0
         with client.stream("GET", f"/jobs/{job_id}/results/export") as r:
             assert next(r.iter_raw()).startswith(BOM)  # the CSV's first byte, at once
         assert client.get(f"/jobs/{job_id}").status_code == 200
+
+
+@dataclass
+class Scheduled:
+    account_id: str
+    key: dict[str, str]
+    message_id: str
+    group_id: str
+    numbers: list[str]
+
+
+@pytest.fixture(scope="module")
+def scheduled(base_url: str) -> Scheduled:
+    """A message to a group of three, sent; the account's ledger has its credit and charges."""
+    account_id, key = account(base_url)
+    numbers = phones(93, 3)
+    group_id = group(base_url, key, "=clientes", numbers)
+    r = create(base_url, key, content="Hola {{name}}", scheduled_for=local_in(3), group_ids=[group_id])
+    assert r.status_code == 201, r.text
+    message_id = str(r.json()["id"])
+    r = httpx.post(f"{base_url}/api/messages/{message_id}/schedule", headers=key)
+    assert r.status_code == 200, r.text
+    in_state(base_url, key, message_id, "sent", timeout=60)
+    return Scheduled(account_id, key, message_id, group_id, numbers)
+
+
+def test_scheduled_messages_groups_and_a_messages_results_export_the_accounts_own(
+    base_url: str, scheduled: Scheduled
+) -> None:
+    s = scheduled
+    rows = csv_rows(download(base_url, "/api/reports/export", s.key, type="messages"))
+    assert [(r["id"], r["account_id"], r["state"], r["groups"]) for r in rows] == [
+        (s.message_id, s.account_id, "sent", "'=clientes")  # a group's name is the user's text
+    ]
+    assert (rows[0]["content"], rows[0]["recipients"], rows[0]["sent"], rows[0]["failed"]) == (
+        "Hola {{name}}",
+        "3",
+        "3",
+        "0",
+    )
+    sheet, table = sheet_rows(download(base_url, "/api/reports/export", s.key, type="messages", format="xlsx"))
+    cells = dict(zip(table[0], table[1], strict=True))
+    assert cells["id"] == int(s.message_id) and cells["sent"] == 3 and sheet.freeze_panes == "A2"
+    assert isinstance(cells["started_at (UTC)"], datetime) and isinstance(cells["scheduled_for (UTC)"], datetime)
+
+    rows = csv_rows(download(base_url, "/api/reports/export", s.key, type="groups"))
+    assert [(r["id"], r["name"], r["contact_count"]) for r in rows] == [(s.group_id, "'=clientes", "3")]
+    _, table = sheet_rows(download(base_url, "/api/reports/export", s.key, type="groups", format="xlsx"))
+    assert table[0][:5] == ("id", "account_id", "name", "description", "contact_count")
+    assert table[1][4] == 3 and isinstance(table[1][5], datetime)
+
+    r = download(base_url, "/api/reports/export", s.key, type="message_results", message_id=s.message_id)
+    assert r.headers["content-disposition"] == f'attachment; filename="message-{s.message_id}-results.csv"'
+    rows = csv_rows(r)
+    assert sorted(r["phone"] for r in rows) == sorted(s.numbers)
+    assert {r["status"] for r in rows} == {"sent"}
+    assert {r["name"] for r in rows} == {f"Ana {p[-3:]}" for p in s.numbers}
+    _, table = sheet_rows(
+        download(base_url, "/api/reports/export", s.key, type="message_results", message_id=s.message_id, format="xlsx")
+    )
+    assert table[0] == (*BULK_HEADER[:11], "name")
+    assert [row[0] for row in table[1:]] == [1, 2, 3] and isinstance(table[1][6], datetime)
+
+    # An admin sees every account's, or the one it names.
+    rows = csv_rows(download(base_url, "/api/reports/export", ADMIN, type="groups", account_id=s.account_id))
+    assert [r["id"] for r in rows] == [s.group_id]
+    rows = csv_rows(download(base_url, "/api/reports/export", ADMIN, type="messages"))
+    assert s.message_id in {r["id"] for r in rows} and len({r["account_id"] for r in rows}) >= 1
+
+
+def test_the_ledger_exports_as_transactions_of_the_callers_account(base_url: str, scheduled: Scheduled) -> None:
+    s = scheduled
+    api = httpx.get(f"{base_url}/api/v1/accounts/{s.account_id}/transactions", headers=s.key, params={"limit": 500})
+    r = download(base_url, "/api/reports/export", s.key, type="transactions")
+    assert r.headers["content-disposition"] == 'attachment; filename="transactions.csv"'
+    rows = csv_rows(r)
+    assert rows and {r["account_id"] for r in rows} == {s.account_id}
+    assert [int(r["entry_id"]) for r in rows] == sorted(int(r["entry_id"]) for r in rows)  # by entry id
+    kinds = Counter(r["kind"] for r in rows)
+    assert kinds["topup"] >= 1 and kinds["capture"] >= 1, kinds  # its credit, and the three messages charged
+    assert api.status_code == 200, api.text
+    assert len(rows) == int(api.headers["X-Total-Count"])  # every entry once
+    assert {t["kind"] for t in api.json()} == set(kinds)
+
+    sheet, table = sheet_rows(download(base_url, "/api/reports/export", s.key, type="transactions", format="xlsx"))
+    header = list(table[0])
+    assert header[:6] == ["entry_id", "account_id", "created_at (UTC)", "kind", "unit", "amount"]
+    assert len(table) == len(rows) + 1 and sheet.freeze_panes == "A2"
+    for row, line in zip(table[1:], rows, strict=True):
+        cells = dict(zip(header, row, strict=True))
+        assert cells["entry_id"] == int(line["entry_id"]) and isinstance(cells["created_at (UTC)"], datetime)
+        assert isinstance(cells["balance_after"], float | int)
+        assert abs(cells["balance_after"] - float(line["balance_after"])) < 1e-6
+
+    # An admin: the named account's alone, or every account's.
+    again = csv_rows(download(base_url, "/api/reports/export", ADMIN, type="transactions", account_id=s.account_id))
+    assert again == rows
+    other, _ = new_account(base_url)  # an account with its initial credit
+    every = csv_rows(download(base_url, "/api/reports/export", ADMIN, type="transactions"))
+    assert {s.account_id, other} <= {r["account_id"] for r in every}
+    assert [r for r in every if r["account_id"] == s.account_id] == rows
+    # A member: its own account's alone.
+    mine = csv_rows(download(base_url, "/api/reports/export", MEMBER, type="transactions"))
+    assert s.account_id not in {r["account_id"] for r in mine}
+    assert len({r["account_id"] for r in mine}) <= 1
+
+
+def test_another_accounts_message_results_and_ledger_are_not_found(base_url: str, scheduled: Scheduled) -> None:
+    s = scheduled
+    for params in (
+        {"type": "message_results", "message_id": s.message_id},
+        {"type": "message_results", "message_id": s.message_id, "format": "xlsx"},
+        {"type": "message_results", "message_id": "not-a-number"},
+        {"type": "transactions", "account_id": s.account_id},
+        {"type": "transactions", "account_id": s.account_id, "format": "xlsx"},
+        {"type": "messages", "account_id": s.account_id},
+        {"type": "groups", "account_id": s.account_id},
+    ):
+        r = httpx.get(f"{base_url}/api/reports/export", headers=MEMBER, params=params, timeout=30)
+        assert r.status_code == 404, (params, r.status_code, r.text[:300])
+        assert r.json()["message"], r.text
+    # Nor does a member's own listing hold any of them.
+    rows = csv_rows(download(base_url, "/api/reports/export", MEMBER, type="messages"))
+    assert s.message_id not in {r["id"] for r in rows if r["account_id"] == s.account_id}
+    assert s.account_id not in {r["account_id"] for r in rows}

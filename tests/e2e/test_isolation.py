@@ -149,6 +149,11 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/dashboard/stats"): SELF,
     ("GET", "/api/v1/dashboard/overview"): SELF,
     ("GET", "/api/v1/calls/history"): SELF,
+    # Analytics: the caller's own account's figures (an admin may name one).
+    ("GET", "/api/v1/reports/analytics"): SELF,
+    ("GET", "/api/analytics/dashboard"): SELF,
+    ("GET", "/api/analytics/messages"): SELF,
+    ("GET", "/api/analytics/groups"): SELF,
     # A fixed catalogue, nothing of any account's.
     ("GET", "/api/v1/use-cases"): SELF,
     # The operator's: events no consumer could handle, of no one account.
@@ -188,7 +193,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/api/messages/{message_id}/duplicate"): RESOURCE,
     ("GET", "/api/messages/{message_id}/preview"): RESOURCE,
     ("GET", "/api/messages/{message_id}/stats"): RESOURCE,
-    # Exports (issue 15): a file of the caller's own. Its first type is the address book, whose
+    # Exports (issue 15): a file of the caller's own. Its first type is the scheduled messages, whose
     # rows must be the member's alone; the batch types name their batch as /jobs/{job_id} and
     # /api/v1/batches/{batch_id}/export do, which are walked as resources above.
     ("GET", "/api/reports/export"): SELF,

@@ -109,8 +109,8 @@ def test_a_file_of_opted_out_numbers_only_is_400_and_writes_nothing(base_url: st
 
 def test_voice_batch_never_calls_an_opted_out_number(base_url: str, suite: Stack) -> None:
     account_id, key = new_account(base_url)
-    # Debtor i: mobile +569<70000000+i>, landline +5622<3000000+i> (tests.e2e.test_calls.workbook).
-    mobile = [f"+569{70000000 + i}" for i in range(4)]
+    # Debtor i: mobile +569<71000000+i>, landline +5622<3000000+i> (tests.e2e.test_calls.workbook).
+    mobile = [f"+569{71000000 + i}" for i in range(4)]
     landline = [f"+5622{3000000 + i}" for i in range(4)]
     # Debtor 0 keeps its landline only; debtor 1 has nothing left; 2 and 3 are untouched.
     opt_out(suite, account_id, [mobile[0], mobile[1], landline[1]])

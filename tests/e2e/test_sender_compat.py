@@ -122,7 +122,8 @@ def sent_to(suite: Stack, numbers: set[str]) -> Counter[str]:
 
 
 def test_upload_reply_reports_duplicates_and_invalid_rows(base_url: str, suite: Stack, fast_device: int) -> None:
-    base = 56_960_000_000 + uuid.uuid4().int % 1_000_000 * 10
+    # +569 20… to 29…: ranges `phonenumbers` takes as valid (not all of +569 6… are).
+    base = 56_920_000_000 + uuid.uuid4().int % 1_000_000 * 10
     good = [f"+{base + i}" for i in range(4)]
     rows = [
         [good[0], "Ana", "A-1"],
@@ -147,9 +148,9 @@ def test_upload_reply_reports_duplicates_and_invalid_rows(base_url: str, suite: 
     assert body["duplicates"] == 2
     assert body["invalid_rows"] == 3
     assert body["invalid"] == [
-        {"line": 4, "value": "abc", "reason": "invalid phone"},
+        {"line": 4, "value": "abc", "reason": "invalid for CL: not a phone number"},
         {"line": 6, "value": "", "reason": "missing phone"},
-        {"line": 8, "value": "12", "reason": "invalid phone"},
+        {"line": 8, "value": "12", "reason": "invalid for CL: too short"},
     ]
 
     def done() -> dict[str, Any] | None:
@@ -162,15 +163,15 @@ def test_upload_reply_reports_duplicates_and_invalid_rows(base_url: str, suite: 
 
 
 def test_upload_reply_lists_the_first_hundred_invalid_rows(base_url: str, suite: Stack, fast_device: int) -> None:
-    base = 56_970_000_000 + uuid.uuid4().int % 1_000_000 * 10
+    base = 56_972_000_000 + uuid.uuid4().int % 1_000_000 * 10  # +569 72… to 81…: valid ranges
     rows = [[f"+{base}", "ok", ""]] + [[f"tel-{i}", f"v{i}", ""] for i in range(150)]
     r = send(base_url, browser_file(rows))
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["invalid_rows"] == body["job"]["invalid_rows"] == 150 and body["duplicates"] == 0
     assert len(body["invalid"]) == 100
-    assert body["invalid"][0] == {"line": 3, "value": "tel-0", "reason": "invalid phone"}
-    assert body["invalid"][-1] == {"line": 102, "value": "tel-99", "reason": "invalid phone"}
+    assert body["invalid"][0] == {"line": 3, "value": "tel-0", "reason": "invalid for CL: not a phone number"}
+    assert body["invalid"][-1] == {"line": 102, "value": "tel-99", "reason": "invalid for CL: too short"}
 
 
 # --- SpeechAI dashboard: a Chilean campaign edited with the dashboard's zone ---------------------

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pregonero.accounts.v1 import notifications_pb2
 
-from services.gateway.notify_live import notification_json
+from services.gateway.user_socket import notification_json
 from services.runtime.protos import to_timestamp
 
 

@@ -26,11 +26,11 @@ from services.accounts.auth import AccessTokens, signing_key_from_pem
 from services.gateway import socket_auth
 from services.gateway.auth import Authenticator, KeyOwner
 from services.gateway.config import GatewaySettings
-from services.gateway.live import LiveHub
-from services.gateway.notify_live import NotificationHub
+from services.gateway.job_socket import LiveHub
 from services.gateway.routes import notifications, ws
 from services.gateway.socket_auth import SocketWatch, hide_tokens_from_logs
 from services.gateway.socket_limit import SocketLimit
+from services.gateway.user_socket import NotificationHub
 from services.runtime.identity import Caller
 from tests.http_server import serving
 

@@ -23,6 +23,7 @@ from services.gateway import errors, ids
 from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
 from services.gateway.routes import batches, dashboard, jobs
+from services.runtime.rpc import outgoing_metadata
 
 ADMIN, MEMBER = "voice-admin", "voice-member"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -424,7 +425,8 @@ class FakeCampaigns:
         self.uploaded = b""
 
     def _record(self, name: str, request: Any, metadata: Any) -> None:
-        self.calls.append((name, request, dict(metadata)))
+        # What the channel sends: the call's own metadata, else the request's caller and id.
+        self.calls.append((name, request, dict(metadata or outgoing_metadata())))
 
     def __getattr__(self, name: str) -> Any:
         replies: dict[str, Any] = {
@@ -440,13 +442,13 @@ class FakeCampaigns:
         if name not in replies:
             raise AttributeError(name)
 
-        async def rpc(request: Any, *, metadata: Any, **_: Any) -> Any:
+        async def rpc(request: Any, *, metadata: Any = None, **_: Any) -> Any:
             self._record(name, request, metadata)
             return replies[name]
 
         return rpc
 
-    async def CreateVoiceBatch(self, parts: Any, *, metadata: Any, **_: Any) -> Any:  # noqa: N802 - gRPC name
+    async def CreateVoiceBatch(self, parts: Any, *, metadata: Any = None, **_: Any) -> Any:  # noqa: N802 - gRPC name
         header = None
         async for part in parts:
             if part.WhichOneof("part") == "header":

@@ -58,7 +58,7 @@ class Dispatcher:
         request: dispatcher_pb2.FindSenderAttemptsRequest,
         *,
         metadata: Any,
-        timeout: float,  # noqa: ASYNC109 - the gRPC stub's signature
+        timeout: float | None = None,  # noqa: ASYNC109 - the gRPC stub's signature
     ) -> dispatcher_pb2.FindSenderAttemptsResponse:
         self.asked.append(request)
         if self.down:

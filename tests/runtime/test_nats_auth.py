@@ -28,13 +28,13 @@ pytestmark = pytest.mark.timeout(60)
 
 def test_the_table_names_the_durables_the_services_use() -> None:
     from services.accounts import charges, notifications
-    from services.campaigns import account_events, delivery, device_events, results
-    from services.dispatcher import calls
+    from services.campaigns import account_events, delivery, device_events, results_applier
+    from services.dispatcher import call_engine
 
     used = {
         "accounts": {charges.DURABLE, notifications.BATCH_DURABLE},
-        "campaigns": {results.DURABLE, account_events.DURABLE, delivery.DURABLE, device_events.DURABLE},
-        "dispatcher": {"dispatch-whatsapp", calls.DURABLE},  # engine.py: dispatch-<channel>
+        "campaigns": {results_applier.DURABLE, account_events.DURABLE, delivery.DURABLE, device_events.DURABLE},
+        "dispatcher": {"dispatch-whatsapp", call_engine.DURABLE},  # engine.py: dispatch-<channel>
         "gateway": set(),
     }
     assert {user: {c.durable for c in role.consumers} for user, role in nats_auth.ROLES.items()} == used

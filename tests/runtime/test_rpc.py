@@ -4,7 +4,8 @@ out, calling what its service may call, is served."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -44,7 +45,19 @@ async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     if what == "whoami":
         caller = identity.current_caller()
         return f"{caller.role}|{caller.account_id}|{current_request_id()}".encode()
+    if what == "deadline":
+        return _remaining(context)
     return b"ok"
+
+
+def _remaining(context: grpc.aio.ServicerContext) -> bytes:
+    """The seconds the caller gave the call, or `none`: what the handler sees of its deadline."""
+    left = context.time_remaining()
+    return b"none" if left is None or left > 10**6 else f"{left:.1f}".encode()
+
+
+async def remaining_stream(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    yield _remaining(context)
 
 
 async def streaming(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -64,6 +77,7 @@ async def address() -> AsyncIterator[str]:
         "Unary": grpc.unary_unary_rpc_method_handler(unary, _identity, _identity),
         "Internal": grpc.unary_unary_rpc_method_handler(unary, _identity, _identity),
         "Stream": grpc.unary_stream_rpc_method_handler(streaming, _identity, _identity),
+        "Remaining": grpc.unary_stream_rpc_method_handler(remaining_stream, _identity, _identity),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Svc", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -197,6 +211,61 @@ async def test_only_the_gateway_speaks_for_an_admin_and_policy_names_who_calls_w
     async with signing.channel(address, "accounts") as gateway:
         assert await _refused(gateway, ADMIN_MD, method="Internal") == grpc.StatusCode.PERMISSION_DENIED
         assert (await call(gateway, "whoami", ADMIN_MD)).startswith(b"admin|default|")
+
+
+@contextlib.contextmanager
+def serving(caller: identity.Caller | None, request_id: str) -> Iterator[None]:
+    """As while a request is served: its caller and request id in the contextvars."""
+    from services.runtime.logs import request_id_var
+
+    tokens = identity.caller_var.set(caller), request_id_var.set(request_id)
+    try:
+        yield
+    finally:
+        identity.caller_var.reset(tokens[0])
+        request_id_var.reset(tokens[1])
+
+
+def bare(channel: grpc.aio.Channel, method: str = "Unary"):  # type: ignore[no-untyped-def]
+    """A stub's call as the gateway's routes make it: no metadata, no deadline."""
+    return channel.unary_unary(f"/test.Svc/{method}", request_serializer=_identity, response_deserializer=_identity)
+
+
+async def test_a_call_without_metadata_carries_the_request_caller_id_and_a_deadline(client: grpc.aio.Channel) -> None:
+    from services.runtime import rpc
+
+    member = identity.Caller(role=identity.MEMBER, account_id="acme", user_id="u1")
+    with serving(member, "req-ctx"):
+        assert await bare(client)(b"whoami") == b"member|acme|req-ctx"
+        assert float(await bare(client)(b"deadline")) == pytest.approx(rpc.DEFAULT_DEADLINE_S, abs=1.0)
+        # A deadline of the call's own wins, longer or shorter.
+        assert float(await bare(client)(b"deadline", timeout=60)) == pytest.approx(60, abs=1.0)
+        # Streams (uploads, exports, watches) get no default: they last as long as they are given.
+        remaining = client.unary_stream(
+            "/test.Svc/Remaining", request_serializer=_identity, response_deserializer=_identity
+        )
+        assert [r async for r in remaining(b"")] == [b"none"]
+        assert [r async for r in remaining(b"", timeout=300)] != [b"none"]
+    # Outside a request (a login: nobody signed in) the call acts for nobody, and still has an id.
+    with serving(None, "req-anon"), pytest.raises(grpc.aio.AioRpcError) as info:
+        await bare(client)(b"whoami")
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_caller_named_by_the_call_wins_over_the_requests(client: grpc.aio.Channel) -> None:
+    from services.runtime import rpc
+
+    admin = identity.Caller(role=identity.ADMIN, account_id="default", user_id="op")
+    other = identity.Caller(role=identity.MEMBER, account_id="acme", user_id="webhook")
+    with serving(admin, "req-named"):
+        assert await bare(client)(b"whoami", metadata=other.metadata()) == b"member|acme|req-named"
+        # A request id of the call's own wins too.
+        named = ((REQUEST_ID_KEY, "req-own"), *other.metadata())
+        assert await bare(client)(b"whoami", metadata=named) == b"member|acme|req-own"
+        # One caller, never the request's beside the named one (the token would be ambiguous).
+        md = rpc._in_context(other.metadata())
+        assert [k for k, _ in md].count(identity.ACCOUNT_KEY) == 1 and dict(md)[identity.ACCOUNT_KEY] == "acme"
+        assert dict(rpc.outgoing_metadata(other))[identity.ROLE_KEY] == identity.MEMBER
 
 
 def test_outgoing_metadata_keeps_request_id() -> None:

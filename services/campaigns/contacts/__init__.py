@@ -23,12 +23,14 @@ from pathlib import Path
 from services.campaigns.contacts.builders import ArgentinaBuilder, ChileBuilder, Contact, Problem
 from services.campaigns.contacts.reading import BadFile, RowSource
 from services.campaigns.contacts.values import (
+    ArgentineId,
     Rut,
     argentina_phone,
     cell_text,
     chile_phone,
     normalise_header,
     parse_amount,
+    parse_argentine_id,
     parse_date,
     parse_rut,
     rut_check_digit,
@@ -40,6 +42,7 @@ __all__ = [
     "BadFile",
     "Contact",
     "ParsedFile",
+    "ArgentineId",
     "Problem",
     "Rut",
     "TooManyRows",
@@ -47,6 +50,7 @@ __all__ = [
     "chile_phone",
     "normalise_header",
     "parse_amount",
+    "parse_argentine_id",
     "parse_contacts",
     "parse_date",
     "parse_rut",

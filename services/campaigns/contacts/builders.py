@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
@@ -13,13 +12,12 @@ from services.campaigns.contacts.values import (
     cell_text,
     chile_phone,
     parse_amount,
+    parse_argentine_id,
     parse_date,
     parse_rut,
     rut_check_digit,
     shown,
 )
-
-_ID_PUNCTUATION = re.compile(r"[\s.\-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +26,7 @@ class Contact:
 
     row: int  # the first source row, counting the header as row 1
     name: str
-    dni: str  # Chile: the formatted RUT "12.345.678-5"; Argentina: the id column as written
+    dni: str  # Chile: the formatted RUT "12.345.678-5"; Argentina: "30.123.456" or "20-30123456-3"
     phones: tuple[str, ...]  # E.164, the mobile first
     company: str
     debt_amount: Decimal | None
@@ -49,8 +47,6 @@ class Problem:
 class _Builder:
     """What both formats count, and their phones."""
 
-    country = ""
-
     def __init__(self, allow_duplicates: bool) -> None:
         self.allow_duplicates = allow_duplicates
         self.invalid: list[Problem] = []
@@ -60,7 +56,8 @@ class _Builder:
         # A debtor's phones repeat on each of their rows: the pair of cells is parsed once.
         self._phone_pairs: dict[tuple[object, object], tuple[list[str], list[str]]] = {}
 
-    def _phone(self, raw: object, *, landline: bool) -> str | None:
+    def _phone(self, raw: object, *, landline: bool) -> str:
+        """E.164; ValueError with `phonenumbers`' reason ("invalid for CL: too short")."""
         raise NotImplementedError
 
     def _phones(self, mobile: object, landline: object) -> tuple[list[str], list[str]]:
@@ -74,11 +71,13 @@ class _Builder:
         for raw, is_landline in ((mobile, False), (landline, True)):
             if raw == "":
                 continue
-            phone = self._phone(raw, landline=is_landline)
-            if phone is None:
+            try:
+                phone = self._phone(raw, landline=is_landline)
+            except ValueError as exc:
                 kind = "landline" if is_landline else "phone"
-                complaints.append(f"{kind} '{shown(cell_text(raw))}' is not {self.country} phone number")
-            elif phone not in phones:
+                complaints.append(f"{kind} '{shown(cell_text(raw))}' is {exc}")
+                continue
+            if phone not in phones:
                 phones.append(phone)
         self._phone_pairs[mobile, landline] = phones, complaints
         return phones, complaints
@@ -111,8 +110,6 @@ class _Debtor:
 class ChileBuilder(_Builder):
     """Rows grouped by RUT into one job per debtor; a row without a RUT is a debtor of its own."""
 
-    country = "a Chilean"
-
     def __init__(self, allow_duplicates: bool) -> None:
         super().__init__(allow_duplicates)
         self._debtors: dict[str | int, _Debtor] = {}
@@ -120,7 +117,7 @@ class ChileBuilder(_Builder):
         self._by_cell: dict[object, _Debtor] = {}
         self._rutless_phones: set[str] = set()
 
-    def _phone(self, raw: object, *, landline: bool) -> str | None:
+    def _phone(self, raw: object, *, landline: bool) -> str:
         return chile_phone(raw, landline=landline)
 
     def add(
@@ -280,14 +277,12 @@ def _mobile_first(phones: list[str], mobile_prefix: str) -> tuple[str, ...]:
 class ArgentinaBuilder(_Builder):
     """One job per row."""
 
-    country = "an Argentine"
-
     def __init__(self, allow_duplicates: bool) -> None:
         super().__init__(allow_duplicates)
         self._contacts: list[Contact] = []
         self._keys: set[str] = set()
 
-    def _phone(self, raw: object, *, landline: bool) -> str | None:
+    def _phone(self, raw: object, *, landline: bool) -> str:
         return argentina_phone(raw, landline=landline)
 
     def add(self, number: int, name: object, dni: object, landline: object, phone: object, reference: object) -> None:
@@ -297,18 +292,20 @@ class ArgentinaBuilder(_Builder):
         if not phones:
             self.invalid.append(Problem(number, self._no_phone(complaints)))
             return
-        dni_text = cell_text(dni)
-        key = _ID_PUNCTUATION.sub("", dni_text).upper() or phones[0]
+        identifier = parse_argentine_id(dni)
+        key = identifier.key or phones[0]
         if key in self._keys and not self.allow_duplicates:
             self.duplicates += 1
             return
         self._keys.add(key)
+        if identifier.warning:
+            self.warnings.append(Problem(number, identifier.warning))
         self.warnings.extend(Problem(number, complaint) for complaint in complaints)
         self._contacts.append(
             Contact(
                 row=number,
                 name=cell_text(name),
-                dni=dni_text,
+                dni=identifier.formatted,
                 # A number written as a mobile in the landline column goes first all the same.
                 phones=_mobile_first(phones, "+549"),
                 company="",

@@ -1,7 +1,11 @@
-"""One cell's value in a customer file: headers, RUTs, Chilean and Argentine phones, amounts, dates.
+"""One cell's value in a customer file: headers, RUTs, DNI/CUIT/CUIL, Chilean and Argentine phones,
+amounts, dates.
 
 Each helper takes a cell as the readers give it (text, a number, a date) and returns the
 normalised value; the ones that can be wrong raise ValueError with a message for the preview.
+Phones are validated by `phonenumbers` (services/runtime/phones.py) after FORMATS.md's own
+completions, which are stricter or older than the library (a Chilean 8-digit mobile from before
+2012, an Argentine generic column read as a mobile); check digits by `python-stdnum`.
 """
 
 from __future__ import annotations
@@ -10,14 +14,19 @@ import re
 import unicodedata
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from operator import mul
 from typing import NamedTuple
+
+from stdnum.ar import cuit as ar_cuit
+from stdnum.ar import dni as ar_dni
+from stdnum.cl import rut as cl_rut
+
+from services.runtime.phones import argentine_mobile
+from services.runtime.phones import reader as phone_reader
 
 _HEADER_DROPPED = re.compile(r"[\s\-_]+")
 _PHONE_PUNCTUATION = re.compile(r"[\s\-()]+")
 # A number cell read as text: "213731017.0". Dropping the dot would add a digit.
 _SPREADSHEET_FLOAT = re.compile(r"\d+\.0")
-_RUT_WEIGHTS = (2, 3, 4, 5, 6, 7) * 2
 _RUT = re.compile(r"(\d{1,8})([\dK])")
 _AMOUNT = re.compile(r"-?(?:\d{1,3}(?:\.\d{3})+|\d+)(?:,\d+)?")
 _DAY_FIRST = re.compile(r"(\d{1,2})[/-](\d{1,2})[/-](\d{4}|\d{2})")
@@ -27,12 +36,8 @@ _SERIAL = re.compile(r"\d+(?:\.\d+)?")
 # Serials from 1900 to 2199: any other number in a date column is not a date.
 _EXCEL_SERIALS = (1, 109_575)
 
-# Argentine area codes of three digits; "11" (Buenos Aires) is the only one of two, and all
-# others have four. Needed to find the domestic mobile "15" that follows the area code.
-_AR_AREA_CODES_3 = frozenset(
-    "220 221 223 230 236 237 249 260 261 263 264 266 280 291 297 299 336 341 342 343 345 348 "
-    "351 353 358 362 364 370 376 379 380 381 383 385 387 388".split()
-)
+_ID_PUNCTUATION = re.compile(r"[\s.\-/]+")
+_CHILE = phone_reader("CL")
 
 
 class Rut(NamedTuple):
@@ -49,6 +54,7 @@ class Rut(NamedTuple):
 
     @property
     def valid(self) -> bool:
+        # Not `cl_rut.is_valid`, which also wants 7 to 8 body digits: a short RUT stays a RUT.
         return rut_check_digit(self.body) == self.check_digit
 
 
@@ -60,10 +66,40 @@ def normalise_header(header: object) -> str:
 
 
 def rut_check_digit(body: int) -> str:
-    """Mod 11 over the digits from the right, weighted 2 to 7 and again; 10 is written K and 11 is 0."""
-    total = sum(map(mul, map(int, reversed(str(body))), _RUT_WEIGHTS))
-    remainder = 11 - total % 11
-    return "K" if remainder == 10 else "0" if remainder == 11 else str(remainder)
+    """The check digit a RUT body should have (mod 11, K for 10), as `python-stdnum` computes it."""
+    return str(cl_rut.calc_check_digit(str(body)))
+
+
+class ArgentineId(NamedTuple):
+    """An Argentine id column's value: DNI (7 or 8 digits) or CUIT/CUIL (11)."""
+
+    formatted: str  # "30.123.456", "20-30123456-3"; as written when it is neither
+    key: str  # the digits, for duplicates
+    warning: str  # what is wrong with it ("" when nothing is)
+
+
+def parse_argentine_id(value: object) -> ArgentineId:
+    """A DNI, CUIT or CUIL from "30.123.456", "20-30123456-3" or a number cell, formatted.
+
+    A CUIT/CUIL's wrong check digit or unknown type, or an id of neither shape, is kept with a
+    warning: the call can still be made, and the id is the customer's to correct.
+    """
+    text = cell_text(value)
+    if _SPREADSHEET_FLOAT.fullmatch(text):
+        text = text[:-2]
+    compact = _ID_PUNCTUATION.sub("", text).upper()
+    if len(compact) == 11 and compact.isdigit():
+        formatted = ar_cuit.format(compact)
+        if compact[:2] not in ("20", "23", "24", "27", "30", "33", "34"):
+            return ArgentineId(formatted, compact, f"CUIT/CUIL {formatted}: unknown type {compact[:2]}")
+        if not ar_cuit.is_valid(compact):
+            expected = ar_cuit.calc_check_digit(compact[:-1])
+            return ArgentineId(formatted, compact, f"CUIT/CUIL {formatted}: wrong check digit (expected {expected})")
+        return ArgentineId(formatted, compact, "")
+    if ar_dni.is_valid(compact):
+        return ArgentineId(ar_dni.format(compact), compact, "")
+    warning = f"id '{shown(text)}' is not a DNI, CUIT or CUIL: kept as written" if compact else ""
+    return ArgentineId(text, compact, warning)
 
 
 def parse_rut(value: object) -> Rut:
@@ -81,57 +117,51 @@ def parse_rut(value: object) -> Rut:
     return Rut(int(match[1]), match[2])
 
 
-def chile_phone(value: object, *, landline: bool = False) -> str | None:
-    """E.164 (`+56` and 9 digits) of a Chilean phone, or None when it is not one.
+def chile_phone(value: object, *, landline: bool = False) -> str:
+    """E.164 of a Chilean phone; ValueError with the reason ("invalid for CL: too short") when
+    `phonenumbers` does not take it as a valid number.
 
-    Mobiles are 9 and 8 digits; landlines an area code and the number (Santiago 2 and 8
-    digits). Short numbers are completed: 8 digits starting with 9, and in a mobile column
-    any 8 digits but a Santiago number's, are a mobile from before 2012, when mobiles got the
-    leading 9; 7 digits and (in a landline column) 8 are a Santiago number from before the
-    2 and the 22 were prefixed.
+    Before the library decides, FORMATS.md's completions: a trunk 0 is dropped (the library
+    keeps it: Chile dropped trunk prefixes in 2013); 8 digits starting with 9, and in a mobile
+    column any 8 digits but a Santiago number's, are a mobile from before 2012, when mobiles got
+    the leading 9; 7 digits and (in a landline column) 8 are a Santiago number from before the 2
+    and the 22 were prefixed.
     """
-    digits = _national_digits(value, country_code="56", international_lengths=(10, 11))
-    if digits is None:
-        return None
+    digits = _national_digits(value, country_code="56", international_lengths=(10, 11), region="CL")
     if digits[:1] == "0":  # the trunk prefix of domestic dialling
         digits = digits[1:]
     if len(digits) == 8 and digits[0] in "23456789":
         digits = ("9" if digits[0] == "9" or (not landline and digits[0] != "2") else "2") + digits
     elif len(digits) == 7 and digits[0] in "23456789":
         digits = "22" + digits
-    if len(digits) != 9 or digits[0] not in "2345679":
-        return None
-    return "+56" + digits
+    number = "+56" + digits
+    # The library's patterns matched inline, as the bulk file does: a workbook has 200,000 phones.
+    rule = _CHILE.plain_international.get(len(number))
+    if rule is not None and number.isascii():
+        if rule.fullmatch(number):
+            return number
+        # A length Chile's numbers have, digits its patterns refuse: what `e164` would say.
+        raise ValueError("invalid for CL: not a valid number")
+    return _CHILE.e164(number)  # the library's reason for another length
 
 
-def argentina_phone(value: object, landline: bool = False) -> str | None:
-    """E.164 of an Argentine phone, or None when it is not one.
+def argentina_phone(value: object, landline: bool = False) -> str:
+    """E.164 of an Argentine phone; ValueError with the reason when `phonenumbers` does not take
+    it as a valid number.
 
-    Mobiles are `+54 9` and the 10 digits of area code and number; landlines `+54` and those
-    10 digits. A number is a mobile when written as one (the 9 after 54, the domestic 15 after
-    the area code) or when the column is not a landline column, since campaigns reach mobiles.
-    8 digits are a Buenos Aires (11) number.
+    The library reads the trunk 0 and the domestic mobile 15 after any area code. Mobiles are
+    `+54 9` and the 10 digits of area code and number, landlines `+54` and those 10 digits; a
+    number is a mobile when written as one (the 9, the 15) or when the column is not a landline
+    column, since campaigns reach mobiles. 8 digits are a Buenos Aires (11) number, and so are
+    10 that start with 15 (a Buenos Aires mobile dialled locally).
     """
-    digits = _national_digits(value, country_code="54", international_lengths=(12, 13))
-    if digits is None:
-        return None
-    mobile = not landline
-    if digits[:1] == "0":  # the trunk prefix of domestic dialling
-        digits = digits[1:]
-    elif digits[:1] == "9" and len(digits) == 11:  # the international mobile 9 without the 54
-        digits, mobile = digits[1:], True
-    if len(digits) == 12:
-        area = 2 if digits.startswith("11") else 3 if digits[:3] in _AR_AREA_CODES_3 else 4
-        if digits[area : area + 2] != "15":
-            return None
-        digits, mobile = digits[:area] + digits[area + 2 :], True
-    elif len(digits) == 10 and digits.startswith("15"):  # a Buenos Aires mobile dialled locally
-        digits, mobile = "11" + digits[2:], True
+    digits = _national_digits(value, country_code="54", international_lengths=(12, 13), region="AR")
+    if len(digits) == 10 and digits.startswith("15"):
+        digits, landline = "11" + digits[2:], False
     elif len(digits) == 8:
         digits = "11" + digits
-    if len(digits) != 10 or digits[0] not in "123" or (digits[0] == "1" and digits[1] != "1"):
-        return None
-    return ("+549" if mobile else "+54") + digits
+    phone = phone_reader("AR").e164(digits)
+    return phone if landline else argentine_mobile(phone)
 
 
 def parse_amount(value: object) -> Decimal | None:
@@ -196,8 +226,11 @@ def cell_text(value: object) -> str:
     return str(value)
 
 
-def _national_digits(value: object, *, country_code: str, international_lengths: tuple[int, int]) -> str | None:
-    """The national digits of a phone: punctuation, a float's ".0" and the country code dropped."""
+def _national_digits(value: object, *, country_code: str, international_lengths: tuple[int, int], region: str) -> str:
+    """The national digits of a phone: punctuation, a float's ".0" and the country code dropped.
+
+    ValueError when the cell holds no digits, or a number of another country.
+    """
     # The usual cells of big exports, a number or bare digits, skip the regular expressions.
     if type(value) is float and value.is_integer():
         plus, digits = False, str(int(value))
@@ -211,11 +244,11 @@ def _national_digits(value: object, *, country_code: str, international_lengths:
         plus = text[:1] == "+"
         digits = text[1:] if plus else text
     if not (digits.isascii() and digits.isdigit()):
-        return None
+        raise ValueError(f"invalid for {region}: not a phone number")
     if plus or (digits.startswith(country_code) and len(digits) in international_lengths):
         # With a "+" the country code is certain; without it, only the length tells.
         if not digits.startswith(country_code):
-            return None
+            raise ValueError(f"invalid for {region}: a number of another country")
         digits = digits[len(country_code) :]
     return digits
 

@@ -34,6 +34,8 @@ from html import unescape
 from pathlib import Path
 from typing import IO
 
+from services.runtime.exports import column_letters
+
 CHUNK = 1 << 20
 
 # A 100,000-row, 45-column export (bench/excel_ingest.py) is a 26 MiB file that inflates to
@@ -186,15 +188,6 @@ def column_index(letters: str) -> int:
     for ch in letters:
         index = index * 26 + ord(ch) - 64
     return index - 1
-
-
-def column_letters(index: int) -> str:
-    letters = ""
-    index += 1
-    while index:
-        index, rest = divmod(index - 1, 26)
-        letters = chr(65 + rest) + letters
-    return letters
 
 
 def _text(raw: bytes) -> str:

@@ -61,6 +61,18 @@ class SendResult:
             raise ValueError(f"device_unavailable is a refusal (rate_limited), not {self.status!r}")
 
 
+def reply_object(reply: httpx.Response, max_bytes: int | None = None) -> dict[str, Any]:
+    """A provider's reply as a JSON object; {} for anything else (not JSON, a list, or larger
+    than `max_bytes`), so a reply's fields are read with .get() and a default."""
+    if max_bytes is not None and len(reply.content) > max_bytes:
+        return {}
+    try:
+        data = reply.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def transport_failure(exc: httpx.HTTPError, prefix: str = "") -> SendResult:
     """What a failed HTTP exchange says about a send: a connection never made carried no
     request (failed, safe to report), anything later may have been received (unknown)."""

@@ -12,18 +12,18 @@ import math
 import random
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 from urllib.parse import quote
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.dispatcher.providers.base import Provider, SenderConfig, SendRequest, SendResult, transport_failure
+from services.runtime.validation import checked
 
 NAME = "simulated"
 RETRY_AFTER_SECONDS = 1.0
 FAILURE_ERRORS = ("ConnectTimeout", "InvalidNumber")
-BEHAVIOUR_KEYS = frozenset({"latency_ms", "latency_jitter_ms", "failure_ratio", "rate_limit_ratio", "seed"})
 
 # Results that carry no per-send data are built once: the benchmark path allocates only the
 # record entry and the accepted result.
@@ -31,64 +31,38 @@ _RATE_LIMITED = SendResult(status="rate_limited", error="rate_limited", retry_af
 _FAILED = tuple(SendResult(status="failed", error=e) for e in FAILURE_ERRORS)
 
 
-def _number(config: dict[str, Any], key: str, default: float, *, upper: float | None = None) -> float:
-    value = config.get(key, default)
-    # bool is an int subclass; `true` for a latency is a mistake, not 1 ms.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{key} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{key} must be a finite number >= 0, got {value}")
-    if upper is not None and value > upper:
-        raise ValueError(f"{key} must be between 0 and {upper:g}, got {value}")
-    return value
+# A ratio is a share of all sends; an amount a non-negative finite number (ms, s, a factor).
+Ratio = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Amount = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
-@dataclass(frozen=True, slots=True)
-class SimulatedBehaviour:
-    latency_ms: float = 0.0
-    latency_jitter_ms: float = 0.0  # uniform in [-jitter, +jitter] around the mean, floored at 0
-    failure_ratio: float = 0.0
-    rate_limit_ratio: float = 0.0
+class SimulatedBehaviour(BaseModel):
+    """How a simulated device behaves: its `provider_config`, checked as it is read."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    latency_ms: Amount = 0.0
+    latency_jitter_ms: Amount = 0.0  # uniform in [-jitter, +jitter] around the mean, floored at 0
+    failure_ratio: Ratio = 0.0
+    rate_limit_ratio: Ratio = 0.0
     seed: int | None = None
+
+    @model_validator(mode="after")
+    def _one_draw(self) -> SimulatedBehaviour:
+        # One draw decides the outcome, so the two shares must fit in one whole.
+        if self.failure_ratio + self.rate_limit_ratio > 1.0:
+            raise ValueError(
+                f"failure_ratio + rate_limit_ratio must be <= 1, got {self.failure_ratio + self.rate_limit_ratio:g}"
+            )
+        return self
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> SimulatedBehaviour:
         """Parse and validate a sender's `config`; ValueError says which key is wrong."""
-        if config is None:
-            return cls()
-        if not isinstance(config, dict):
-            raise ValueError(f"simulated sender config must be an object, got {type(config).__name__}")
-        # A misspelt key would otherwise silently mean "no failures".
-        unknown = sorted(str(k) for k in config.keys() - BEHAVIOUR_KEYS)
-        if unknown:
-            raise ValueError(f"unknown simulated config keys: {', '.join(unknown)}")
-        failure = _number(config, "failure_ratio", 0.0, upper=1.0)
-        rate_limit = _number(config, "rate_limit_ratio", 0.0, upper=1.0)
-        # One draw decides the outcome, so the two shares must fit in one whole.
-        if failure + rate_limit > 1.0:
-            raise ValueError(f"failure_ratio + rate_limit_ratio must be <= 1, got {failure + rate_limit:g}")
-        seed = config.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer, got {type(seed).__name__}")
-        return cls(
-            latency_ms=_number(config, "latency_ms", 0.0),
-            latency_jitter_ms=_number(config, "latency_jitter_ms", 0.0),
-            failure_ratio=failure,
-            rate_limit_ratio=rate_limit,
-            seed=seed,
-        )
+        return cls() if config is None else checked(cls, config, name="provider_config")
 
     def to_config(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "latency_ms": self.latency_ms,
-            "latency_jitter_ms": self.latency_jitter_ms,
-            "failure_ratio": self.failure_ratio,
-            "rate_limit_ratio": self.rate_limit_ratio,
-        }
-        if self.seed is not None:
-            out["seed"] = self.seed
-        return out
+        return self.model_dump(exclude_none=True)
 
 
 class RecordEntry(NamedTuple):

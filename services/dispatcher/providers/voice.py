@@ -17,8 +17,11 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any, Literal, Protocol, TypedDict
 
+from pydantic import BaseModel, ConfigDict, model_validator
+
 from services.dispatcher.providers.base import SenderConfig
-from services.dispatcher.providers.simulated import NAME, _number
+from services.dispatcher.providers.simulated import NAME, Amount, Ratio
+from services.runtime.validation import checked
 
 CallStatus = Literal["completed", "no_answer", "busy", "voicemail", "failed"]
 Sentiment = Literal["Positive", "Neutral", "Negative"]
@@ -97,7 +100,6 @@ def call_cost(duration_ms: int, *, cost_per_minute: Decimal, cost_per_call_setup
 # --- The simulated voice provider --------------------------------------------------------------
 
 RATIO_KEYS = ("answer_ratio", "busy_ratio", "voicemail_ratio", "failure_ratio")
-VOICE_BEHAVIOUR_KEYS = frozenset({*RATIO_KEYS, "duration_s", "duration_spread_s", "time_scale", "seed"})
 FAILURE_ERRORS = ("NetworkError", "InvalidNumber")
 SIM_URL = "https://voice-sim.invalid"  # .invalid: links that look real but never resolve
 # Answered calls end in one of these, with these weights: a promise to pay, a "call me later",
@@ -106,55 +108,47 @@ SCENARIOS = (("promise", 0.5), ("callback", 0.3), ("refusal", 0.2))
 PROMISE_WITHIN_DAYS = 7
 
 
-@dataclass(frozen=True, slots=True)
-class SimulatedVoiceBehaviour:
-    """How the simulated line behaves. Outcome shares are of all calls; what the four ratios
-    leave is no_answer (a config that sets some ratios has the others at 0). Conversations
-    last duration_s ± duration_spread_s (uniform, at least 1 s, cut at the request's
-    max_call_duration_s); a voicemail greeting 5-20 s; no_answer rings the request's
-    ring_timeout_s; busy and failed end within seconds. time_scale scales every wait: 0.01
-    makes a 60-s call take 0.6 s; 0 returns at once."""
+class SimulatedVoiceBehaviour(BaseModel):
+    """How the simulated line behaves (its `provider_config`, checked as it is read). Outcome
+    shares are of all calls; what the four ratios leave is no_answer (a config that sets some
+    ratios has the others at 0). Conversations last duration_s ± duration_spread_s (uniform,
+    at least 1 s, cut at the request's max_call_duration_s); a voicemail greeting 5-20 s;
+    no_answer rings the request's ring_timeout_s; busy and failed end within seconds.
+    time_scale scales every wait: 0.01 makes a 60-s call take 0.6 s; 0 returns at once."""
 
-    answer_ratio: float = 0.6
-    busy_ratio: float = 0.1
-    voicemail_ratio: float = 0.1
-    failure_ratio: float = 0.05
-    duration_s: float = 60.0
-    duration_spread_s: float = 30.0
-    time_scale: float = 1.0
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    answer_ratio: Ratio = 0.6
+    busy_ratio: Ratio = 0.1
+    voicemail_ratio: Ratio = 0.1
+    failure_ratio: Ratio = 0.05
+    duration_s: Amount = 60.0
+    duration_spread_s: Amount = 30.0
+    time_scale: Amount = 1.0
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mix_as_a_whole(cls, data: Any) -> Any:
+        # The default mix applies only as a whole: once a config sets any ratio, the ones it
+        # leaves out are 0, so {"answer_ratio": 1} means every call is answered.
+        if isinstance(data, dict) and data.keys() & set(RATIO_KEYS):
+            return {**dict.fromkeys(RATIO_KEYS, 0.0), **data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_draw(self) -> SimulatedVoiceBehaviour:
+        # One draw decides the outcome, so the shares must fit in one whole (give or take the
+        # float error of adding 0.1s).
+        total = sum(getattr(self, key) for key in RATIO_KEYS)
+        if total > 1.0 + 1e-9:
+            raise ValueError(f"the outcome ratios must add up to at most 1, got {total:g}")
+        return self
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> SimulatedVoiceBehaviour:
         """Parse and validate a line's `config`; ValueError says which key is wrong."""
-        if config is None:
-            return cls()
-        if not isinstance(config, dict):
-            raise ValueError(f"simulated voice config must be an object, got {type(config).__name__}")
-        unknown = sorted(str(k) for k in config.keys() - VOICE_BEHAVIOUR_KEYS)
-        if unknown:
-            raise ValueError(f"unknown simulated voice config keys: {', '.join(unknown)}")
-        defaults = cls()
-        # The default mix applies only as a whole: once a config sets any ratio, the ones it
-        # leaves out are 0, so {"answer_ratio": 1} means every call is answered.
-        default_mix = not config.keys() & RATIO_KEYS
-        ratios = {
-            key: _number(config, key, getattr(defaults, key) if default_mix else 0.0, upper=1.0) for key in RATIO_KEYS
-        }
-        # One draw decides the outcome, so the shares must fit in one whole (give or take the
-        # float error of adding 0.1s).
-        if sum(ratios.values()) > 1.0 + 1e-9:
-            raise ValueError(f"the outcome ratios must add up to at most 1, got {sum(ratios.values()):g}")
-        seed = config.get("seed", defaults.seed)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {type(seed).__name__}")
-        return cls(
-            **ratios,
-            duration_s=_number(config, "duration_s", defaults.duration_s),
-            duration_spread_s=_number(config, "duration_spread_s", defaults.duration_spread_s),
-            time_scale=_number(config, "time_scale", defaults.time_scale),
-            seed=seed,
-        )
+        return cls() if config is None else checked(cls, config, name="provider_config")
 
 
 def _rng_and_call_id(seed: int, attempt_id: str) -> tuple[random.Random, str]:

@@ -47,7 +47,7 @@ from urllib.parse import urlencode
 
 import httpx
 
-from .base import DeviceState, SenderConfig, SendRequest, SendResult, transport_failure
+from .base import DeviceState, SenderConfig, SendRequest, SendResult, reply_object, transport_failure
 
 log = logging.getLogger("pregonero.dispatcher.wablas")
 
@@ -129,17 +129,11 @@ def classify_refusal(status_code: int, reason: str, retry_after: float | None) -
     text = f"wablas {status_code}: {reason[:200]}" if status_code >= 300 else f"wablas: {reason[:200]}"
     if status_code == 429 or any(w in words for w in _THROTTLED):
         return SendResult(status="rate_limited", error=text, retry_after=retry_after or DEFAULT_RETRY_AFTER)
-    if any(w in words for w in _QUOTA):
+    quota = any(w in words for w in _QUOTA)
+    if quota or any(w in words for w in _DEVICE):
         return SendResult(
             status="rate_limited",
-            error=f"{DEVICE_UNAVAILABLE}: quota exhausted: {reason[:200]}",
-            retry_after=DEVICE_RETRY_AFTER,
-            device_unavailable=True,
-        )
-    if any(w in words for w in _DEVICE):
-        return SendResult(
-            status="rate_limited",
-            error=f"{DEVICE_UNAVAILABLE}: {reason[:200]}",
+            error=f"{DEVICE_UNAVAILABLE}: {'quota exhausted: ' if quota else ''}{reason[:200]}",
             retry_after=DEVICE_RETRY_AFTER,
             device_unavailable=True,
         )
@@ -183,7 +177,7 @@ class WablasProvider:
             )
         except httpx.HTTPError as exc:
             return transport_failure(exc, "wablas: ")
-        data = _json(reply)
+        data = reply_object(reply, MAX_REPLY_BYTES)
         if reply.status_code >= 500 and reply.status_code != 503:
             # The server broke while or after handling it: the message may be queued.
             return SendResult(status="unknown", error=f"wablas {reply.status_code}: {_reason(data, reply)}")
@@ -226,7 +220,7 @@ class WablasProvider:
             )
         except httpx.HTTPError as exc:
             raise LookupFailed(f"wablas report: {type(exc).__name__}") from exc
-        data = _json(reply)
+        data = reply_object(reply, MAX_REPLY_BYTES)
         if reply.status_code >= 300 or data.get("status") not in ACCEPTED:
             raise LookupFailed(f"wablas report {reply.status_code}: {_reason(data, reply)}")
         # The report names its list "message" (sic); "data" is accepted as well.
@@ -248,7 +242,7 @@ class WablasProvider:
             reply = await self.http.get(f"{self.base_url}/api/device/info", params={"token": sender.token})
         except httpx.HTTPError as exc:
             return DeviceState("unknown", reason=f"wablas unreachable: {type(exc).__name__}")
-        data = _json(reply)
+        data = reply_object(reply, MAX_REPLY_BYTES)
         if reply.status_code >= 500:
             return DeviceState("unknown", reason=f"wablas {reply.status_code}")
         info = data.get("data")
@@ -280,22 +274,12 @@ class WablasProvider:
         reply = await self.http.post(
             f"{self.base_url}/api/device/change-tracking-url", data={"tracking_url": url}, headers=self._auth(sender)
         )
-        data = _json(reply)
+        data = reply_object(reply, MAX_REPLY_BYTES)
         if reply.status_code >= 300 or data.get("status") not in ACCEPTED:
             raise WablasRefused(f"wablas {reply.status_code}: {_reason(data, reply)}")
 
     async def close(self) -> None:
         await self.http.aclose()
-
-
-def _json(reply: httpx.Response) -> dict[str, Any]:
-    if len(reply.content) > MAX_REPLY_BYTES:
-        return {}
-    try:
-        data = reply.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _reason(data: dict[str, Any], reply: httpx.Response) -> str:

@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 import httpx
 
-from .base import DeviceState, SenderConfig, SendRequest, SendResult
+from .base import DeviceState, SenderConfig, SendRequest, SendResult, reply_object
 
 log = logging.getLogger("pregonero.dispatcher.waha")
 
@@ -156,7 +156,7 @@ class WahaProvider:
             )  # fmt: skip
         except httpx.HTTPError as exc:
             return SendResult(status="unknown", error=f"waha: {type(exc).__name__}")
-        data = _json(reply)
+        data = reply_object(reply)
         if reply.status_code < 300:
             message_id = message_id_of(data, chat)
             if message_id and self.remember is not None:
@@ -213,7 +213,7 @@ class WahaProvider:
             self._check(reply, "update session")
             reply = await self._call("POST", f"/api/sessions/{quote(name)}/start")
         self._check(reply, "create session")
-        return Session(name, str(_json(reply).get("status") or "STARTING"))
+        return Session(name, str(reply_object(reply).get("status") or "STARTING"))
 
     async def session(self, sender_id: int) -> Session:
         name = session_name(sender_id)
@@ -221,7 +221,7 @@ class WahaProvider:
         if reply.status_code == 404:
             return Session(name, "")
         self._check(reply, "get session")
-        return Session(name, str(_json(reply).get("status") or ""))
+        return Session(name, str(reply_object(reply).get("status") or ""))
 
     async def restart(self, sender_id: int) -> Session:
         """Stop and start the session (WAHA's advice for FAILED); one WAHA lost is created."""
@@ -230,7 +230,7 @@ class WahaProvider:
         if reply.status_code == 404:
             return await self.create_session(sender_id)
         self._check(reply, "restart session")
-        return Session(name, str(_json(reply).get("status") or "STARTING"))
+        return Session(name, str(reply_object(reply).get("status") or "STARTING"))
 
     async def logout(self, sender_id: int) -> Session:
         """Unlink the phone; WAHA starts the session again from scratch, with a new QR."""
@@ -239,7 +239,7 @@ class WahaProvider:
         if reply.status_code == 404:
             return await self.create_session(sender_id)
         self._check(reply, "logout session")
-        return Session(name, str(_json(reply).get("status") or "STARTING"))
+        return Session(name, str(reply_object(reply).get("status") or "STARTING"))
 
     async def delete_session(self, sender_id: int) -> None:
         """Stop, log out and forget the session (the device is gone). Idempotent."""
@@ -259,7 +259,7 @@ class WahaProvider:
         if reply.headers.get("content-type", "").startswith("application/json"):
             # Some WAHA versions answer base64 in JSON whatever the Accept says.
             try:
-                png = base64.b64decode(str(_json(reply).get("data") or ""), validate=True)
+                png = base64.b64decode(str(reply_object(reply).get("data") or ""), validate=True)
             except ValueError as exc:
                 raise WahaUnavailable("waha: the QR reply is not base64") from exc
         else:
@@ -292,7 +292,7 @@ class WahaProvider:
     @staticmethod
     def _check(reply: httpx.Response, what: str) -> None:
         if reply.status_code >= 300:
-            raise WahaUnavailable(f"waha: {what} answered {reply.status_code}: {_words(_json(reply), reply)}")
+            raise WahaUnavailable(f"waha: {what} answered {reply.status_code}: {_words(reply_object(reply), reply)}")
 
 
 def message_id_of(data: dict[str, Any], chat: str) -> str:
@@ -308,14 +308,6 @@ def message_id_of(data: dict[str, Any], chat: str) -> str:
     if isinstance(key, dict) and isinstance(key.get("id"), str) and key["id"]:
         return f"true_{chat}_{key['id']}"[:MAX_MESSAGE_ID]
     return ""
-
-
-def _json(reply: httpx.Response) -> dict[str, Any]:
-    try:
-        data = reply.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _words(data: dict[str, Any], reply: httpx.Response) -> str:

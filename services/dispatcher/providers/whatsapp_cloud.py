@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from .base import SenderConfig, SendRequest, SendResult, transport_failure
+from .base import SenderConfig, SendRequest, SendResult, reply_object, transport_failure
 
 NAME = "whatsapp_cloud"
 DEFAULT_BASE_URL = "https://graph.facebook.com"
@@ -102,7 +102,7 @@ class WhatsAppCloudProvider:
             )
         except httpx.HTTPError as exc:
             return transport_failure(exc, "graph: ")
-        data = _json(reply)
+        data = reply_object(reply)
         if reply.status_code < 300:
             messages = data.get("messages") or [{}]
             message_id = str(messages[0].get("id") or "")
@@ -122,14 +122,6 @@ class WhatsAppCloudProvider:
 
     async def close(self) -> None:
         await self.http.aclose()
-
-
-def _json(reply: httpx.Response) -> dict[str, Any]:
-    try:
-        data = reply.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _retry_after(reply: httpx.Response) -> float:

@@ -16,7 +16,6 @@ from pydantic import BaseModel, Field, model_validator
 
 from services.runtime.identity import Caller
 from services.runtime.protos import from_timestamp, iso
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..values import number
@@ -24,7 +23,6 @@ from .batches import batch_json
 
 router = APIRouter(prefix="/api/v1/accounts", tags=["accounts"])
 
-RPC_TIMEOUT_S = 10.0
 CallerDep = Annotated[Caller, Depends(require_caller)]
 AccountId = Annotated[str, Path(min_length=1, max_length=64, description="account_id")]
 IdempotencyKey = Annotated[
@@ -242,8 +240,6 @@ async def create_account(request: Request, caller: CallerDep, body: AccountCreat
             cost_per_call_setup=_text(body.cost_per_call_setup),
             cost_per_whatsapp_message=_text(body.cost_per_whatsapp_message),
         ),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     return {
         "success": True,
@@ -264,8 +260,6 @@ async def list_accounts(
 ) -> list[dict[str, Any]]:
     reply = await stub(request).ListAccounts(
         accounts_pb2.ListAccountsRequest(limit=limit, skip=skip, status=status or ""),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     response.headers["X-Total-Count"] = str(reply.total)
     return [account_json(a) for a in reply.accounts]
@@ -273,17 +267,13 @@ async def list_accounts(
 
 @router.get("/{account_id}", summary="One account")
 async def get_account(request: Request, caller: CallerDep, account_id: AccountId) -> dict[str, Any]:
-    account = await stub(request).GetAccount(
-        accounts_pb2.GetAccountRequest(account_id=account_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    account = await stub(request).GetAccount(accounts_pb2.GetAccountRequest(account_id=account_id))
     return account_json(account)
 
 
-async def _update(request: Request, caller: Caller, account_id: str, patch: dict[str, Any]) -> accounts_pb2.Account:
+async def _update(request: Request, account_id: str, patch: dict[str, Any]) -> accounts_pb2.Account:
     return await stub(request).UpdateAccount(
         accounts_pb2.UpdateAccountRequest(account_id=account_id, patch_json=json.dumps(patch)),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
 
 
@@ -294,7 +284,7 @@ async def update_account(
     patch = {k: v for k, v in body.model_dump(exclude_unset=True, mode="json").items() if v is not None}
     if body.features is not None:
         patch["features"] = body.features.model_dump(exclude_none=True)
-    return account_json(await _update(request, caller, account_id, patch))
+    return account_json(await _update(request, account_id, patch))
 
 
 @router.put("/{account_id}/suspend", summary="Suspend (admin): no new work is released")
@@ -302,27 +292,24 @@ async def suspend_account(
     request: Request, caller: CallerDep, account_id: AccountId, body: StatusChange | None = None
 ) -> dict[str, Any]:
     reason = (body.reason if body else None) or "suspended by an operator"
-    account = await _update(request, caller, account_id, {"status": "suspended", "suspension_reason": reason})
+    account = await _update(request, account_id, {"status": "suspended", "suspension_reason": reason})
     return {"success": True, "message": "Account suspended", "account": account_json(account)}
 
 
 @router.put("/{account_id}/activate", summary="Activate (admin)")
 async def activate_account(request: Request, caller: CallerDep, account_id: AccountId) -> dict[str, Any]:
-    account = await _update(request, caller, account_id, {"status": "active"})
+    account = await _update(request, account_id, {"status": "active"})
     return {"success": True, "message": "Account activated", "account": account_json(account)}
 
 
 @router.get("/{account_id}/balance", summary="Credit and minutes: balance, reserved, available, used")
 async def get_balance(request: Request, caller: CallerDep, account_id: AccountId) -> dict[str, Any]:
-    balance = await stub(request).GetBalance(
-        accounts_pb2.GetBalanceRequest(account_id=account_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    balance = await stub(request).GetBalance(accounts_pb2.GetBalanceRequest(account_id=account_id))
     return balance_json(balance)
 
 
 async def _credit_call(
     request: Request,
-    caller: Caller,
     rpc: str,
     message: Any,
     account_id: str,
@@ -339,8 +326,6 @@ async def _credit_call(
             fingerprint=fingerprint(body),
             reason=body.reason or "",
         ),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
 
 
@@ -353,7 +338,7 @@ async def top_up(
     body: Credit,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    reply = await _credit_call(request, caller, "TopUp", accounts_pb2.TopUpRequest, account_id, body, idempotency_key)
+    reply = await _credit_call(request, "TopUp", accounts_pb2.TopUpRequest, account_id, body, idempotency_key)
     return {**ledger_json(reply, response, key=idempotency_key or ""), "amount_added": number(reply.amount)}
 
 
@@ -366,7 +351,7 @@ async def refund(
     body: Credit,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    reply = await _credit_call(request, caller, "Refund", accounts_pb2.RefundRequest, account_id, body, idempotency_key)
+    reply = await _credit_call(request, "Refund", accounts_pb2.RefundRequest, account_id, body, idempotency_key)
     return ledger_json(reply, response, key=idempotency_key or "")
 
 
@@ -379,7 +364,7 @@ async def adjust(
     body: Adjustment,
     idempotency_key: IdempotencyKey = None,
 ) -> dict[str, Any]:
-    reply = await _credit_call(request, caller, "Adjust", accounts_pb2.AdjustRequest, account_id, body, idempotency_key)
+    reply = await _credit_call(request, "Adjust", accounts_pb2.AdjustRequest, account_id, body, idempotency_key)
     return ledger_json(reply, response, key=idempotency_key or "")
 
 
@@ -394,8 +379,6 @@ async def list_transactions(
 ) -> list[dict[str, Any]]:
     reply = await stub(request).ListTransactions(
         accounts_pb2.ListTransactionsRequest(account_id=account_id, limit=limit, skip=skip),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     response.headers["X-Total-Count"] = str(reply.total)
     return [transaction_json(t) for t in reply.transactions]
@@ -411,13 +394,9 @@ async def list_account_batches(
     skip: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> list[dict[str, Any]]:
     # The account must be the caller's to see (404 otherwise), then its batches of every channel.
-    await stub(request).GetAccount(
-        accounts_pb2.GetAccountRequest(account_id=account_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    await stub(request).GetAccount(accounts_pb2.GetAccountRequest(account_id=account_id))
     reply = await request.app.state.backends.campaigns.ListBatches(
         campaigns_pb2.ListBatchesRequest(account_id=account_id, limit=limit, skip=skip),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     response.headers["X-Total-Count"] = str(reply.total)
     return [batch_json(b) for b in reply.batches]

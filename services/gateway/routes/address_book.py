@@ -6,14 +6,14 @@ account; this module bounds the input, streams the import file and maps."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, Response, UploadFile
 from pregonero.campaigns.v1 import address_book_pb2 as pb
+from pregonero.campaigns.v1 import address_book_pb2_grpc as pb_grpc
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.runtime.identity import Caller
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..errors import ApiError
@@ -25,7 +25,6 @@ from .jobs import AccountFilter, scoped_account
 
 router = APIRouter(tags=["address book"])
 
-RPC_TIMEOUT_S = 10.0
 # An import of 200,000 rows takes campaigns a few seconds; the connection stays open meanwhile.
 IMPORT_TIMEOUT_S = 300.0
 # Checked here on the spooled upload so an oversized file never crosses to campaigns, which
@@ -61,10 +60,8 @@ ContactId = Annotated[str, Depends(_contact_id)]
 GroupId = Annotated[str, Depends(_group_id)]
 
 
-async def call(request: Request, caller: Caller, rpc: str, message: Any, *, deadline_s: float = RPC_TIMEOUT_S) -> Any:
-    """One AddressBookService RPC as the caller, with the request id, under a deadline."""
-    method = getattr(request.app.state.backends.address_book, rpc)
-    return await method(message, metadata=outgoing_metadata(caller), timeout=deadline_s)
+def stub(request: Request) -> pb_grpc.AddressBookServiceStub:
+    return cast(pb_grpc.AddressBookServiceStub, request.app.state.backends.address_book)
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -174,7 +171,7 @@ async def list_contacts(
     )
     if is_active is not None:
         message.is_active = is_active
-    reply = await call(request, caller, "ListContacts", message)
+    reply = await stub(request).ListContacts(message)
     response.headers["X-Total-Count"] = str(reply.total)
     return [contact_json(c) for c in reply.contacts]
 
@@ -190,7 +187,7 @@ async def create_contact(request: Request, caller: CallerDep, body: ContactCreat
         group_ids=[_key(g, "group") for g in body.groups],
         country=body.country or "",
     )
-    return contact_json(await call(request, caller, "CreateContact", message))
+    return contact_json(await stub(request).CreateContact(message))
 
 
 @router.post("/api/contacts/import", summary="Add or update contacts from a CSV, XLSX or XLS file")
@@ -222,7 +219,7 @@ async def import_contacts(
         while chunk := await file.read(UPLOAD_PART):
             yield pb.ImportContactsRequest(chunk=chunk)
 
-    result = await call(request, caller, "ImportContacts", parts(), deadline_s=IMPORT_TIMEOUT_S)
+    result = await stub(request).ImportContacts(parts(), timeout=IMPORT_TIMEOUT_S)
     return {
         "created": result.created,
         "updated": result.updated,
@@ -235,7 +232,7 @@ async def import_contacts(
 
 @router.get("/api/contacts/{contact_id}", summary="One contact")
 async def get_contact(request: Request, caller: CallerDep, contact_id: ContactId) -> dict[str, Any]:
-    return contact_json(await call(request, caller, "GetContact", pb.ContactRef(contact_id=contact_id)))
+    return contact_json(await stub(request).GetContact(pb.ContactRef(contact_id=contact_id)))
 
 
 @router.put("/api/contacts/{contact_id}", summary="Change some fields of a contact")
@@ -246,12 +243,12 @@ async def update_contact(
     for field in ("name", "phone", "email", "is_active"):
         if (value := getattr(body, field)) is not None:
             setattr(message, field, value)
-    return contact_json(await call(request, caller, "UpdateContact", message))
+    return contact_json(await stub(request).UpdateContact(message))
 
 
 @router.delete("/api/contacts/{contact_id}", status_code=204, summary="Delete a contact (it leaves its groups)")
 async def delete_contact(request: Request, caller: CallerDep, contact_id: ContactId) -> Response:
-    await call(request, caller, "DeleteContact", pb.ContactRef(contact_id=contact_id))
+    await stub(request).DeleteContact(pb.ContactRef(contact_id=contact_id))
     return Response(status_code=204)
 
 
@@ -271,7 +268,7 @@ async def list_groups(
     message = pb.ListGroupsRequest(
         account_id=scoped_account(caller, account_id), search=search or "", limit=limit, offset=offset
     )
-    reply = await call(request, caller, "ListGroups", message)
+    reply = await stub(request).ListGroups(message)
     response.headers["X-Total-Count"] = str(reply.total)
     return [group_json(g) for g in reply.groups]
 
@@ -286,12 +283,12 @@ async def create_group(request: Request, caller: CallerDep, body: GroupCreate) -
     message = pb.CreateGroupRequest(
         account_id=scoped_account(caller, body.account_id), name=body.name, description=body.description
     )
-    return group_json(await call(request, caller, "CreateGroup", message))
+    return group_json(await stub(request).CreateGroup(message))
 
 
 @router.get("/api/groups/{group_id}", summary="One group")
 async def get_group(request: Request, caller: CallerDep, group_id: GroupId) -> dict[str, Any]:
-    return group_json(await call(request, caller, "GetGroup", pb.GroupRef(group_id=group_id)))
+    return group_json(await stub(request).GetGroup(pb.GroupRef(group_id=group_id)))
 
 
 @router.put("/api/groups/{group_id}", summary="Rename a group or change its description")
@@ -301,12 +298,12 @@ async def update_group(request: Request, caller: CallerDep, group_id: GroupId, b
         message.name = body.name
     if body.description is not None:
         message.description = body.description
-    return group_json(await call(request, caller, "UpdateGroup", message))
+    return group_json(await stub(request).UpdateGroup(message))
 
 
 @router.delete("/api/groups/{group_id}", status_code=204, summary="Delete a group (its contacts stay)")
 async def delete_group(request: Request, caller: CallerDep, group_id: GroupId) -> Response:
-    await call(request, caller, "DeleteGroup", pb.GroupRef(group_id=group_id))
+    await stub(request).DeleteGroup(pb.GroupRef(group_id=group_id))
     return Response(status_code=204)
 
 
@@ -324,7 +321,7 @@ async def group_contacts(
     message = pb.ListGroupContactsRequest(group_id=group_id, search=search or "", limit=limit, offset=offset)
     if is_active is not None:
         message.is_active = is_active
-    reply = await call(request, caller, "ListGroupContacts", message)
+    reply = await stub(request).ListGroupContacts(message)
     response.headers["X-Total-Count"] = str(reply.total)
     return [contact_json(c) for c in reply.contacts]
 
@@ -334,7 +331,7 @@ async def add_group_contacts(
     request: Request, caller: CallerDep, group_id: GroupId, body: GroupContactsAdd
 ) -> dict[str, Any]:
     message = pb.AddGroupContactsRequest(group_id=group_id, contact_ids=[_key(c, "contact") for c in body.contact_ids])
-    reply = await call(request, caller, "AddGroupContacts", message)
+    reply = await stub(request).AddGroupContacts(message)
     return {"added": reply.added, "group": group_json(reply.group)}
 
 
@@ -344,9 +341,7 @@ async def add_group_contacts(
 async def remove_group_contact(
     request: Request, caller: CallerDep, group_id: GroupId, contact_id: ContactId
 ) -> Response:
-    await call(
-        request, caller, "RemoveGroupContact", pb.RemoveGroupContactRequest(group_id=group_id, contact_id=contact_id)
-    )
+    await stub(request).RemoveGroupContact(pb.RemoveGroupContactRequest(group_id=group_id, contact_id=contact_id))
     return Response(status_code=204)
 
 
@@ -358,7 +353,7 @@ async def add_opt_out(request: Request, caller: CallerDep, body: OptOutCreate) -
     message = pb.AddOptOutRequest(
         account_id=scoped_account(caller, body.account_id), phone=body.phone, source="user", country=body.country or ""
     )
-    reply = await call(request, caller, "AddOptOut", message)
+    reply = await stub(request).AddOptOut(message)
     return {**opt_out_json(reply.opt_out), "created": reply.created}
 
 
@@ -372,7 +367,7 @@ async def list_opt_outs(
     account_id: AccountFilter = None,
 ) -> list[dict[str, Any]]:
     message = pb.ListOptOutsRequest(account_id=scoped_account(caller, account_id), limit=limit, offset=offset)
-    reply = await call(request, caller, "ListOptOuts", message)
+    reply = await stub(request).ListOptOuts(message)
     response.headers["X-Total-Count"] = str(reply.total)
     return [opt_out_json(o) for o in reply.opt_outs]
 
@@ -385,5 +380,5 @@ async def delete_opt_out(
     account_id: AccountFilter = None,
 ) -> Response:
     message = pb.DeleteOptOutRequest(account_id=scoped_account(caller, account_id), phone=phone)
-    await call(request, caller, "DeleteOptOut", message)
+    await stub(request).DeleteOptOut(message)
     return Response(status_code=204)

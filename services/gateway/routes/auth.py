@@ -13,14 +13,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.runtime.identity import Caller
 from services.runtime.protos import from_timestamp, iso
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import API_KEY, JWKS_MAX_AGE_S, JWT, Authenticator, Principal, require_caller, require_principal
 from ..errors import ApiError, error_response
 
 router = APIRouter(tags=["auth"])
 
-RPC_TIMEOUT_S = 10.0
 # Trailing metadata keys the accounts service's AuthService sets (see auth.proto).
 RETRY_AFTER_KEY = "retry-after"
 REVOKED_SESSION_KEY = "x-revoked-session"
@@ -183,8 +181,6 @@ async def login(request: Request, body: LoginBody) -> Any:
             auth_pb2.LoginRequest(
                 email=body.email, password=body.password, client_ip=_auth(request).client_address(request)
             ),
-            metadata=outgoing_metadata(),
-            timeout=RPC_TIMEOUT_S,
         )
     except grpc.aio.AioRpcError as exc:
         if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -202,8 +198,6 @@ async def refresh(request: Request, body: RefreshBody) -> Any:
     try:
         pair = await _rpc(request).Refresh(
             auth_pb2.RefreshRequest(refresh_token=body.refresh_token),
-            metadata=outgoing_metadata(),
-            timeout=RPC_TIMEOUT_S,
         )
     except grpc.aio.AioRpcError as exc:
         if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
@@ -229,8 +223,6 @@ async def logout(request: Request, body: LogoutBody | None = None) -> Response:
         try:
             reply = await _rpc(request).Logout(
                 auth_pb2.LogoutRequest(refresh_token=body.refresh_token),
-                metadata=outgoing_metadata(),
-                timeout=RPC_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -242,8 +234,9 @@ async def logout(request: Request, body: LogoutBody | None = None) -> Response:
     if principal.kind == JWT:
         await _rpc(request).Logout(
             auth_pb2.LogoutRequest(session_id=principal.session_id),
-            metadata=outgoing_metadata(principal.caller),
-            timeout=RPC_TIMEOUT_S,
+            # Named: no dependency authenticated this caller (its token may be past expiry, and
+            # may still end its session), so the request does not act for it by itself.
+            metadata=principal.caller.metadata(),
         )
         auth.forget_session(principal.session_id)
     return Response(status_code=204)
@@ -254,9 +247,7 @@ async def me(request: Request, principal: PrincipalDep) -> JSONResponse:
     caller = principal.caller
     body: dict[str, Any] = {"role": caller.role, "account_id": caller.account_id, "user_id": caller.user_id}
     if principal.kind == JWT:
-        user = await _rpc(request).GetUser(
-            auth_pb2.GetUserRequest(), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-        )
+        user = await _rpc(request).GetUser(auth_pb2.GetUserRequest())
         body.update(user_json(user))
     elif principal.kind == API_KEY:
         body["key_id"] = principal.key_id
@@ -280,8 +271,6 @@ async def update_me(request: Request, principal: PrincipalDep, body: MePatch) ->
     timezone = changes.get("timezone")
     user = await _rpc(request).UpdateUser(
         auth_pb2.UpdateUserRequest(timezone=timezone) if timezone is not None else auth_pb2.UpdateUserRequest(),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     # This replica reads the new zone at once; the others within the auth cache bound.
     _auth(request).profile_changed(principal.session_id)
@@ -296,8 +285,6 @@ async def create_user(request: Request, body: UserCreate, caller: CallerDep) -> 
         auth_pb2.CreateUserRequest(
             email=body.email, password=body.password, role=body.role, account_id=body.account_id or ""
         ),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     return user_json(user)
 
@@ -311,8 +298,6 @@ async def create_api_key(request: Request, body: ApiKeyCreate, principal: Princi
         raise ApiError(403, "an API key cannot create API keys", "forbidden")
     created = await _rpc(request).CreateApiKey(
         auth_pb2.CreateApiKeyRequest(name=body.name, account_id=body.account_id or ""),
-        metadata=outgoing_metadata(principal.caller),
-        timeout=RPC_TIMEOUT_S,
     )
     return {**api_key_json(created.key), "key": created.secret}
 
@@ -327,8 +312,6 @@ async def list_api_keys(
 ) -> Any:
     reply = await _rpc(request).ListApiKeys(
         auth_pb2.ListApiKeysRequest(account_id=account_id or "", include_revoked=include_revoked),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     return JSONResponse([api_key_json(k) for k in reply.keys], headers={"X-Total-Count": str(reply.total)})
 
@@ -340,9 +323,7 @@ async def list_api_keys(
     summary="Revoke an API key (every gateway replica refuses it within 5 s)",
 )
 async def revoke_api_key(request: Request, caller: CallerDep, key_id: Annotated[str, Path(max_length=64)]) -> Response:
-    await _rpc(request).RevokeApiKey(
-        auth_pb2.RevokeApiKeyRequest(key_id=key_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    await _rpc(request).RevokeApiKey(auth_pb2.RevokeApiKeyRequest(key_id=key_id))
     _auth(request).forget_api_key(key_id)
     return Response(status_code=204)
 

@@ -18,7 +18,6 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from services.runtime.identity import Caller
 from services.runtime.protos import to_timestamp
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..errors import ApiError
@@ -29,7 +28,6 @@ from .jobs import AccountFilter, Limit, Skip, job_status_filter, list_jobs_page,
 
 router = APIRouter(prefix="/api/v1/batches", tags=["voice batches"])
 
-RPC_TIMEOUT_S = 10.0
 # Parsing a workbook of tens of thousands of rows (and pricing it) takes the campaigns
 # service a while; the connection stays open, as for WhatsApp files.
 UPLOAD_TIMEOUT_S = 300.0
@@ -396,20 +394,21 @@ async def preview_contacts(
     use_case: UseCaseForm = None,
     country: CountryForm = None,
 ) -> dict[str, Any]:
-    preview = await _stream(stub(request).PreviewContacts, caller, upload, use_case, country)
+    preview = await _stream(stub(request).PreviewContacts, upload, use_case, country)
     return preview_json(preview, upload.header.file_name)
 
 
-async def _stream(rpc: Any, caller: Caller, upload: ContactsUpload, use_case: str | None, country: str | None) -> Any:
+async def _stream(rpc: Any, upload: ContactsUpload, use_case: str | None, country: str | None) -> Any:
     """The file, aimed at its use case and country, streamed to a campaigns upload RPC."""
     upload.aim(use_case, country)
-    return await rpc(upload.parts(), metadata=outgoing_metadata(caller), timeout=UPLOAD_TIMEOUT_S)
+    # A stream of the whole file, longer than a unary call's default deadline.
+    return await rpc(upload.parts(), timeout=UPLOAD_TIMEOUT_S)
 
 
 async def _create_from_file(
-    request: Request, caller: Caller, upload: ContactsUpload, use_case: str | None, country: str | None
+    request: Request, upload: ContactsUpload, use_case: str | None, country: str | None
 ) -> dict[str, Any]:
-    return created_json(await _stream(stub(request).CreateVoiceBatch, caller, upload, use_case, country))
+    return created_json(await _stream(stub(request).CreateVoiceBatch, upload, use_case, country))
 
 
 @router.post("/excel/create", summary="A voice campaign from a contacts file (.xlsx, .xls, .csv)")
@@ -420,7 +419,7 @@ async def create_from_file(
     use_case: UseCaseForm = None,
     country: CountryForm = None,
 ) -> dict[str, Any]:
-    return await _create_from_file(request, caller, upload, use_case, country)
+    return await _create_from_file(request, upload, use_case, country)
 
 
 def _country_route(country: str) -> Any:
@@ -432,7 +431,7 @@ def _country_route(country: str) -> Any:
     ) -> dict[str, Any]:
         if use_case not in USE_CASES:
             raise ApiError(404, f"unknown use case {use_case!r}; use {' or '.join(USE_CASES)}")
-        return await _create_from_file(request, caller, upload, use_case, COUNTRIES[country])
+        return await _create_from_file(request, upload, use_case, COUNTRIES[country])
 
     create.__name__ = f"create_{country}_batch"
     return create
@@ -460,8 +459,6 @@ async def create_batch(request: Request, caller: CallerDep, body: BatchCreate) -
             use_case=body.use_case or "",
             country=body.country or "",
         ),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     b = batch_json(batch)
     # Both reading styles the old backend's clients used: the batch itself, and wrapped.
@@ -492,8 +489,6 @@ async def list_batches(
             limit=limit,
             skip=skip,
         ),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     response.headers["X-Total-Count"] = str(reply.total)
     return [batch_json(b) for b in reply.batches]
@@ -508,27 +503,23 @@ def batch_status_filter(status: str | None) -> str:
     raise ApiError(400, f"status must be one of {', '.join((*BATCH_FILTERS, *DASHBOARD_WORDS))}")
 
 
-async def _get(request: Request, caller: Caller, batch_id: str) -> campaigns_pb2.Batch:
-    return await stub(request).GetBatch(
-        campaigns_pb2.BatchRef(batch_id=batch_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+async def _get(request: Request, batch_id: str) -> campaigns_pb2.Batch:
+    return await stub(request).GetBatch(campaigns_pb2.BatchRef(batch_id=batch_id))
 
 
 @router.get("/{batch_id}", summary="One voice campaign")
 async def get_batch(request: Request, caller: CallerDep, batch_id: BatchId) -> dict[str, Any]:
-    return batch_json(await _get(request, caller, batch_id))
+    return batch_json(await _get(request, batch_id))
 
 
 @router.get("/{batch_id}/status", summary="Counters and state only: the dashboard polls this every 5 s")
 async def batch_status(request: Request, caller: CallerDep, batch_id: BatchId) -> dict[str, Any]:
-    return status_json(await _get(request, caller, batch_id))
+    return status_json(await _get(request, batch_id))
 
 
 @router.get("/{batch_id}/summary", summary="The campaign with its completion rate and calls per hour")
 async def batch_summary(request: Request, caller: CallerDep, batch_id: BatchId) -> dict[str, Any]:
-    summary = await stub(request).GetBatchSummary(
-        campaigns_pb2.BatchRef(batch_id=batch_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    summary = await stub(request).GetBatchSummary(campaigns_pb2.BatchRef(batch_id=batch_id))
     return summary_json(summary)
 
 
@@ -545,10 +536,8 @@ async def batch_jobs(
     # An unknown batch, or another account's, is 404 rather than an empty page; the jobs are
     # then listed by the canonical id, whichever form the path used.
     status = job_status_filter(status)
-    batch = await _get(request, caller, batch_id)
-    return await list_jobs_page(
-        request, response, caller, batch_id=batch.batch_id, status=status, limit=limit, skip=skip
-    )
+    batch = await _get(request, batch_id)
+    return await list_jobs_page(request, response, batch_id=batch.batch_id, status=status, limit=limit, skip=skip)
 
 
 # --- routes: steering ------------------------------------------------------------------------
@@ -561,12 +550,10 @@ async def update_batch(request: Request, caller: CallerDep, batch_id: BatchId, b
         patch["call_settings"] = body.call_settings.model_dump(exclude_none=True)
     if not patch:
         # Nothing to change: the batch as it is (still 404 for someone else's).
-        batch = await _get(request, caller, batch_id)
+        batch = await _get(request, batch_id)
     else:
         batch = await stub(request).UpdateBatch(
             campaigns_pb2.UpdateBatchRequest(batch_id=batch_id, patch_json=json.dumps(patch)),
-            metadata=outgoing_metadata(caller),
-            timeout=RPC_TIMEOUT_S,
         )
     if patch.get("is_active") is False:
         message = "Batch paused"
@@ -583,19 +570,19 @@ async def update_batch(request: Request, caller: CallerDep, batch_id: BatchId, b
     }
 
 
-async def _steer(request: Request, caller: Caller, rpc: str, message: Any, text: str) -> dict[str, Any]:
-    batch = await getattr(stub(request), rpc)(message, metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S)
+async def _steer(request: Request, rpc: str, message: Any, text: str) -> dict[str, Any]:
+    batch = await getattr(stub(request), rpc)(message)
     return {"success": True, "message": text, "batch_id": batch.batch_id, "batch": batch_json(batch)}
 
 
 @router.put("/{batch_id}/pause", summary="Pause (legacy; PATCH is_active=false does the same)")
 async def pause_batch(request: Request, caller: CallerDep, batch_id: BatchId) -> dict[str, Any]:
-    return await _steer(request, caller, "PauseBatch", campaigns_pb2.BatchRef(batch_id=batch_id), "Batch paused")
+    return await _steer(request, "PauseBatch", campaigns_pb2.BatchRef(batch_id=batch_id), "Batch paused")
 
 
 @router.put("/{batch_id}/resume", summary="Resume (legacy; PATCH is_active=true does the same)")
 async def resume_batch(request: Request, caller: CallerDep, batch_id: BatchId) -> dict[str, Any]:
-    return await _steer(request, caller, "ResumeBatch", campaigns_pb2.BatchRef(batch_id=batch_id), "Batch resumed")
+    return await _steer(request, "ResumeBatch", campaigns_pb2.BatchRef(batch_id=batch_id), "Batch resumed")
 
 
 @router.post("/{batch_id}/cancel", summary="Stop for good: pending and scheduled calls are cancelled")
@@ -607,7 +594,6 @@ async def cancel_batch(
 ) -> dict[str, Any]:
     reply = await _steer(
         request,
-        caller,
         "CancelBatch",
         campaigns_pb2.CancelBatchRequest(batch_id=batch_id, reason=reason or ""),
         "Batch cancelled successfully",
@@ -621,8 +607,6 @@ async def delete_batch(
 ) -> dict[str, Any]:
     reply = await stub(request).DeleteBatch(
         campaigns_pb2.DeleteBatchRequest(batch_id=batch_id, delete_jobs=delete_jobs),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     return {
         "success": True,

@@ -11,7 +11,6 @@ from pregonero.campaigns.v1 import campaigns_pb2
 
 from services.runtime.identity import Caller
 from services.runtime.protos import from_timestamp, iso
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import caller_or_anonymous
 from ..errors import ApiError
@@ -89,9 +88,8 @@ async def send_bulk_file(
         while chunk := await file.read(UPLOAD_PART):
             yield campaigns_pb2.UploadBulkFileRequest(chunk=chunk)
 
-    uploaded = await request.app.state.backends.campaigns.UploadBulkFile(
-        parts(), metadata=outgoing_metadata(caller), timeout=300
-    )
+    # A stream of the whole file: longer than a unary call's default deadline.
+    uploaded = await request.app.state.backends.campaigns.UploadBulkFile(parts(), timeout=300)
     batch = uploaded.batch
     return {
         "status": "success",
@@ -117,8 +115,6 @@ async def list_jobs(
 ) -> list[dict[str, Any]]:
     reply = await request.app.state.backends.campaigns.ListBatches(
         campaigns_pb2.ListBatchesRequest(limit=limit, skip=skip, status=status, channel="whatsapp"),
-        metadata=outgoing_metadata(caller),
-        timeout=10,
     )
     response.headers["X-Total-Count"] = str(reply.total)
     return [job_json(b) for b in reply.batches]
@@ -126,39 +122,33 @@ async def list_jobs(
 
 @router.get("/jobs/{job_id}", summary="One bulk-send job")
 async def get_job(request: Request, caller: CallerDep, job_id: str) -> dict[str, Any]:
-    batch = await request.app.state.backends.campaigns.GetBatch(
-        campaigns_pb2.BatchRef(batch_id=job_id), metadata=outgoing_metadata(caller), timeout=10
-    )
+    batch = await request.app.state.backends.campaigns.GetBatch(campaigns_pb2.BatchRef(batch_id=job_id))
     return job_json(batch)
 
 
-async def _steer(request: Request, caller: Caller, rpc: str, message: Any) -> dict[str, Any]:
-    batch = await getattr(request.app.state.backends.campaigns, rpc)(
-        message, metadata=outgoing_metadata(caller), timeout=10
-    )
+async def _steer(request: Request, rpc: str, message: Any) -> dict[str, Any]:
+    batch = await getattr(request.app.state.backends.campaigns, rpc)(message)
     return {"status": "success", "job": job_json(batch)}
 
 
 @router.post("/jobs/{job_id}/pause", summary="Stop sending; in-flight messages are handed back")
 async def pause_job(request: Request, caller: CallerDep, job_id: str) -> dict[str, Any]:
-    return await _steer(request, caller, "PauseBatch", campaigns_pb2.BatchRef(batch_id=job_id))
+    return await _steer(request, "PauseBatch", campaigns_pb2.BatchRef(batch_id=job_id))
 
 
 @router.post("/jobs/{job_id}/resume", summary="Go on sending a paused job")
 async def resume_job(request: Request, caller: CallerDep, job_id: str) -> dict[str, Any]:
-    return await _steer(request, caller, "ResumeBatch", campaigns_pb2.BatchRef(batch_id=job_id))
+    return await _steer(request, "ResumeBatch", campaigns_pb2.BatchRef(batch_id=job_id))
 
 
 @router.post("/jobs/{job_id}/cancel", summary="Stop for good: every unsent recipient is cancelled")
 async def cancel_job(request: Request, caller: CallerDep, job_id: str, reason: str = "") -> dict[str, Any]:
-    return await _steer(
-        request, caller, "CancelBatch", campaigns_pb2.CancelBatchRequest(batch_id=job_id, reason=reason)
-    )
+    return await _steer(request, "CancelBatch", campaigns_pb2.CancelBatchRequest(batch_id=job_id, reason=reason))
 
 
 @router.post("/jobs/{job_id}/retry-failed", summary="Send again to the recipients that failed")
 async def retry_failed(request: Request, caller: CallerDep, job_id: str) -> dict[str, Any]:
-    return await _steer(request, caller, "RetryFailed", campaigns_pb2.BatchRef(batch_id=job_id))
+    return await _steer(request, "RetryFailed", campaigns_pb2.BatchRef(batch_id=job_id))
 
 
 @router.get("/jobs/{job_id}/results", summary="Per-recipient outcomes, keyset paged")
@@ -174,8 +164,7 @@ async def job_results(
         raise ApiError(400, "status must be one of pending, sent, failed, cancelled, unknown, suspended")
     reply = await request.app.state.backends.campaigns.ListJobResults(
         campaigns_pb2.ListJobResultsRequest(batch_id=job_id, status=status, limit=limit, after=after),
-        metadata=outgoing_metadata(caller),
-        timeout=30,
+        timeout=30,  # a page of up to 10,000 rows: longer than a call's default deadline
     )
     return {
         "job_id": job_id,

@@ -16,7 +16,6 @@ from pregonero.accounts.v1 import accounts_pb2
 from pregonero.campaigns.v1 import campaigns_pb2
 
 from services.runtime.identity import Caller
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..values import number, when
@@ -26,7 +25,6 @@ from .jobs import AccountFilter, Limit, Skip, job_json, scoped_account
 
 router = APIRouter(prefix="/api/v1", tags=["voice dashboard"])
 
-RPC_TIMEOUT_S = 10.0
 CallerDep = Annotated[Caller, Depends(require_caller)]
 
 USE_CASES: list[dict[str, Any]] = [
@@ -170,27 +168,24 @@ def call_json(c: campaigns_pb2.CallRecord) -> dict[str, Any]:
     }
 
 
-async def _dashboard(request: Request, caller: Caller, account_id: str) -> campaigns_pb2.Dashboard:
+async def _dashboard(request: Request, account_id: str) -> campaigns_pb2.Dashboard:
     return await request.app.state.backends.campaigns.GetDashboard(
         campaigns_pb2.DashboardRequest(account_id=account_id),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
 
 
-async def _account(request: Request, caller: Caller, account_id: str) -> dict[str, Any]:
+async def _account(request: Request, account_id: str) -> dict[str, Any]:
     accounts = request.app.state.backends.accounts
-    md = outgoing_metadata(caller)
     account, balance = await asyncio.gather(
-        accounts.GetAccount(accounts_pb2.GetAccountRequest(account_id=account_id), metadata=md, timeout=RPC_TIMEOUT_S),
-        accounts.GetBalance(accounts_pb2.GetBalanceRequest(account_id=account_id), metadata=md, timeout=RPC_TIMEOUT_S),
+        accounts.GetAccount(accounts_pb2.GetAccountRequest(account_id=account_id)),
+        accounts.GetBalance(accounts_pb2.GetBalanceRequest(account_id=account_id)),
     )
     return account_summary_json(account, balance)
 
 
 @router.get("/dashboard/stats", summary="Campaign and call counters")
 async def dashboard_stats(request: Request, caller: CallerDep, account_id: AccountFilter = None) -> dict[str, Any]:
-    return stats_json(await _dashboard(request, caller, scoped_account(caller, account_id)))
+    return stats_json(await _dashboard(request, scoped_account(caller, account_id)))
 
 
 @router.get("/dashboard/overview", summary="Counters, costs, the account and recent calls, in one reply")
@@ -199,11 +194,9 @@ async def dashboard_overview(request: Request, caller: CallerDep, account_id: Ac
     # An admin without a filter sees every account: no one account to describe.
     in_scope = requested or ("" if caller.is_admin else caller.account_id)
     if in_scope:
-        dashboard, account = await asyncio.gather(
-            _dashboard(request, caller, requested), _account(request, caller, in_scope)
-        )
+        dashboard, account = await asyncio.gather(_dashboard(request, requested), _account(request, in_scope))
     else:
-        dashboard, account = await _dashboard(request, caller, requested), None
+        dashboard, account = await _dashboard(request, requested), None
     return overview_json(dashboard, account, datetime.now(UTC))
 
 
@@ -227,8 +220,6 @@ async def calls_history(
             limit=limit,
             skip=skip,
         ),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     response.headers["X-Total-Count"] = str(reply.total)
     return {"calls": [call_json(c) for c in reply.calls], "total": reply.total}

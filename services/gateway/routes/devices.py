@@ -13,7 +13,6 @@ from pydantic import BaseModel, Field, model_validator
 
 from services.runtime.identity import Caller
 from services.runtime.protos import from_timestamp, iso
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import caller_or_anonymous
 from ..errors import ApiError
@@ -21,7 +20,6 @@ from ..errors import ApiError
 router = APIRouter(tags=["devices"])
 
 CHANNEL = "whatsapp"
-RPC_TIMEOUT_S = 10.0
 # Wire limits of the proto fields, so an oversized number is a 422 rather than an encoding
 # crash; the real ranges are the dispatcher's to check.
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
@@ -132,24 +130,19 @@ def device_json(sender: dispatcher_pb2.Sender) -> dict[str, Any]:
 async def list_devices(request: Request, caller: CallerDep) -> dict[str, Any]:
     reply = await request.app.state.backends.dispatcher.ListSenders(
         dispatcher_pb2.ListSendersRequest(channel=CHANNEL),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     return {"total": reply.total, "devices": [device_json(s) for s in reply.senders]}
 
 
 @router.get("/devices/{device_id}", summary="One device", response_model=Device)
 async def get_device(request: Request, caller: CallerDep, device_id: DeviceId) -> dict[str, Any]:
-    sender = await request.app.state.backends.dispatcher.GetSender(
-        dispatcher_pb2.SenderRef(id=device_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    sender = await request.app.state.backends.dispatcher.GetSender(dispatcher_pb2.SenderRef(id=device_id))
     return device_json(sender)
 
 
 @router.post("/devices", summary="Add a device", response_model=DeviceReply)
 async def create_device(request: Request, caller: CallerDep, body: DeviceCreate) -> dict[str, Any]:
     stub = request.app.state.backends.dispatcher
-    metadata = outgoing_metadata(caller)
     sender = await stub.CreateSender(
         dispatcher_pb2.CreateSenderRequest(
             channel=CHANNEL,
@@ -165,16 +158,12 @@ async def create_device(request: Request, caller: CallerDep, body: DeviceCreate)
             status=body.status or "",
             daily_limit=body.daily_limit or 0,
         ),
-        metadata=metadata,
-        timeout=RPC_TIMEOUT_S,
     )
     if body.rate_per_minute == 0:
         # CreateSender reads 0 as "default" (proto3 has no presence); an explicit "no limit"
         # is applied by a patch, which can say it.
         sender = await stub.UpdateSender(
             dispatcher_pb2.UpdateSenderRequest(id=sender.id, patch_json=json.dumps({"rate_per_minute": 0})),
-            metadata=metadata,
-            timeout=RPC_TIMEOUT_S,
         )
     return {"status": "success", "message": "Device created successfully", "device": device_json(sender)}
 
@@ -186,17 +175,13 @@ async def update_device(request: Request, caller: CallerDep, device_id: DeviceId
         del patch["secret"]  # edit forms send the secret field empty when it is not changed
     sender = await request.app.state.backends.dispatcher.UpdateSender(
         dispatcher_pb2.UpdateSenderRequest(id=device_id, patch_json=json.dumps(patch)),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     return {"status": "success", "message": "Device updated successfully", "device": device_json(sender)}
 
 
 @router.delete("/devices/{device_id}", summary="Remove a device", response_model=DeviceReply)
 async def delete_device(request: Request, caller: CallerDep, device_id: DeviceId) -> dict[str, Any]:
-    await request.app.state.backends.dispatcher.DeleteSender(
-        dispatcher_pb2.SenderRef(id=device_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    await request.app.state.backends.dispatcher.DeleteSender(dispatcher_pb2.SenderRef(id=device_id))
     return {"status": "success", "message": "Device deleted successfully", "device": None}
 
 
@@ -222,9 +207,7 @@ async def device_qr(
     device_id: DeviceId,
     format: Annotated[Literal["png", "json"] | None, Query(description="png (default) or json")] = None,
 ) -> Response | dict[str, Any]:
-    qr = await request.app.state.backends.dispatcher.GetSenderQr(
-        dispatcher_pb2.SenderRef(id=device_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    qr = await request.app.state.backends.dispatcher.GetSenderQr(dispatcher_pb2.SenderRef(id=device_id))
     if not qr.png:
         if qr.connection == "connected":
             raise ApiError(409, f"device {device_id} is linked already: there is no QR to scan")
@@ -246,9 +229,7 @@ async def device_qr(
     response_model=DeviceReply,
 )
 async def logout_device(request: Request, caller: CallerDep, device_id: DeviceId) -> dict[str, Any]:
-    sender = await request.app.state.backends.dispatcher.LogoutSender(
-        dispatcher_pb2.SenderRef(id=device_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    sender = await request.app.state.backends.dispatcher.LogoutSender(dispatcher_pb2.SenderRef(id=device_id))
     return {
         "status": "success",
         "message": "Device logged out: scan the new QR to link it",
@@ -262,7 +243,5 @@ async def logout_device(request: Request, caller: CallerDep, device_id: DeviceId
     response_model=DeviceReply,
 )
 async def restart_device(request: Request, caller: CallerDep, device_id: DeviceId) -> dict[str, Any]:
-    sender = await request.app.state.backends.dispatcher.RestartSender(
-        dispatcher_pb2.SenderRef(id=device_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    sender = await request.app.state.backends.dispatcher.RestartSender(dispatcher_pb2.SenderRef(id=device_id))
     return {"status": "success", "message": "Device session restarting", "device": device_json(sender)}

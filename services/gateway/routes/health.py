@@ -21,13 +21,13 @@ from pregonero.dispatcher.v1 import dispatcher_pb2
 
 from services.runtime import bus
 from services.runtime.identity import Caller
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..errors import error_body
 
 router = APIRouter(tags=["health"])
 
+# A probe's own deadline, shorter than a call's default: a slow backend is reported, not waited for.
 CHECK_TIMEOUT_S = 2.0
 QUEUE = "nats_jetstream"
 # The streams the guide's "queue" is: work for the dispatcher, and what comes back from it.
@@ -129,7 +129,6 @@ async def health_whatsapp(request: Request, caller: Annotated[Caller, Depends(re
     try:
         reply = await request.app.state.backends.dispatcher.ListSenders(
             dispatcher_pb2.ListSendersRequest(channel=WHATSAPP),
-            metadata=outgoing_metadata(caller),
             timeout=CHECK_TIMEOUT_S,
         )
     except grpc.aio.AioRpcError as exc:

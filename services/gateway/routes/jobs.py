@@ -15,7 +15,6 @@ from pregonero.campaigns.v1 import campaigns_pb2
 from pydantic import BaseModel, Field
 
 from services.runtime.identity import Caller
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..errors import ApiError
@@ -24,7 +23,6 @@ from ..values import json_object, number, optional_number, when, with_keys
 
 router = APIRouter(prefix="/api/v1/jobs", tags=["voice jobs"])
 
-RPC_TIMEOUT_S = 10.0
 CallerDep = Annotated[Caller, Depends(require_caller)]
 Limit = Annotated[int, Query(ge=1, le=1000)]
 Skip = Annotated[int, Query(ge=0, le=2**31 - 1)]
@@ -121,7 +119,6 @@ def stub(request: Request) -> Any:
 async def list_jobs_page(
     request: Request,
     response: Response,
-    caller: Caller,
     *,
     account_id: str = "",
     batch_id: str = "",
@@ -134,8 +131,6 @@ async def list_jobs_page(
         campaigns_pb2.ListJobsRequest(
             account_id=account_id, batch_id=batch_id, status=job_status_filter(status), limit=limit, skip=skip
         ),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     response.headers["X-Total-Count"] = str(reply.total)
     return [job_json(j) for j in reply.jobs]
@@ -162,7 +157,6 @@ async def list_jobs(
     return await list_jobs_page(
         request,
         response,
-        caller,
         account_id=scoped_account(caller, account_id),
         batch_id=batch_id or "",
         status=status,
@@ -173,17 +167,13 @@ async def list_jobs(
 
 @router.get("/{job_id}", summary="One voice job")
 async def get_job(request: Request, caller: CallerDep, job_id: VoiceJobId) -> dict[str, Any]:
-    job = await stub(request).GetJob(
-        campaigns_pb2.JobRef(job_id=job_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    job = await stub(request).GetJob(campaigns_pb2.JobRef(job_id=job_id))
     return job_json(job)
 
 
 @router.put("/{job_id}/retry", summary="Call again: a failed or cancelled job goes back to pending")
 async def retry_job(request: Request, caller: CallerDep, job_id: VoiceJobId) -> dict[str, Any]:
-    job = await stub(request).RetryJob(
-        campaigns_pb2.JobRef(job_id=job_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    job = await stub(request).RetryJob(campaigns_pb2.JobRef(job_id=job_id))
     return {"success": True, "message": "Job will be retried", "job": job_json(job)}
 
 
@@ -199,8 +189,6 @@ async def cancel_job(
     why = (body.reason if body else None) or reason or ""
     job = await stub(request).CancelJob(
         campaigns_pb2.CancelJobRequest(job_id=job_id, reason=why),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     return {"success": True, "message": "Job cancelled", "job": job_json(job)}
 
@@ -210,9 +198,7 @@ async def cancel_job(
     summary="Delete the job (as the dashboard's bulk delete expects); a job being called is cancelled instead",
 )
 async def delete_job(request: Request, caller: CallerDep, job_id: VoiceJobId) -> dict[str, Any]:
-    reply = await stub(request).DeleteJob(
-        campaigns_pb2.JobRef(job_id=job_id), metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S
-    )
+    reply = await stub(request).DeleteJob(campaigns_pb2.JobRef(job_id=job_id))
     if reply.cancelled:
         # The cancel-job document's reply: its call ends normally and the job ends cancelled.
         return {"success": True, "message": "Job cancelled", "job_id": reply.job_id, "job": job_json(reply.job)}

@@ -17,17 +17,15 @@ from pregonero.accounts.v1 import notifications_pb2, notifications_pb2_grpc
 from services.runtime.identity import Caller
 from services.runtime.logs import REQUEST_ID_KEY, new_request_id, request_id_var
 from services.runtime.protos import from_timestamp, iso
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
-from ..notify_live import WATCH_TYPES, NotificationHub, NotificationSocket, notification_json
-from ..socket_auth import SocketWatch, decoded, open_socket, refuse
+from ..socket_auth import SocketWatch, client_messages, open_socket, refuse
+from ..user_socket import WATCH_TYPES, NotificationHub, NotificationSocket, notification_json
 
 log = logging.getLogger("pregonero.gateway.notifications")
 
 router = APIRouter(tags=["notifications"])
 
-RPC_TIMEOUT_S = 10.0
 CallerDep = Annotated[Caller, Depends(require_caller)]
 NotificationId = Annotated[str, Path(min_length=1, max_length=20)]
 AccountFilter = Annotated[str | None, Query(max_length=64, description="admins: one account's only")]
@@ -51,8 +49,6 @@ async def list_notifications(
         notifications_pb2.ListNotificationsRequest(
             account_id=account_id or "", unread_only=unread_only, limit=limit, offset=offset
         ),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     response.headers["X-Total-Count"] = str(reply.total)
     return [notification_json(n) for n in reply.notifications]
@@ -62,8 +58,6 @@ async def list_notifications(
 async def unread_count(request: Request, caller: CallerDep, account_id: AccountFilter = None) -> dict[str, int]:
     reply = await stub(request).UnreadCount(
         notifications_pb2.UnreadCountRequest(account_id=account_id or ""),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     return {"count": reply.count}
 
@@ -72,37 +66,31 @@ async def unread_count(request: Request, caller: CallerDep, account_id: AccountF
 async def mark_all_read(request: Request, caller: CallerDep, account_id: AccountFilter = None) -> dict[str, Any]:
     reply = await stub(request).MarkAllRead(
         notifications_pb2.MarkAllReadRequest(account_id=account_id or ""),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     return {"success": True, "updated": reply.updated}
 
 
-async def _mark_read(request: Request, caller: Caller, notification_id: str) -> dict[str, Any]:
+async def _mark_read(request: Request, notification_id: str) -> dict[str, Any]:
     reply = await stub(request).MarkRead(
         notifications_pb2.NotificationRef(id=notification_id),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     return {"success": True, "notification": notification_json(reply)}
 
 
 @router.put("/api/notifications/{notification_id}/read", summary="Mark one read")
 async def mark_read(request: Request, caller: CallerDep, notification_id: NotificationId) -> dict[str, Any]:
-    return await _mark_read(request, caller, notification_id)
+    return await _mark_read(request, notification_id)
 
 
 @router.post("/api/notifications/mark-read/{notification_id}", summary="Mark one read (seed form)")
 async def mark_read_seed(request: Request, caller: CallerDep, notification_id: NotificationId) -> dict[str, Any]:
-    return await _mark_read(request, caller, notification_id)
+    return await _mark_read(request, notification_id)
 
 
 @router.delete("/api/notifications/{notification_id}", status_code=204, response_class=Response, summary="Delete one")
 async def delete_notification(request: Request, caller: CallerDep, notification_id: NotificationId) -> Response:
     await stub(request).DeleteNotification(
         notifications_pb2.NotificationRef(id=notification_id),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     # The guide's 204: no deployed client reads a body here (API_COMPAT.md names none).
     return Response(status_code=204)
@@ -120,8 +108,6 @@ async def list_audit(
 ) -> list[dict[str, Any]]:
     reply = await stub(request).ListAudit(
         notifications_pb2.ListAuditRequest(action=action or "", account_id=account_id or "", limit=limit, skip=skip),
-        metadata=outgoing_metadata(caller),
-        timeout=RPC_TIMEOUT_S,
     )
     response.headers["X-Total-Count"] = str(reply.total)
     return [
@@ -140,14 +126,10 @@ async def list_audit(
 
 async def _read(websocket: WebSocket, hub: NotificationHub, sock: NotificationSocket) -> None:
     """Client messages: ping → pong, watch requests to the hub; anything else is ignored."""
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        data = decoded(message)
-        if data is not None and data.get("type") == "ping":
+    async for data in client_messages(websocket):
+        if data.get("type") == "ping":
             sock.offer({"type": "pong", "timestamp": data.get("timestamp")})
-        elif data is not None and data.get("type") in WATCH_TYPES:
+        elif data.get("type") in WATCH_TYPES:
             hub.client_request(sock, data)
 
 

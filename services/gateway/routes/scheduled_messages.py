@@ -11,14 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.runtime.identity import Caller
 from services.runtime.protos import from_timestamp, iso
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import require_caller
 from ..user_limits import per_user
 
 router = APIRouter(tags=["scheduled messages"])
 
-RPC_TIMEOUT_S = 10.0
 CallerDep = Annotated[Caller, Depends(require_caller)]
 MessageId = Annotated[str, Path(min_length=1, max_length=40)]
 GroupId = Annotated[str, Field(min_length=1, max_length=40)] | int
@@ -81,10 +79,6 @@ def message_json(m: messages_pb2.ScheduledMessage) -> dict[str, Any]:
     }
 
 
-async def _call(request: Request, caller: Caller, rpc: str, message: Any) -> Any:
-    return await getattr(stub(request), rpc)(message, metadata=outgoing_metadata(caller), timeout=RPC_TIMEOUT_S)
-
-
 @router.get("/api/messages", summary="Messages, newest first")
 async def list_messages(
     request: Request,
@@ -94,8 +88,8 @@ async def list_messages(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> list[dict[str, Any]]:
-    reply = await _call(
-        request, caller, "ListMessages", messages_pb2.ListMessagesRequest(status=status, limit=limit, offset=offset)
+    reply = await stub(request).ListMessages(
+        messages_pb2.ListMessagesRequest(status=status, limit=limit, offset=offset)
     )
     response.headers["X-Total-Count"] = str(reply.total)
     return [message_json(m) for m in reply.messages]
@@ -103,10 +97,7 @@ async def list_messages(
 
 @router.post("/api/messages", status_code=201, summary="Write a message (a draft until scheduled)")
 async def create_message(request: Request, caller: CallerDep, body: MessageCreate) -> dict[str, Any]:
-    created = await _call(
-        request,
-        caller,
-        "CreateMessage",
+    created = await stub(request).CreateMessage(
         messages_pb2.MessageInput(
             content=body.content,
             scheduled_for=body.scheduled_for or "",
@@ -120,7 +111,7 @@ async def create_message(request: Request, caller: CallerDep, body: MessageCreat
 # Before /api/messages/{id}: "dashboard" is no message id.
 @router.get("/api/messages/dashboard", summary="Messages per status, the next 24 hours, today's sends")
 async def messages_dashboard(request: Request, caller: CallerDep) -> dict[str, Any]:
-    d = await _call(request, caller, "GetMessagesDashboard", messages_pb2.MessagesDashboardRequest())
+    d = await stub(request).GetMessagesDashboard(messages_pb2.MessagesDashboardRequest())
     return {
         "by_status": dict(d.by_status),
         "total_messages": d.total_messages,
@@ -135,7 +126,7 @@ async def messages_dashboard(request: Request, caller: CallerDep) -> dict[str, A
 
 @router.get("/api/messages/{message_id}", summary="One message")
 async def get_message(request: Request, caller: CallerDep, message_id: MessageId) -> dict[str, Any]:
-    return message_json(await _call(request, caller, "GetMessage", messages_pb2.MessageRef(id=message_id)))
+    return message_json(await stub(request).GetMessage(messages_pb2.MessageRef(id=message_id)))
 
 
 @router.put("/api/messages/{message_id}", summary="Edit a draft or scheduled message")
@@ -151,12 +142,12 @@ async def update_message(
     if "group_ids" in sent:
         update.set_group_ids = True
         update.group_ids.extend(str(g) for g in body.group_ids or [])
-    return message_json(await _call(request, caller, "UpdateMessage", update))
+    return message_json(await stub(request).UpdateMessage(update))
 
 
 @router.delete("/api/messages/{message_id}", status_code=204, summary="Delete a message that is not sending")
 async def delete_message(request: Request, caller: CallerDep, message_id: MessageId) -> Response:
-    await _call(request, caller, "DeleteMessage", messages_pb2.MessageRef(id=message_id))
+    await stub(request).DeleteMessage(messages_pb2.MessageRef(id=message_id))
     return Response(status_code=204)
 
 
@@ -169,10 +160,7 @@ async def schedule_message(
     request: Request, caller: CallerDep, message_id: MessageId, body: ScheduleBody | None = None
 ) -> dict[str, Any]:
     body = body or ScheduleBody()
-    scheduled = await _call(
-        request,
-        caller,
-        "ScheduleMessage",
+    scheduled = await stub(request).ScheduleMessage(
         messages_pb2.ScheduleMessageRequest(
             id=message_id, scheduled_for=body.scheduled_for or "", timezone=body.timezone
         ),
@@ -182,7 +170,7 @@ async def schedule_message(
 
 @router.post("/api/messages/{message_id}/pause", summary="Stop sending; what was not sent waits")
 async def pause_message(request: Request, caller: CallerDep, message_id: MessageId) -> dict[str, Any]:
-    return message_json(await _call(request, caller, "PauseMessage", messages_pb2.MessageRef(id=message_id)))
+    return message_json(await stub(request).PauseMessage(messages_pb2.MessageRef(id=message_id)))
 
 
 @router.post(
@@ -191,22 +179,22 @@ async def pause_message(request: Request, caller: CallerDep, message_id: Message
     dependencies=[Depends(per_user("messages.send", 10))],
 )
 async def resume_message(request: Request, caller: CallerDep, message_id: MessageId) -> dict[str, Any]:
-    return message_json(await _call(request, caller, "ResumeMessage", messages_pb2.MessageRef(id=message_id)))
+    return message_json(await stub(request).ResumeMessage(messages_pb2.MessageRef(id=message_id)))
 
 
 @router.post("/api/messages/{message_id}/cancel", summary="Stop for good: nothing more is sent")
 async def cancel_message(request: Request, caller: CallerDep, message_id: MessageId) -> dict[str, Any]:
-    return message_json(await _call(request, caller, "CancelMessage", messages_pb2.MessageRef(id=message_id)))
+    return message_json(await stub(request).CancelMessage(messages_pb2.MessageRef(id=message_id)))
 
 
 @router.post("/api/messages/{message_id}/duplicate", status_code=201, summary="A new draft like this message")
 async def duplicate_message(request: Request, caller: CallerDep, message_id: MessageId) -> dict[str, Any]:
-    return message_json(await _call(request, caller, "DuplicateMessage", messages_pb2.MessageRef(id=message_id)))
+    return message_json(await stub(request).DuplicateMessage(messages_pb2.MessageRef(id=message_id)))
 
 
 @router.get("/api/messages/{message_id}/preview", summary="Recipients, cost and the first five texts")
 async def preview_message(request: Request, caller: CallerDep, message_id: MessageId) -> dict[str, Any]:
-    p = await _call(request, caller, "PreviewMessage", messages_pb2.MessageRef(id=message_id))
+    p = await stub(request).PreviewMessage(messages_pb2.MessageRef(id=message_id))
     return {
         "recipient_count": p.recipient_count,
         "estimated_cost": float(p.estimated_cost or 0),
@@ -217,7 +205,7 @@ async def preview_message(request: Request, caller: CallerDep, message_id: Messa
 
 @router.get("/api/messages/{message_id}/stats", summary="Sent, delivered, read, failed and pending")
 async def message_stats(request: Request, caller: CallerDep, message_id: MessageId) -> dict[str, Any]:
-    s = await _call(request, caller, "GetMessageStats", messages_pb2.MessageRef(id=message_id))
+    s = await stub(request).GetMessageStats(messages_pb2.MessageRef(id=message_id))
     return {
         "recipient_count": s.recipient_count,
         "sent": s.sent,

@@ -21,14 +21,12 @@ from pregonero.accounts.v1 import sync_pb2, sync_pb2_grpc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.runtime.logs import REQUEST_ID_KEY, current_request_id
-from services.runtime.rpc import outgoing_metadata
 
 from ..auth import Principal, require_principal
 from ..errors import error_body
 
 router = APIRouter(tags=["sync"])
 
-RPC_TIMEOUT_S = 10.0
 OPERATION_TIMEOUT_S = 60.0
 MAX_OPERATIONS = 100
 MAX_BODY_BYTES = 64 * 1024
@@ -130,9 +128,7 @@ def _body_of(response: httpx.Response) -> Any:
     "gets 409. A 429 or 503 is not kept: send that operation again later.",
 )
 async def sync(request: Request, principal: Annotated[Principal, Depends(require_principal)], body: SyncRequest) -> Any:
-    caller = principal.caller
     stub = _stub(request)
-    metadata = outgoing_metadata(caller)
     headers = {"Authorization": request.headers["authorization"], REQUEST_ID_KEY: current_request_id()}
     results: list[dict[str, Any]] = []
     transport = httpx.ASGITransport(app=request.app, raise_app_exceptions=False)
@@ -142,8 +138,6 @@ async def sync(request: Request, principal: Annotated[Principal, Depends(require
                 sync_pb2.ClaimOperationRequest(
                     client_op_id=op.client_op_id, method=op.method, path=op.path, digest=op.digest()
                 ),
-                metadata=metadata,
-                timeout=RPC_TIMEOUT_S,
             )
             result = {"client_op_id": op.client_op_id, "replayed": False}
             if claim.state == Claimed.FINISHED:
@@ -165,8 +159,6 @@ async def sync(request: Request, principal: Annotated[Principal, Depends(require
                 if response.status_code in NOT_STARTED:
                     await stub.ReleaseOperation(
                         sync_pb2.ReleaseOperationRequest(client_op_id=op.client_op_id),
-                        metadata=metadata,
-                        timeout=RPC_TIMEOUT_S,
                     )
                 else:
                     kept = json.dumps(outcome)
@@ -176,8 +168,6 @@ async def sync(request: Request, principal: Annotated[Principal, Depends(require
                         sync_pb2.FinishOperationRequest(
                             client_op_id=op.client_op_id, status=response.status_code, body_json=kept
                         ),
-                        metadata=metadata,
-                        timeout=RPC_TIMEOUT_S,
                     )
             results.append(result)
     return {"results": results}

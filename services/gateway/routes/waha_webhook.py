@@ -35,7 +35,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.runtime import bus
 from services.runtime.identity import ADMIN, Caller
 from services.runtime.protos import to_timestamp
-from services.runtime.rpc import outgoing_metadata
 
 from ..bodies import read_capped
 from ..errors import ApiError
@@ -48,7 +47,6 @@ PROVIDER = "waha"
 SUBJECT = f"events.delivery.{PROVIDER}"
 # A session.status or message.ack is well under 4 KiB (the ack's message fields included).
 MAX_BODY_BYTES = 64 * 1024
-RPC_TIMEOUT_S = 10.0
 # The webhook names a session, not an account: the device is found across accounts, by the
 # suite's own identity (an admin bound to no account).
 WEBHOOK_CALLER = Caller(role=ADMIN, account_id="", user_id="waha-webhook")
@@ -120,8 +118,7 @@ async def _session_status(request: Request, event: WahaEvent, payload: StatusPay
                 session=event.session,
                 reason=payload.status,
             ),
-            metadata=outgoing_metadata(WEBHOOK_CALLER),
-            timeout=RPC_TIMEOUT_S,
+            metadata=WEBHOOK_CALLER.metadata(),  # no one signed in: the webhook's own identity
         )
     except grpc.aio.AioRpcError as exc:
         if exc.code() is not grpc.StatusCode.NOT_FOUND:
@@ -142,8 +139,7 @@ async def _message_ack(request: Request, event: WahaEvent, payload: AckPayload) 
         dispatcher_pb2.FindSenderAttemptsRequest(
             provider=PROVIDER, session=event.session, provider_message_ids=[payload.id]
         ),
-        metadata=outgoing_metadata(WEBHOOK_CALLER),
-        timeout=RPC_TIMEOUT_S,
+        metadata=WEBHOOK_CALLER.metadata(),  # no one signed in: the webhook's own identity
     )
     attempt_id = found.attempt_ids.get(payload.id, "")
     if not attempt_id:  # a message sent from the phone itself, or not by the suite

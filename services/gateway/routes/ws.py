@@ -16,10 +16,9 @@ from pregonero.events.v1 import events_pb2
 
 from services.runtime.identity import Caller
 from services.runtime.logs import REQUEST_ID_KEY, new_request_id, request_id_var
-from services.runtime.rpc import outgoing_metadata
 
-from ..live import LiveHub, Subscriber, batch_event
-from ..socket_auth import SocketWatch, decoded, open_socket, refuse
+from ..job_socket import LiveHub, Subscriber, batch_event
+from ..socket_auth import SocketWatch, client_messages, open_socket, refuse
 
 log = logging.getLogger("pregonero.gateway.ws")
 
@@ -32,12 +31,11 @@ SNAPSHOT_TIMEOUT_S = 5.0
 
 
 async def campaigns_snapshot(
-    stub: campaigns_pb2_grpc.CampaignsServiceStub, batch_id: str, caller: Caller
+    stub: campaigns_pb2_grpc.CampaignsServiceStub, batch_id: str
 ) -> events_pb2.BatchEvent | None:
     try:
-        batch = await stub.GetBatch(
-            campaigns_pb2.BatchRef(batch_id=batch_id), metadata=outgoing_metadata(caller), timeout=SNAPSHOT_TIMEOUT_S
-        )
+        # Its own deadline: the socket waits for it to open, so a slow backend fails it soon.
+        batch = await stub.GetBatch(campaigns_pb2.BatchRef(batch_id=batch_id), timeout=SNAPSHOT_TIMEOUT_S)
     except grpc.aio.AioRpcError as exc:
         # Another tenant's batch is NOT_FOUND too, so ids cannot be probed.
         if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
@@ -50,19 +48,16 @@ def snapshot_source(websocket: WebSocket) -> Snapshot:
     """Dependency (tests override it): the batch snapshot from the campaigns service."""
 
     async def snapshot(batch_id: str, caller: Caller) -> events_pb2.BatchEvent | None:
-        return await campaigns_snapshot(websocket.app.state.backends.campaigns, batch_id, caller)
+        # As `caller`, the socket's: open_socket made it the caller this task's calls act for.
+        return await campaigns_snapshot(websocket.app.state.backends.campaigns, batch_id)
 
     return snapshot
 
 
 async def _read(websocket: WebSocket, sub: Subscriber) -> None:
     """Client messages: ping → pong; anything else, malformed or not, is ignored."""
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        data = decoded(message)
-        if data is not None and data.get("type") == "ping":
+    async for data in client_messages(websocket):
+        if data.get("type") == "ping":
             sub.reply({"type": "pong", "timestamp": data.get("timestamp")})
 
 

@@ -1,4 +1,4 @@
-"""How an ended call moves its job: the calling rules decide (calling.after_attempt), this
+"""How an ended call moves its job: the calling rules decide (calling_rules.after_attempt), this
 module books it — the job row, the batch counters, the hourly figures, the debtor's answered
 contact — inside the results transaction. A result applies once: the job must still be
 waiting for exactly that call (`current_attempt`)."""
@@ -14,7 +14,7 @@ from typing import Any, cast
 import asyncpg
 from pregonero.events.v1 import events_pb2
 
-from .calling import CallOutcome, JobState, after_attempt
+from .calling_rules import CallOutcome, JobState, after_attempt
 from .dialer import settings_of
 from .voice_repo import VoiceRepo
 
@@ -110,14 +110,9 @@ class CallResults:
                 promised_on=when,
                 promised_amount=amount,
             )
+            # The call in its batch's hour (unknown counts as failed: no conversation on record).
             await self.repo.add_hour(
-                conn,
-                batch_id=batch["batch_id"],
-                hour=now.replace(minute=0, second=0, microsecond=0),
-                completed=int(outcome.status == "completed"),
-                failed=int(outcome.status != "completed"),  # unknown included: no conversation on record
-                cost=cost,
-                seconds=duration_s,
+                conn, job, at=now, outcome=outcome.status, cost=cost, seconds=duration_s, promise=(when, amount)
             )
             if outcome.status == "completed":
                 await self.repo.answered(conn, account_id=job["account_id"], debtor_key=job["debtor_key"], at=now)

@@ -24,9 +24,9 @@ from pregonero.events.v1 import events_pb2
 
 from services.runtime import bus
 
+from .batch_publisher import Notifier
 from .batches import Batches
-from .call_results import CallResults
-from .notify import Notifier
+from .call_outcomes import CallResults
 from .repo import NO_CONNECTED_DEVICES, CampaignsRepo
 
 log = logging.getLogger("pregonero.campaigns.results")

@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.runtime.identity import Caller
 from services.runtime.protos import from_timestamp, iso
 
-from .live import CLOSE_GOING_AWAY, Sink
+from .job_socket import CLOSE_GOING_AWAY, Sink
 
-log = logging.getLogger("pregonero.gateway.notify_live")
+log = logging.getLogger("pregonero.gateway.user_socket")
 
 SUBJECT_PREFIX = "events.notification."
 MESSAGE_SUBJECTS = "events.message.>"

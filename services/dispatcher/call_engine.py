@@ -32,7 +32,7 @@ from .providers.voice import CallRequest, CallResult, VoiceProvider, call_cost
 from .repo import AttemptsRepo
 from .send_metrics import CALLS_IN_PROGRESS, CALLS_PLACED
 
-log = logging.getLogger("pregonero.dispatcher.calls")
+log = logging.getLogger("pregonero.dispatcher.call_engine")
 
 DURABLE = "dispatch-voice"
 FETCH = 16

@@ -23,10 +23,10 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
-from services.gateway.notify_live import MAX_MESSAGE_ID, MAX_WATCHED, NotificationHub
 from services.gateway.routes import notifications
 from services.gateway.socket_auth import SocketWatch
 from services.gateway.socket_limit import SocketLimit
+from services.gateway.user_socket import MAX_MESSAGE_ID, MAX_WATCHED, NotificationHub
 from tests.http_server import serving
 
 pytestmark = pytest.mark.timeout(30)

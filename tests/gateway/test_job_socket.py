@@ -23,10 +23,11 @@ from websockets.exceptions import ConnectionClosed
 
 from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
-from services.gateway.live import LiveHub, Subscriber, batch_event, percentage, render, render_snapshot
+from services.gateway.job_socket import LiveHub, Subscriber, batch_event, percentage, render, render_snapshot
 from services.gateway.routes import ws
 from services.gateway.socket_auth import SocketWatch
 from services.gateway.socket_limit import SocketLimit
+from services.runtime import identity
 from services.runtime.identity import Caller
 from tests.http_server import serving
 
@@ -197,19 +198,19 @@ async def test_snapshot_of_an_unknown_or_foreign_batch_is_none() -> None:
     class Stub:
         def __init__(self, code: grpc.StatusCode) -> None:
             self.code = code
-            self.metadata: Any = None
+            self.asked: dict[str, Any] = {}
 
         async def GetBatch(self, ref: campaigns_pb2.BatchRef, **kw: Any) -> campaigns_pb2.Batch:  # noqa: N802
-            self.metadata = kw["metadata"]
+            self.asked = kw
             raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(), "nope")
 
-    caller = Caller(role="member", account_id="acme", user_id="u")
     for code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT):
         stub = Stub(code)
-        assert await ws.campaigns_snapshot(stub, BATCH, caller) is None  # type: ignore[arg-type]
-        assert ("x-account-id", "acme") in stub.metadata
+        assert await ws.campaigns_snapshot(stub, BATCH) is None  # type: ignore[arg-type]
+        # The socket's caller travels by the channel (runtime/rpc.py); the call sets only its deadline.
+        assert stub.asked == {"timeout": ws.SNAPSHOT_TIMEOUT_S}
     with pytest.raises(grpc.aio.AioRpcError):
-        await ws.campaigns_snapshot(Stub(grpc.StatusCode.UNAVAILABLE), BATCH, caller)  # type: ignore[arg-type]
+        await ws.campaigns_snapshot(Stub(grpc.StatusCode.UNAVAILABLE), BATCH)  # type: ignore[arg-type]
 
 
 # --- the hub ----------------------------------------------------------------------------
@@ -361,6 +362,8 @@ class Live:
 @pytest.fixture
 async def live(own_nats: str) -> AsyncIterator[Live]:
     async def fake_snapshot(batch_id: str, caller: Caller) -> events_pb2.BatchEvent | None:
+        # The socket's caller, and the one its backend calls act for (open_socket set it).
+        assert identity.caller_var.get() == caller
         live.callers.append(caller)
         if live.during_snapshot is not None:
             await live.during_snapshot()

@@ -11,7 +11,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from pregonero.events.v1 import events_pb2
 
-from services.campaigns.notify import Notifier
+from services.campaigns.batch_publisher import Notifier
 from services.runtime.bus import BATCH_STATE_BUCKET
 from tests.conftest import bus_client
 

@@ -32,7 +32,7 @@ from nats.aio.subscription import Subscription
 from pregonero.campaigns.v1 import campaigns_pb2
 from pregonero.events.v1 import events_pb2
 
-log = logging.getLogger("pregonero.gateway.live")
+log = logging.getLogger("pregonero.gateway.job_socket")
 
 SUBJECT_PREFIX = "events.batch."
 Message = dict[str, Any]

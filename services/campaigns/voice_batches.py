@@ -26,7 +26,7 @@ from services.runtime.errors import Conflict, InvalidArgument, NotFound, Payload
 from services.runtime.identity import Caller
 
 from .batches import Batches, listing_scope, scope_of
-from .calling import CallSettings, parse_call_settings
+from .calling_rules import CallSettings, parse_call_settings
 from .campaign_metrics import count_ingest
 from .contacts import ARGENTINA, BadFile, Contact, ParsedFile, TooManyRows, parse_contacts
 from .credit import AccountInfo, Credit
@@ -442,7 +442,7 @@ class VoiceBatches:
     async def delete_job(self, caller: Caller, job_id: str) -> asyncpg.Record | None:
         """Deletes the job (None). A job being called is cancelled instead, and returned: the
         dashboard's bulk delete must not fail on it. Its call ends normally, nothing follows it,
-        and the job ends `cancelled` (call_results)."""
+        and the job ends `cancelled` (call_outcomes)."""
         row = await self.repo.delete_job(job_id=parse_job_ref(job_id), scope=scope_of(caller), reason="deleted by user")
         if row is None:
             raise NotFound(f"job {job_id} not found")

@@ -17,12 +17,14 @@ import re
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
 
 import holidays
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from services.runtime.errors import InvalidArgument
+from services.runtime.validation import known_zone, validated
 
 DEFAULT_TIMEZONE = "America/Santiago"
 # Countries whose public holidays a batch can keep free of calls (`skip_holidays`).
@@ -46,30 +48,55 @@ CHILEAN_ZONES = frozenset({"America/Santiago", "America/Punta_Arenas", "Pacific/
 LEGAL_BASIS = "Ley 19.496 art. 37 (Chile): debt collection only Monday to Saturday, 08:00-20:00 Chilean time"
 _WEEK_MINUTES = 7 * 1440
 
-# (default, lowest, highest) of the numeric settings.
-# 3 minutes by default: the reference dashboard's estimate of 0.47 per call is the setup
-# (0.02) plus 3 minutes at 0.15.
-MAX_CALL_DURATION_S = (180, 30, 3600)
-RING_TIMEOUT_S = (30, 5, 120)
-MAX_ATTEMPTS = (3, 1, 10)
-# Fractions of an hour are fine; below 15 minutes a new round would hammer the same debtor.
-RETRY_DELAY_HOURS = (24, 0.25, 168)
+DEFAULT_MAX_CALL_DURATION_S = 180  # the reference dashboard's 0.47 a call: setup 0.02 + 3 min at 0.15
+DEFAULT_RING_TIMEOUT_S = 30
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_RETRY_DELAY_HOURS = 24.0
 DEFAULT_START = time(9, 0)
 DEFAULT_END = time(20, 0)
 
-SETTINGS_KEYS = frozenset(
-    {
-        "max_call_duration",
-        "ring_timeout",
-        "max_attempts",
-        "retry_delay_hours",
-        "allowed_hours",
-        "days_of_week",
-        "timezone",
-        "skip_holidays",
-    }
-)
-_HH_MM = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
+
+def _whole(value: object) -> object:
+    """JSON writers may send a count as 3.0: a whole float is the whole number."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Count = Annotated[int, BeforeValidator(_whole)]
+_HH_MM = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+
+
+def _hh_mm(text: str) -> str:
+    if not _HH_MM.fullmatch(text):
+        raise ValueError(f"must be a time as HH:MM (00:00-23:59), got {text!r}")
+    return text
+
+
+Clock = Annotated[str, AfterValidator(_hh_mm)]
+
+
+class AllowedHours(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    start: Clock | None = None
+    end: Clock | None = None
+
+
+class CallSettingsInput(BaseModel):
+    """A batch's `call_settings` as sent (null or missing: the default)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    max_call_duration: Count | None = Field(None, ge=30, le=3600)
+    ring_timeout: Count | None = Field(None, ge=5, le=120)
+    max_attempts: Count | None = Field(None, ge=1, le=10)
+    # Fractions of an hour are fine; below 15 minutes a new round would hammer the same debtor.
+    retry_delay_hours: float | None = Field(None, ge=0.25, le=168, allow_inf_nan=False)
+    allowed_hours: AllowedHours | None = None
+    # 0 = Sunday … 6 = Saturday, as the dashboard numbers them.
+    days_of_week: list[Annotated[int, Field(ge=0, le=6)]] | None = Field(None, min_length=1, max_length=7)
+    timezone: str | None = Field(None, max_length=64)
+    skip_holidays: bool | None = None
+
 
 # Each scan for the next window covers three weeks and a day: even a batch allowed on a single
 # weekday finds its window when that weekday is a holiday twice running (Christmas and New
@@ -171,21 +198,15 @@ def parse_call_settings(
     intersection that is empty in any season is refused. `skip_holidays` keeps
     any other batch of a Chilean or Argentine account off its country's holidays. Any
     problem raises InvalidArgument."""
-    settings = _settings_object(raw)
-    unknown = sorted(str(k) for k in settings.keys() - SETTINGS_KEYS)
-    if unknown:
-        raise InvalidArgument(f"call_settings: unknown keys {', '.join(unknown)}")
-
-    zone_name = _timezone(settings.get("timezone") or account_timezone or DEFAULT_TIMEZONE)
-    start, end = _allowed_hours(settings.get("allowed_hours"))
-    days = _days_of_week(settings.get("days_of_week"))
-    max_duration = _integer(settings, "max_call_duration", MAX_CALL_DURATION_S)
-    ring_timeout = _integer(settings, "ring_timeout", RING_TIMEOUT_S)
-    max_attempts = _integer(settings, "max_attempts", MAX_ATTEMPTS)
-    retry_delay = _number(settings, "retry_delay_hours", RETRY_DELAY_HOURS)
-    skip_holidays = settings.get("skip_holidays")
-    if skip_holidays is not None and not isinstance(skip_holidays, bool):
-        raise InvalidArgument("call_settings.skip_holidays must be true or false")
+    settings = validated(CallSettingsInput, _settings_object(raw), name="call_settings")
+    zone_name = _timezone(settings.timezone or account_timezone or DEFAULT_TIMEZONE)
+    start, end = _allowed_hours(settings.allowed_hours)
+    days = set(MONDAY_TO_SATURDAY if settings.days_of_week is None else settings.days_of_week)
+    max_duration = settings.max_call_duration or DEFAULT_MAX_CALL_DURATION_S
+    ring_timeout = settings.ring_timeout or DEFAULT_RING_TIMEOUT_S
+    max_attempts = settings.max_attempts or DEFAULT_MAX_ATTEMPTS
+    retry_delay = DEFAULT_RETRY_DELAY_HOURS if settings.retry_delay_hours is None else settings.retry_delay_hours
+    skip_holidays = settings.skip_holidays
     country = country.strip().upper()
     holidays_of = country if skip_holidays and country in HOLIDAY_COUNTRIES else ""
 
@@ -286,73 +307,23 @@ def _settings_object(raw: dict[str, Any] | str | None) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if v is not None}
 
 
-def _timezone(name: object) -> str:
-    if not isinstance(name, str):
-        raise InvalidArgument("call_settings.timezone must be a string")
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise InvalidArgument(f"call_settings.timezone: unknown timezone {name!r}") from exc
-    return name
+def _timezone(name: str) -> str:
+    return known_zone(name, field="call_settings.timezone").key
 
 
-def _clock(value: object, field: str) -> time:
-    match = _HH_MM.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        raise InvalidArgument(
-            f"call_settings.allowed_hours.{field} must be a time as HH:MM (00:00-23:59), got {value!r}"
-        )
-    return time(int(match.group(1)), int(match.group(2)))
+def _clock(text: str | None, default: time) -> time:
+    return default if text is None else time(int(text[:2]), int(text[3:]))
 
 
-def _allowed_hours(value: object) -> tuple[time, time]:
-    if value is None:
-        return DEFAULT_START, DEFAULT_END
-    if not isinstance(value, dict):
-        raise InvalidArgument("call_settings.allowed_hours must be an object {start, end}")
-    unknown = sorted(str(k) for k in value.keys() - {"start", "end"})
-    if unknown:
-        raise InvalidArgument(f"call_settings.allowed_hours: unknown keys {', '.join(unknown)}")
-    start = DEFAULT_START if value.get("start") is None else _clock(value["start"], "start")
-    end = DEFAULT_END if value.get("end") is None else _clock(value["end"], "end")
+def _allowed_hours(hours: AllowedHours | None) -> tuple[time, time]:
+    start = _clock(hours.start if hours else None, DEFAULT_START)
+    end = _clock(hours.end if hours else None, DEFAULT_END)
     if start >= end:
         raise InvalidArgument(
             f"call_settings.allowed_hours: start {start:%H:%M} must be before end {end:%H:%M} "
             "(windows crossing midnight are not supported)"
         )
     return start, end
-
-
-def _days_of_week(value: object) -> set[int]:
-    if value is None:
-        return set(MONDAY_TO_SATURDAY)
-    if not isinstance(value, list) or not value:
-        raise InvalidArgument("call_settings.days_of_week must be a non-empty list of days 0-6 (0 = Sunday)")
-    days = set()
-    for day in value:
-        if isinstance(day, bool) or not isinstance(day, int) or not 0 <= day <= 6:
-            raise InvalidArgument(f"call_settings.days_of_week: {day!r} is not a day 0-6 (0 = Sunday)")
-        days.add(day)
-    return days
-
-
-def _integer(settings: dict[str, Any], key: str, limits: tuple[int, int, int]) -> int:
-    default, lowest, highest = limits
-    value = settings.get(key, default)
-    # bool is an int subclass; `true` attempts is a mistake, not 1. JSON writers may send 3.0.
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
-        raise InvalidArgument(f"call_settings.{key} must be a whole number from {lowest} to {highest}, got {value!r}")
-    return value
-
-
-def _number(settings: dict[str, Any], key: str, limits: tuple[float, float, float]) -> float:
-    default, lowest, highest = limits
-    value = settings.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lowest <= value <= highest:
-        raise InvalidArgument(f"call_settings.{key} must be a number from {lowest:g} to {highest:g}, got {value!r}")
-    return float(value)
 
 
 def _plain_number(value: float) -> int | float:
